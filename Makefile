@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  make demo  |  make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+# The CPU wheel of torch lies in /opt/wheels on our machines; elsewhere pip's own index is used.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test dev bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamp file: the environment is rebuilt when the package's declared dependencies change.
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements-peers.txt
+	$(PIP) install $(FIND_LINKS) "$(TORCH)"
+	$(PIP) install $(FIND_LINKS) -e ".[dev]"
+	$(PIP) install $(FIND_LINKS) --no-deps -r requirements-peers.txt
+	touch $@
+
+dev: $(VENV)/.installed
+
+demo: dev
+	$(BIN)/advtrain train --out runs/demo
+	$(BIN)/advtrain evaluate runs/demo
+
+test: dev
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: dev
+	$(BIN)/python bench/pgd_speed.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,6 @@
+"""``python -m advtrain`` is the ``advtrain`` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Projected gradient descent (PGD), for the linf, l2 and l1 threat models.
+
+Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards deep learning models resistant to adversarial
+attacks" (ICLR 2018). From a random point of the ball, repeat: step along the steepest-ascent
+direction of the loss for the norm, project back into the threat model.
+
+Defaults are Madry et al.'s MNIST setting: 40 steps of size eps/30 (0.01 at eps = 0.3), a uniform
+random start, cross-entropy loss. In evaluation mode (``early_stop=True``, the default) a point
+leaves the batch as soon as it is misclassified, and each point returns its first misclassified
+iterate, or its highest-loss one; in training mode (``early_stop=False``) every point takes every
+step and the last iterate is returned, as in Madry et al.'s adversarial training.
+
+Example:
+    >>> attack = PGD(eps=0.3, steps=40, step_size=0.01)
+    >>> x_adv = attack(model, x, y)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import AdvtrainError
+from ..losses import LOSSES, attack_objective, is_adversarial
+from ..threat import ThreatModel
+from .base import Attack, Outcome, _check_positive_int
+from .registry import register
+
+
+@register("pgd")
+class PGD(Attack):
+    """Projected gradient descent (Madry et al. 2018).
+
+    Args:
+        threat: the threat model (or pass ``norm``/``eps``/bounds as keywords).
+        steps: gradient steps per run (default 40).
+        step_size: size of each step in the norm (default ``eps / 30``).
+        random_start: start from a uniform point of the ball (default True).
+        loss: ``"ce"`` (cross-entropy) or ``"cw"`` (Carlini-Wagner margin).
+        early_stop: evaluation mode (see the module docstring); False for adversarial training.
+        restarts, batch_size, seed: see :class:`~advtrain.attacks.base.Attack`.
+    """
+
+    def __init__(
+        self,
+        threat: ThreatModel | None = None,
+        *,
+        steps: int = 40,
+        step_size: float | None = None,
+        random_start: bool = True,
+        loss: str = "ce",
+        early_stop: bool = True,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(threat, **kwargs)  # type: ignore[arg-type]
+        _check_positive_int("steps", steps)
+        if step_size is None:
+            step_size = self.default_step_size()
+        if not (isinstance(step_size, (int, float)) and step_size >= 0 and step_size < float("inf")):
+            raise AdvtrainError(f"step_size must be finite and >= 0, got {step_size!r}")
+        if loss not in LOSSES:
+            raise AdvtrainError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
+        self.steps = steps
+        self.step_size = float(step_size)
+        self.random_start = random_start
+        self.loss = loss
+        self.early_stop = early_stop
+
+    def default_step_size(self) -> float:
+        return self.threat.eps / 30
+
+    def _hyperparameters(self) -> dict[str, object]:
+        return {
+            **super()._hyperparameters(), "steps": self.steps, "step_size": self.step_size,
+            "random_start": self.random_start, "loss": self.loss, "early_stop": self.early_stop,
+        }
+
+    def run(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Outcome:
+        threat = self.threat
+        x_adv = threat.random_start(x, generator) if self.random_start else x.clone()
+        if not self.early_stop and self.restarts == 1:
+            return self._last_iterate(model, x, y, target, x_adv)
+        best = Outcome(
+            x_adv.clone(),
+            torch.zeros(len(x), dtype=torch.bool, device=x.device),
+            torch.full((len(x),), float("-inf"), device=x.device),
+        )
+        active = torch.arange(len(x), device=x.device)  # rows of `best` still being attacked
+        x_clean, labels, targets = x, y, target
+        for step in range(self.steps + 1):
+            last = step == self.steps
+            x_adv = x_adv.detach().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                logits = model(x_adv)
+                objective = attack_objective(logits, labels, targets, self.loss)
+            success = is_adversarial(logits.detach(), labels, targets)
+            if self.early_stop or last:
+                best.merge(Outcome(x_adv.detach(), success, objective.detach()), active)
+            if last:
+                break
+            (grad,) = torch.autograd.grad(objective.sum(), x_adv)
+            if self.early_stop and bool(success.any()):
+                keep = ~success
+                active, x_adv, grad = active[keep], x_adv[keep], grad[keep]
+                x_clean, labels = x_clean[keep], labels[keep]
+                targets = None if targets is None else targets[keep]
+                if len(active) == 0:
+                    break
+            x_adv = threat.project(
+                x_adv.detach() + self.step_size * threat.ascent_direction(grad), x_clean
+            )
+        return best
+
+    def _last_iterate(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, x_adv: Tensor
+    ) -> Outcome:
+        """Training mode with one run: every step on every point, no bookkeeping, last iterate."""
+        threat = self.threat
+        for _ in range(self.steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                objective = attack_objective(model(x_adv), y, target, self.loss)
+            (grad,) = torch.autograd.grad(objective.sum(), x_adv)
+            x_adv = threat.project(x_adv.detach() + self.step_size * threat.ascent_direction(grad), x)
+        zeros = torch.zeros(len(x), device=x.device)
+        return Outcome(x_adv.detach(), zeros.bool(), zeros)

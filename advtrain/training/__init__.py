@@ -1,0 +1,7 @@
+"""Adversarial training: methods as batch losses, and the trainer that runs them."""
+
+from .config import TrainConfig, load_config
+from .methods import METHODS, make_method, method
+from .trainer import TrainResult, Trainer
+
+__all__ = ["METHODS", "TrainConfig", "TrainResult", "Trainer", "load_config", "make_method", "method"]
