@@ -17,6 +17,8 @@ import torch
 from .errors import AdvtrainError
 
 EXIT_BAD_INPUT = 2
+# click >= 8.2 raises this for a bare `advtrain`; older versions print the help themselves.
+_NO_ARGS_IS_HELP: type[Exception] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _echo(line: str) -> None:
@@ -110,6 +112,8 @@ def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None
     if not run_dir and weights is None:
         raise AdvtrainError("--weights is required with --model-file or --model")
     seed = run.get("seed", 0) if seed is None else seed
+    if not 0 <= seed < 2**32:
+        raise AdvtrainError(f"--seed must be in [0, 2**32), got {seed}")
     dataset = dataset or run.get("dataset")
     if dataset is None:
         raise AdvtrainError("--dataset is required with --model-file or --model")
@@ -124,8 +128,10 @@ def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None
         load_weights_into(model, run.get("weights", weights))
     threat = data.info.threat_model(norm=norm or run.get("norm", "linf"),
                                     eps=eps if eps is not None else run.get("eps"))
-    if steps < 1:
-        raise AdvtrainError(f"--steps must be a positive integer, got {steps}")
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--restarts", restarts)):
+        if value < 1:
+            raise AdvtrainError(f"{flag} must be a positive integer, got {value}")
+
     if limit is not None and limit < 1:
         raise AdvtrainError(f"--n must be a positive integer, got {limit}")
     attack = PGD(threat, steps=steps,
@@ -178,6 +184,9 @@ def run(argv: list[str] | None = None) -> int:
         result = cli.main(args=argv, prog_name="advtrain", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except _NO_ARGS_IS_HELP as exc:  # bare `advtrain`: the help, as usual
+        click.echo(exc.ctx.get_help() if exc.ctx else "")
+        return 0
     except click.ClickException as exc:
         return _fail(exc.format_message())
     except AdvtrainError as exc:

@@ -542,9 +542,8 @@ def test_unknown_options_and_commands(capsys, args, needle):
     assert_one_line_error(*cli(capsys, *args), needle)
 
 
-# Bugs found while writing these tests: each input below ends in a traceback instead of the
-# one-line error. Strict xfails: once fixed they XPASS, and the marker should go.
-_TRACEBACK_BUGS = [
+# Inputs that once ended in a traceback (found while writing these tests); now regressions.
+_ONCE_TRACEBACKS = [
     pytest.param(["train", "--device", "nope", *TINY, "--quiet"], ["nope"],
                  id="train-device-nope"),
     pytest.param(["train", "--seed", "-1", *TINY, "--quiet"], ["seed"], id="train-negative-seed"),
@@ -552,28 +551,31 @@ _TRACEBACK_BUGS = [
                  id="evaluate-device-nope"),
     pytest.param(["evaluate", "RUN", "--batch-size", "0", "--n", "5"], ["batch"],
                  id="evaluate-batch-size-0"),
+    pytest.param(["evaluate", "RUN", "--seed", "-3", "--n", "5"], ["seed"],
+                 id="evaluate-negative-seed"),
     pytest.param(["train", "--config", "OUT_INT", "--quiet"], ["out"], id="toml-out-not-a-string"),
+    pytest.param(["train", "--config", "MIXED", "--quiet"], ["[train]"], id="toml-keys-outside-table"),
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, ValueError, TypeError),
-                   reason="BUG: uncaught exception (traceback) instead of 'advtrain: error:' + exit 2")
-@pytest.mark.parametrize("args, needles", _TRACEBACK_BUGS)
-def test_inputs_that_currently_raise(capsys, run_dir, tmp_path, args, needles):
+@pytest.mark.parametrize("args, needles", _ONCE_TRACEBACKS)
+def test_inputs_that_once_raised(capsys, run_dir, tmp_path, args, needles):
     (tmp_path / "out.toml").write_text("out = 5\nepochs = 1\neval_steps = 1\nattack_steps = 1\n")
-    args = [str(run_dir) if a == "RUN" else str(tmp_path / "out.toml") if a == "OUT_INT" else a
-            for a in args]
-    assert_one_line_error(*cli(capsys, *args), *needles)
+    (tmp_path / "mixed.toml").write_text("epochs = 1\n[train]\neval_steps = 1\n")
+    names = {"RUN": str(run_dir), "OUT_INT": str(tmp_path / "out.toml"),
+             "MIXED": str(tmp_path / "mixed.toml")}
+    assert_one_line_error(*cli(capsys, *[names.get(a, a) for a in args]), *needles)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: --device cuda without CUDA ends in torch's AssertionError traceback")
 def test_cuda_device_without_cuda(capsys, tmp_path):
     rc, out, err = cli(capsys, "train", "--device", "cuda", *TINY, "--quiet", "--out", tmp_path / "r")
-    # (a failed assert here would also be an AssertionError: check the outcome without assert)
-    if not (rc == 2 and len(err.splitlines()) == 1 and err.startswith("advtrain: error:")):
-        raise RuntimeError(f"unexpected outcome {rc} {err!r}")
+    assert_one_line_error(rc, out, err, "CUDA is not available")
+
+
+def test_bare_command_prints_help(capsys):
+    rc, out, err = cli(capsys)
+    assert rc == 0 and "Commands:" in out and "train" in out and "evaluate" in out and not err
 
 
 # ---------------------------------------------------------------------- real processes

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..attacks import Attack, frozen
 from ..attacks.base import model_device
+from ..errors import AdvtrainError
 
 
 def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
@@ -41,6 +42,8 @@ def clean_and_robust_accuracy(
 
     Only the points classified correctly are attacked: a misclassified point counts as broken.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise AdvtrainError(f"batch_size must be a positive integer, got {batch_size!r}")
     if len(x) == 0:
         return AccuracyPair(float("nan"), float("nan"), 0)
     correct = predict(model, x, batch_size) == y

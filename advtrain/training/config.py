@@ -55,8 +55,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AdvtrainError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise AdvtrainError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise AdvtrainError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        for name in ("dataset", "model", "method", "norm", "optimizer", "out", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise AdvtrainError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise AdvtrainError(f"data_dir must be a string, got {self.data_dir!r}")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not _finite_nonnegative(value) or not 0 < value < 1:
+                raise AdvtrainError(f"{name} must be between 0 and 1, got {value!r}")
         for name in ("eps", "attack_step_size"):
             value = getattr(self, name)
             if value is not None and not _finite_nonnegative(value):
@@ -123,4 +132,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     table = data.get("train", data)
     if not isinstance(table, dict):
         raise AdvtrainError(f"config file '{path}': [train] must be a table")
+    if "train" in data and len(data) > 1:
+        others = ", ".join(sorted(k for k in data if k != "train"))
+        raise AdvtrainError(
+            f"config file '{path}': put every key in the [train] table (found outside it: {others})"
+        )
     return {key.replace("-", "_"): value for key, value in table.items()}

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..attacks import PGD
 from ..checkpoint import atomic_write_json, save_checkpoint
 from ..data import Dataset
+from ..errors import AdvtrainError
 from ..evaluation import clean_and_robust_accuracy
 from ..threat import ThreatModel
 from .config import TrainConfig
@@ -33,10 +34,23 @@ LAST = "last.safetensors"
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU."""
+    """``"auto"`` is CUDA when available, else the CPU; an unusable device is an AdvtrainError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise AdvtrainError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdvtrainError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AdvtrainError(
+                f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    elif device.type != "cpu":
+        raise AdvtrainError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def seed_everything(seed: int) -> None:
