@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -185,8 +185,6 @@ class Attack(ABC):
     ) -> Outcome:
         """One run of the attack on one batch (model already frozen, tensors on its device)."""
 
-
-AttackFactory = Callable[..., Attack]
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -159,15 +159,16 @@ class Trainer:
                 f"  ({record.seconds:.1f}s)"
             )
         self.model.load_state_dict(best_state)
+        test_attack = self.test_attack()
         test = clean_and_robust_accuracy(
             self.model, self.data.test.x.to(self.device), self.data.test.y.to(self.device),
-            self.test_attack(), batch_size=cfg.eval_batch_size,
+            test_attack, batch_size=cfg.eval_batch_size,
         )
         result = TrainResult(
             best_epoch=best_epoch, history=history,
             test_clean_accuracy=test.clean_accuracy, test_robust_accuracy=test.robust_accuracy,
             seconds=time.perf_counter() - start,
-            extra={"test_attack": repr(self.test_attack()), "eps": self.threat.eps,
+            extra={"test_attack": repr(test_attack), "eps": self.threat.eps,
                    "norm": self.threat.norm},
         )
         if self.run_dir is not None:
