@@ -25,15 +25,39 @@ def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
     return others.amax(dim=1) - true
 
 
-LOSSES = {"ce": cross_entropy, "cw": cw_margin}
+def dlr(logits: Tensor, y: Tensor) -> Tensor:
+    """Difference of logits ratio, untargeted: ``-(z_y - max_{i!=y} z_i) / (z_(1) - z_(3))``.
+
+    Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+    parameter-free attacks" (ICML 2020), eq. 5; ``z_(k)`` is the k-th largest logit. Invariant to
+    shifting and rescaling the logits, so saturated or rescaled outputs cannot hide a weakness.
+    """
+    ordered = logits.sort(dim=1, descending=True).values
+    margin = logits.gather(1, y[:, None]).squeeze(1) - logits.scatter(
+        1, y[:, None], float("-inf")).amax(dim=1)
+    return -margin / (ordered[:, 0] - ordered[:, min(2, logits.shape[1] - 1)] + 1e-12)
+
+
+def dlr_targeted(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
+    """Targeted DLR: ``-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2)`` (Croce & Hein 2020, eq. 6)."""
+    ordered = logits.sort(dim=1, descending=True).values
+    last = logits.shape[1] - 1
+    scale = ordered[:, 0] - (ordered[:, min(2, last)] + ordered[:, min(3, last)]) / 2
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    wanted = logits.gather(1, target[:, None]).squeeze(1)
+    return -(true - wanted) / (scale + 1e-12)
+
+
+LOSSES = {"ce": cross_entropy, "cw": cw_margin, "dlr": dlr}
 
 
 def attack_objective(logits: Tensor, y: Tensor, target: Tensor | None, loss: str = "ce") -> Tensor:
-    """What an attack ascends: the loss of the true label, or minus the loss of the target."""
-    fn = LOSSES[loss]
+    """What an attack ascends: the loss of the true label, or a loss that rewards the target."""
     if target is None:
-        return fn(logits, y)
-    return -fn(logits, target)
+        return LOSSES[loss](logits, y)
+    if loss == "dlr":
+        return dlr_targeted(logits, y, target)
+    return -LOSSES[loss](logits, target)
 
 
 def is_adversarial(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
@@ -47,4 +71,4 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else float("nan")
 
 
-__all__ = ["cross_entropy", "cw_margin", "attack_objective", "is_adversarial", "accuracy", "LOSSES"]
+__all__ = ["cross_entropy", "cw_margin", "dlr", "dlr_targeted", "attack_objective", "is_adversarial", "accuracy", "LOSSES"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from advtrain import ThreatModel
-from advtrain.attacks import ATTACKS, FGSM, PGD, Attack, Outcome, make_attack
+from advtrain.attacks import APGD, APGDDLR, ATTACKS, FGSM, PGD, Attack, Outcome, make_attack
+from advtrain.attacks.apgd import checkpoint_schedule
 from advtrain.errors import AdvtrainError, UnknownNameError
 from advtrain.evaluation import predict
 
@@ -36,6 +37,7 @@ def _tiny_model(seed: int, features: int, classes: int) -> nn.Module:
 def test_every_attack_stays_inside_its_threat_model(
     name, norm, eps, shape, per_feature, masked, targeted, restarts, seed
 ):
+    assume(norm in ATTACKS[name].norms)
     g = torch.Generator().manual_seed(seed)
     lower = torch.rand(shape, generator=g) - 0.5 if per_feature else 0.0
     upper = lower + torch.rand(shape, generator=g) + 0.1 if per_feature else 1.0
@@ -77,7 +79,9 @@ def test_attack_restores_state_even_when_it_fails():
 
 
 @pytest.mark.parametrize("attack", [FGSM(eps=0.3), PGD(eps=0.3, steps=20, seed=0),
-                                    PGD(norm="l2", eps=3.0, steps=20, seed=0)], ids=repr)
+                                    PGD(norm="l2", eps=3.0, steps=20, seed=0),
+                                    APGD(eps=0.3, steps=20, seed=0), APGDDLR(eps=0.3, steps=20, seed=0),
+                                    APGD(norm="l2", eps=3.0, steps=20, seed=0)], ids=repr)
 def test_attacks_break_an_undefended_model(digits_model, digits, attack):
     x, y = digits.test.x, digits.test.y
     clean = float((predict(digits_model, x) == y).float().mean())
@@ -180,5 +184,30 @@ def test_bad_attack_inputs():
         attack(model, torch.ones(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(AdvtrainError, match="outside the threat model's bounds"):
         attack(model, torch.full((3, 4), 3.0), torch.zeros(3, dtype=torch.int64))
-    with pytest.raises(UnknownNameError, match="choose one of: fgsm, pgd"):
+    with pytest.raises(UnknownNameError, match="choose one of: apgd-ce, apgd-dlr, fgsm, pgd"):
         make_attack("deepfool-9000", eps=0.1)
+
+
+def test_apgd_targeted_dlr_hits_its_targets(digits_model, digits):
+    x, y = digits.test.x[:100], digits.test.y[:100]
+    target = (y + 3) % 10
+    x_adv = APGDDLR(eps=0.4, steps=50, seed=0)(digits_model, x, y, target=target)
+    assert float((predict(digits_model, x_adv) == target).float().mean()) > 0.95
+
+
+def test_apgd_defaults_and_schedule_follow_croce_hein():
+    attack = APGD(eps=0.3)
+    assert attack.steps == 100 and attack.loss == "ce" and attack.rho == 0.75
+    assert attack.momentum == 0.75 and APGDDLR(eps=0.3).loss == "dlr"
+    assert checkpoint_schedule(100) == (22, 3, 6)
+    with pytest.raises(AdvtrainError, match="supports the norms linf, l2"):
+        APGD(norm="l1", eps=1.0)
+
+
+def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_budget(digits_model, digits):
+    x, y = digits.test.x, digits.test.y
+
+    def robust(attack: Attack) -> float:
+        return float((predict(digits_model, attack(digits_model, x, y)) == y).float().mean())
+
+    assert robust(APGD(eps=0.1, steps=40, seed=0)) <= robust(PGD(eps=0.1, steps=40, seed=0)) + 0.005

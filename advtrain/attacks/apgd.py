@@ -1,0 +1,165 @@
+"""Auto-PGD (APGD): PGD with momentum and a step size that adapts itself, for linf and l2.
+
+Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+parameter-free attacks" (ICML 2020), Algorithm 1. Defaults are the paper's: 100 iterations, first
+step ``2 * eps``, momentum ``alpha = 0.75``, checkpoints after 22% of the budget and then at
+intervals shrinking by 3% of the budget down to 6%; at a checkpoint a point's step is halved, and
+it restarts from its best point, when its loss rose in at most 75% of the steps since the last
+checkpoint (``rho = 0.75``), or when neither its step nor its best loss changed since then.
+Random start on the sphere of radius eps, as in the authors' code.
+
+In evaluation mode (the default) a point leaves the batch once it is misclassified. Each point
+returns its first misclassified iterate, else its highest-loss one. ``loss="ce"`` is APGD-CE,
+``loss="dlr"`` APGD-DLR; with ``target`` and ``loss="dlr"`` the targeted DLR loss is used.
+
+Example:
+    >>> x_adv = APGD(eps=0.3)(model, x, y)                  # APGD-CE, 100 iterations
+    >>> x_adv = APGD(eps=0.3, loss="dlr")(model, x, y)      # APGD-DLR
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import AdvtrainError
+from ..losses import LOSSES, attack_objective, is_adversarial
+from ..threat import ThreatModel, lp_norm
+from .base import Attack, Outcome, _check_positive_int
+from .registry import register
+
+
+def checkpoint_schedule(steps: int) -> tuple[int, int, int]:
+    """(first interval, interval decrease, smallest interval), in iterations (Croce & Hein 2020)."""
+    return max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+
+
+@register("apgd-ce")
+class APGD(Attack):
+    """Auto-PGD (Croce & Hein 2020) with cross-entropy (default) or DLR loss.
+
+    Args:
+        threat: the threat model (linf or l2), or ``norm``/``eps``/bounds as keywords.
+        steps: iterations per run (default 100).
+        loss: ``"ce"``, ``"dlr"`` or ``"cw"``.
+        rho: the fraction of loss increases below which the step is halved (default 0.75).
+        momentum: weight of the new step against the last move (default 0.75).
+        restarts, batch_size, seed: see :class:`~advtrain.attacks.base.Attack`.
+    """
+
+    norms = ("linf", "l2")
+
+    def __init__(
+        self,
+        threat: ThreatModel | None = None,
+        *,
+        steps: int = 100,
+        loss: str = "ce",
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(threat, **kwargs)  # type: ignore[arg-type]
+        _check_positive_int("steps", steps)
+        if loss not in LOSSES:
+            raise AdvtrainError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
+        for name, value in (("rho", rho), ("momentum", momentum)):
+            if not 0 <= value <= 1:
+                raise AdvtrainError(f"{name} must be between 0 and 1, got {value!r}")
+        self.steps, self.loss, self.rho, self.momentum = steps, loss, rho, momentum
+
+    def _hyperparameters(self) -> dict[str, object]:
+        return {**super()._hyperparameters(), "steps": self.steps, "loss": self.loss,
+                "rho": self.rho, "momentum": self.momentum}
+
+    def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """A random point on the sphere of radius eps (then masked and clamped into bounds)."""
+        kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
+        if self.threat.norm == "linf":
+            direction = torch.rand(x.shape, **kwargs) * 2 - 1
+        else:
+            direction = torch.randn(x.shape, **kwargs)
+        norms = lp_norm(direction, self.threat.norm).clamp_min(1e-12)
+        delta = direction / norms.reshape((-1,) + (1,) * (x.dim() - 1)) * self.threat.eps
+        return self.threat.project(x + delta, x)
+
+    def run(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Outcome:
+        threat = self.threat
+        n = len(x)
+        per_sample = (-1,) + (1,) * (x.dim() - 1)
+
+        def evaluate(points: Tensor, labels: Tensor, targets: Tensor | None):
+            points = points.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(points)
+                objective = attack_objective(logits, labels, targets, self.loss)
+            (grad,) = torch.autograd.grad(objective.sum(), points)
+            return objective.detach(), grad, is_adversarial(logits.detach(), labels, targets)
+
+        x_adv = self._start(x, generator)
+        loss, grad, success = evaluate(x_adv, y, target)
+        best = Outcome(x_adv.clone(), success.clone(), loss.masked_fill(~success, float("-inf")))
+        state = {
+            "index": torch.arange(n, device=x.device), "x": x, "y": y, "x_adv": x_adv,
+            "x_prev": x_adv.clone(), "grad": grad, "x_best": x_adv.clone(), "grad_best": grad.clone(),
+            "loss_best": loss.clone(), "loss_prev": loss.clone(),
+            "step": torch.full((n,), 2.0 * threat.eps, device=x.device, dtype=x.dtype),
+            "rises": torch.zeros(n, device=x.device),
+            "loss_at_check": loss.clone(),
+            "halved_at_check": torch.ones(n, dtype=torch.bool, device=x.device),
+        }
+        if target is not None:
+            state["target"] = target
+        state = _keep(state, ~success)
+        interval, decrease, smallest = checkpoint_schedule(self.steps)
+        since_check = 0
+        for i in range(self.steps):
+            if len(state["index"]) == 0:
+                break
+            s = state
+            a = self.momentum if i > 0 else 1.0
+            with torch.no_grad():
+                step = s["step"].reshape(per_sample)
+                z = threat.project(s["x_adv"] + step * threat.ascent_direction(s["grad"]), s["x"])
+                moved = s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"])
+                s["x_prev"], s["x_adv"] = s["x_adv"], threat.project(moved, s["x"])
+            loss, grad, success = evaluate(s["x_adv"], s["y"], s.get("target"))
+            s["grad"] = grad
+            best.merge(Outcome(s["x_adv"], success, loss), s["index"])
+            improved = loss > s["loss_best"]
+            s["x_best"] = torch.where(improved.reshape(per_sample), s["x_adv"], s["x_best"])
+            s["grad_best"] = torch.where(improved.reshape(per_sample), grad, s["grad_best"])
+            s["loss_best"] = torch.where(improved, loss, s["loss_best"])
+            s["rises"] += (loss > s["loss_prev"]).float()
+            s["loss_prev"] = loss
+            since_check += 1
+            if since_check == interval:
+                oscillating = s["rises"] <= interval * self.rho
+                stalled = ~s["halved_at_check"] & (s["loss_at_check"] >= s["loss_best"])
+                halve = oscillating | stalled
+                s["step"] = torch.where(halve, s["step"] / 2, s["step"])
+                s["x_adv"] = torch.where(halve.reshape(per_sample), s["x_best"], s["x_adv"])
+                s["grad"] = torch.where(halve.reshape(per_sample), s["grad_best"], s["grad"])
+                s["halved_at_check"], s["loss_at_check"] = halve, s["loss_best"].clone()
+                s["rises"] = torch.zeros_like(s["rises"])
+                interval, since_check = max(interval - decrease, smallest), 0
+            state = _keep(s, ~success)
+        return best
+
+
+def _keep(state: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The per-sample state of the rows still being attacked."""
+    if bool(rows.all()):
+        return state
+    return {key: value[rows] for key, value in state.items()}
+
+
+@register("apgd-dlr")
+class APGDDLR(APGD):
+    """APGD with the DLR loss (Croce & Hein 2020), robust to rescaled or saturated logits."""
+
+    def __init__(self, threat: ThreatModel | None = None, *, loss: str = "dlr", **kwargs: object) -> None:
+        super().__init__(threat, loss=loss, **kwargs)  # type: ignore[arg-type]
