@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from advtrain import ThreatModel
-from advtrain.attacks import APGD, APGDDLR, ATTACKS, FGSM, PGD, Attack, Outcome, make_attack
+from advtrain.attacks import APGD, APGDDLR, APGDT, ATTACKS, FGSM, PGD, Attack, Outcome, make_attack
 from advtrain.attacks.apgd import checkpoint_schedule
 from advtrain.errors import AdvtrainError, UnknownNameError
 from advtrain.evaluation import predict
@@ -81,7 +81,8 @@ def test_attack_restores_state_even_when_it_fails():
 @pytest.mark.parametrize("attack", [FGSM(eps=0.3), PGD(eps=0.3, steps=20, seed=0),
                                     PGD(norm="l2", eps=3.0, steps=20, seed=0),
                                     APGD(eps=0.3, steps=20, seed=0), APGDDLR(eps=0.3, steps=20, seed=0),
-                                    APGD(norm="l2", eps=3.0, steps=20, seed=0)], ids=repr)
+                                    APGD(norm="l2", eps=3.0, steps=20, seed=0),
+                                    APGDT(eps=0.3, steps=10, n_targets=3, seed=0)], ids=repr)
 def test_attacks_break_an_undefended_model(digits_model, digits, attack):
     x, y = digits.test.x, digits.test.y
     clean = float((predict(digits_model, x) == y).float().mean())
@@ -184,7 +185,7 @@ def test_bad_attack_inputs():
         attack(model, torch.ones(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(AdvtrainError, match="outside the threat model's bounds"):
         attack(model, torch.full((3, 4), 3.0), torch.zeros(3, dtype=torch.int64))
-    with pytest.raises(UnknownNameError, match="choose one of: apgd-ce, apgd-dlr, fgsm, pgd"):
+    with pytest.raises(UnknownNameError, match="choose one of: apgd-ce, apgd-dlr, apgd-t, fgsm, pgd"):
         make_attack("deepfool-9000", eps=0.1)
 
 
@@ -211,3 +212,26 @@ def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_budget(digits_model, di
         return float((predict(digits_model, attack(digits_model, x, y)) == y).float().mean())
 
     assert robust(APGD(eps=0.1, steps=40, seed=0)) <= robust(PGD(eps=0.1, steps=40, seed=0)) + 0.005
+
+
+def test_apgdt_aims_at_every_other_class_by_default(monkeypatch):
+    """k follows the number of classes (7 here, not AutoAttack's fixed 9), best-ranked first,
+    never the true class, and only the points still standing are attacked again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8))
+    x, y = torch.rand(6, 5), torch.randint(0, 8, (6,))
+    seen: list[torch.Tensor] = []
+    original = APGD.run
+
+    def spy(self, model, x, y, target, generator):
+        seen.append(target.clone())
+        assert self.misclassification_only and bool((target != y).all())
+        return original(self, model, x, y, target, generator)
+
+    monkeypatch.setattr(APGD, "run", spy)
+    APGDT(eps=0.0, steps=2)(model, x, y)  # eps 0: nothing can succeed, every target is tried
+    assert len(seen) == 7
+    with torch.no_grad():
+        logits = model(x)
+    second = logits.scatter(1, y[:, None], float("-inf")).argmax(1)
+    assert torch.equal(seen[0], second)

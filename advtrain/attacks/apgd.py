@@ -67,6 +67,8 @@ class APGD(Attack):
             if not 0 <= value <= 1:
                 raise AdvtrainError(f"{name} must be between 0 and 1, got {value!r}")
         self.steps, self.loss, self.rho, self.momentum = steps, loss, rho, momentum
+        #: Count any misclassification as success, even when aiming at a target (APGD-T).
+        self.misclassification_only = False
 
     def _hyperparameters(self) -> dict[str, object]:
         return {**super()._hyperparameters(), "steps": self.steps, "loss": self.loss,
@@ -97,7 +99,8 @@ class APGD(Attack):
                 logits = model(points)
                 objective = attack_objective(logits, labels, targets, self.loss)
             (grad,) = torch.autograd.grad(objective.sum(), points)
-            return objective.detach(), grad, is_adversarial(logits.detach(), labels, targets)
+            success_target = None if self.misclassification_only else targets
+            return objective.detach(), grad, is_adversarial(logits.detach(), labels, success_target)
 
         x_adv = self._start(x, generator)
         loss, grad, success = evaluate(x_adv, y, target)
@@ -163,3 +166,55 @@ class APGDDLR(APGD):
 
     def __init__(self, threat: ThreatModel | None = None, *, loss: str = "dlr", **kwargs: object) -> None:
         super().__init__(threat, loss=loss, **kwargs)  # type: ignore[arg-type]
+
+
+@register("apgd-t")
+class APGDT(APGD):
+    """Targeted APGD over the top-k classes (Croce & Hein 2020, APGD-T in AutoAttack).
+
+    For each point still standing, the targeted DLR loss is ascended towards its 2nd most likely
+    class, then its 3rd, ... up to ``n_targets`` classes (default: every other class, so that
+    k follows the number of classes instead of AutoAttack's fixed 9). Any misclassification
+    counts as success: APGD-T is an untargeted attack that uses targets to find directions.
+    With ``target`` given, it is plain targeted APGD-DLR towards those labels.
+    """
+
+    def __init__(self, threat: ThreatModel | None = None, *, n_targets: int | None = None,
+                 loss: str = "dlr", **kwargs: object) -> None:
+        super().__init__(threat, loss=loss, **kwargs)  # type: ignore[arg-type]
+        if n_targets is not None:
+            _check_positive_int("n_targets", n_targets)
+        self.n_targets = n_targets
+
+    def _hyperparameters(self) -> dict[str, object]:
+        return {**super()._hyperparameters(), "n_targets": self.n_targets}
+
+    def run(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Outcome:
+        if target is not None:
+            return super().run(model, x, y, target, generator)
+        with torch.no_grad():
+            ranked = model(x).argsort(dim=1, descending=True)
+        n_classes = ranked.shape[1]
+        count = min(self.n_targets or n_classes - 1, n_classes - 1)
+        self.misclassification_only = True
+        try:
+            best: Outcome | None = None
+            for rank in range(1, count + 1):
+                index = (torch.arange(len(x), device=x.device) if best is None
+                         else (~best.success).nonzero().squeeze(1))
+                if len(index) == 0:
+                    break
+                # The class ranked `rank` among the others (the top class is skipped when it is y).
+                others = ranked[index][ranked[index] != y[index, None]].reshape(len(index), -1)
+                outcome = super().run(model, x[index], y[index], others[:, rank - 1], generator)
+                if best is None:
+                    best = outcome
+                else:
+                    best.merge(outcome, index)
+        finally:
+            self.misclassification_only = False
+        assert best is not None
+        return best
