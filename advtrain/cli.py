@@ -105,6 +105,10 @@ def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None
     from .models import build_model, load_user_model
     from .training.trainer import resolve_device
 
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--restarts", restarts),
+                        ("--n", limit)):
+        if value is not None and value < 1:
+            raise AdvtrainError(f"{flag} must be a positive integer, got {value}")
     sources = [s for s in (run_dir, model_file, model_name) if s]
     if len(sources) != 1:
         raise AdvtrainError("give exactly one of RUN_DIR, --model-file or --model")
@@ -128,12 +132,7 @@ def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None
         load_weights_into(model, run.get("weights", weights))
     threat = data.info.threat_model(norm=norm or run.get("norm", "linf"),
                                     eps=eps if eps is not None else run.get("eps"))
-    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--restarts", restarts)):
-        if value < 1:
-            raise AdvtrainError(f"{flag} must be a positive integer, got {value}")
 
-    if limit is not None and limit < 1:
-        raise AdvtrainError(f"--n must be a positive integer, got {limit}")
     attack = PGD(threat, steps=steps,
                  step_size=2.5 * threat.eps / steps if step_size is None else step_size,
                  restarts=restarts, seed=seed)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import AdvtrainError
+
 
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     """Per-sample cross-entropy of ``logits`` against labels ``y``."""
@@ -51,6 +53,13 @@ def dlr_targeted(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
 LOSSES = {"ce": cross_entropy, "cw": cw_margin, "dlr": dlr}
 
 
+def check_loss(name: str) -> str:
+    """``name`` if it names a loss of :data:`LOSSES`, else a one-line AdvtrainError."""
+    if name not in LOSSES:
+        raise AdvtrainError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    return name
+
+
 def attack_objective(logits: Tensor, y: Tensor, target: Tensor | None, loss: str = "ce") -> Tensor:
     """What an attack ascends: the loss of the true label, or a loss that rewards the target."""
     if target is None:
@@ -71,4 +80,4 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else float("nan")
 
 
-__all__ = ["cross_entropy", "cw_margin", "dlr", "dlr_targeted", "attack_objective", "is_adversarial", "accuracy", "LOSSES"]
+__all__ = ["cross_entropy", "cw_margin", "dlr", "dlr_targeted", "attack_objective", "check_loss", "is_adversarial", "accuracy", "LOSSES"]

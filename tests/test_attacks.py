@@ -221,14 +221,14 @@ def test_apgdt_aims_at_every_other_class_by_default(monkeypatch):
     model = nn.Sequential(nn.Linear(5, 8))
     x, y = torch.rand(6, 5), torch.randint(0, 8, (6,))
     seen: list[torch.Tensor] = []
-    original = APGD.run
+    original = APGD.descend
 
-    def spy(self, model, x, y, target, generator):
+    def spy(self, model, x, y, target, generator, *, success_target):
         seen.append(target.clone())
-        assert self.misclassification_only and bool((target != y).all())
-        return original(self, model, x, y, target, generator)
+        assert success_target is None and bool((target != y).all())  # success = misclassified
+        return original(self, model, x, y, target, generator, success_target=success_target)
 
-    monkeypatch.setattr(APGD, "run", spy)
+    monkeypatch.setattr(APGD, "descend", spy)
     APGDT(eps=0.0, steps=2)(model, x, y)  # eps 0: nothing can succeed, every target is tried
     assert len(seen) == 7
     with torch.no_grad():

@@ -6,4 +6,7 @@ from .fgsm import FGSM
 from .pgd import PGD
 from .registry import ATTACKS, make_attack, register
 
-__all__ = ["APGD", "APGDDLR", "APGDT", "ATTACKS", "Attack", "FGSM", "Outcome", "PGD", "frozen", "make_attack", "register"]
+__all__ = [
+    "APGD", "APGDDLR", "APGDT", "ATTACKS", "Attack", "FGSM", "Outcome", "PGD", "frozen",
+    "make_attack", "register",
+]

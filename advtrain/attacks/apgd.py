@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..losses import LOSSES, attack_objective, is_adversarial
+from ..losses import attack_objective, check_loss, is_adversarial
 from ..threat import ThreatModel, lp_norm
 from .base import Attack, Outcome, _check_positive_int
 from .registry import register
@@ -61,14 +61,10 @@ class APGD(Attack):
     ) -> None:
         super().__init__(threat, **kwargs)  # type: ignore[arg-type]
         _check_positive_int("steps", steps)
-        if loss not in LOSSES:
-            raise AdvtrainError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
         for name, value in (("rho", rho), ("momentum", momentum)):
             if not 0 <= value <= 1:
                 raise AdvtrainError(f"{name} must be between 0 and 1, got {value!r}")
-        self.steps, self.loss, self.rho, self.momentum = steps, loss, rho, momentum
-        #: Count any misclassification as success, even when aiming at a target (APGD-T).
-        self.misclassification_only = False
+        self.steps, self.loss, self.rho, self.momentum = steps, check_loss(loss), rho, momentum
 
     def _hyperparameters(self) -> dict[str, object]:
         return {**super()._hyperparameters(), "steps": self.steps, "loss": self.loss,
@@ -89,21 +85,28 @@ class APGD(Attack):
         self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
+        return self.descend(model, x, y, target, generator, success_target=target)
+
+    def descend(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        generator: torch.Generator | None, *, success_target: Tensor | None,
+    ) -> Outcome:
+        """One APGD run ascending the loss towards ``target`` (or away from ``y``); a point
+        succeeds when it is classified as ``success_target``, or misclassified when that is None."""
         threat = self.threat
         n = len(x)
         per_sample = (-1,) + (1,) * (x.dim() - 1)
 
-        def evaluate(points: Tensor, labels: Tensor, targets: Tensor | None):
+        def evaluate(points: Tensor, labels: Tensor, targets: Tensor | None, wanted: Tensor | None):
             points = points.detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = model(points)
                 objective = attack_objective(logits, labels, targets, self.loss)
             (grad,) = torch.autograd.grad(objective.sum(), points)
-            success_target = None if self.misclassification_only else targets
-            return objective.detach(), grad, is_adversarial(logits.detach(), labels, success_target)
+            return objective.detach(), grad, is_adversarial(logits.detach(), labels, wanted)
 
         x_adv = self._start(x, generator)
-        loss, grad, success = evaluate(x_adv, y, target)
+        loss, grad, success = evaluate(x_adv, y, target, success_target)
         best = Outcome(x_adv.clone(), success.clone(), loss.masked_fill(~success, float("-inf")))
         state = {
             "index": torch.arange(n, device=x.device), "x": x, "y": y, "x_adv": x_adv,
@@ -116,6 +119,8 @@ class APGD(Attack):
         }
         if target is not None:
             state["target"] = target
+        if success_target is not None:
+            state["success_target"] = success_target
         state = _keep(state, ~success)
         interval, decrease, smallest = checkpoint_schedule(self.steps)
         since_check = 0
@@ -129,7 +134,7 @@ class APGD(Attack):
                 z = threat.project(s["x_adv"] + step * threat.ascent_direction(s["grad"]), s["x"])
                 moved = s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"])
                 s["x_prev"], s["x_adv"] = s["x_adv"], threat.project(moved, s["x"])
-            loss, grad, success = evaluate(s["x_adv"], s["y"], s.get("target"))
+            loss, grad, success = evaluate(s["x_adv"], s["y"], s.get("target"), s.get("success_target"))
             s["grad"] = grad
             best.merge(Outcome(s["x_adv"], success, loss), s["index"])
             improved = loss > s["loss_best"]
@@ -199,22 +204,19 @@ class APGDT(APGD):
             ranked = model(x).argsort(dim=1, descending=True)
         n_classes = ranked.shape[1]
         count = min(self.n_targets or n_classes - 1, n_classes - 1)
-        self.misclassification_only = True
-        try:
-            best: Outcome | None = None
-            for rank in range(1, count + 1):
-                index = (torch.arange(len(x), device=x.device) if best is None
-                         else (~best.success).nonzero().squeeze(1))
-                if len(index) == 0:
-                    break
-                # The class ranked `rank` among the others (the top class is skipped when it is y).
-                others = ranked[index][ranked[index] != y[index, None]].reshape(len(index), -1)
-                outcome = super().run(model, x[index], y[index], others[:, rank - 1], generator)
-                if best is None:
-                    best = outcome
-                else:
-                    best.merge(outcome, index)
-        finally:
-            self.misclassification_only = False
+        best: Outcome | None = None
+        for rank in range(1, count + 1):
+            index = (torch.arange(len(x), device=x.device) if best is None
+                     else (~best.success).nonzero().squeeze(1))
+            if len(index) == 0:
+                break
+            # The class ranked `rank` among the others (the top class is skipped when it is y).
+            others = ranked[index][ranked[index] != y[index, None]].reshape(len(index), -1)
+            outcome = self.descend(model, x[index], y[index], others[:, rank - 1], generator,
+                                   success_target=None)
+            if best is None:
+                best = outcome
+            else:
+                best.merge(outcome, index)
         assert best is not None
         return best

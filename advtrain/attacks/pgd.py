@@ -4,15 +4,18 @@ Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards deep learning models resistan
 attacks" (ICLR 2018). From a random point of the ball, repeat: step along the steepest-ascent
 direction of the loss for the norm, project back into the threat model.
 
-Defaults: 40 steps (Madry et al.'s MNIST attack), a uniform random start, cross-entropy loss, and a
-step of ``2.5 * eps / steps``, the rule of Madry's group (their ``robustness`` library) that lets
-PGD cross the ball from any start. Madry et al.'s MNIST paper setting is ``step_size=0.01`` at
-eps = 0.3 (0.01875 by our rule); pass it to reproduce the paper exactly. We keep the rule because
-it is the stronger attack: on an undefended digits CNN at eps = 0.1, PGD-40 leaves 55.8% robust
-accuracy with it and 61.1% with eps/30 steps, which is weaker than FGSM's 58.9%. In evaluation mode (``early_stop=True``, the default) a point
-leaves the batch as soon as it is misclassified, and each point returns its first misclassified
-iterate, or else its highest-loss iterate after the start; in training mode (``early_stop=False``) every point takes every
-step and the last iterate is returned, as in Madry et al.'s adversarial training.
+Defaults: 40 steps (Madry et al.'s MNIST attack), a uniform random start, cross-entropy loss,
+and a step of ``2.5 * eps / steps``, the rule of Madry's group (their ``robustness`` library)
+that lets PGD cross the ball from any start. Madry et al.'s MNIST paper setting is
+``step_size=0.01`` at eps = 0.3 (0.01875 by our rule); pass it to reproduce the paper exactly.
+We keep the rule because it is the stronger attack: on an undefended digits CNN at eps = 0.1,
+PGD-40 leaves 55.8% robust accuracy with it and 61.1% with eps/30 steps, which is weaker than
+FGSM's 58.9%.
+
+In evaluation mode (``early_stop=True``, the default) a point leaves the batch as soon as it is
+misclassified, and each point returns its first misclassified iterate, or else its highest-loss
+iterate after the start. In training mode (``early_stop=False``) every point takes every step
+and the last iterate is returned, as in Madry et al.'s adversarial training.
 
 Example:
     >>> attack = PGD(eps=0.3, steps=40, step_size=0.01)
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..losses import LOSSES, attack_objective, is_adversarial
+from ..losses import attack_objective, check_loss, is_adversarial
 from ..threat import ThreatModel
 from .base import Attack, Outcome, _check_positive_int
 from .registry import register
@@ -62,12 +65,10 @@ class PGD(Attack):
             step_size = self.default_step_size(steps)
         if not (isinstance(step_size, (int, float)) and step_size >= 0 and step_size < float("inf")):
             raise AdvtrainError(f"step_size must be finite and >= 0, got {step_size!r}")
-        if loss not in LOSSES:
-            raise AdvtrainError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
         self.steps = steps
         self.step_size = float(step_size)
         self.random_start = random_start
-        self.loss = loss
+        self.loss = check_loss(loss)
         self.early_stop = early_stop
 
     def default_step_size(self, steps: int) -> float:
