@@ -78,7 +78,7 @@ class ThreatModel:
 
     Args:
         norm: ``"linf"``, ``"l2"`` or ``"l1"``.
-        eps: radius of the ball, finite and >= 0.
+        eps: radius of the ball, >= 0; ``inf`` means unbounded (minimum-norm attacks only).
         lower: smallest valid input, a scalar or a tensor broadcastable to one sample's shape.
         upper: largest valid input, likewise.
         mask: optional tensor broadcastable to one sample's shape, nonzero/True where the
@@ -100,8 +100,8 @@ class ThreatModel:
             eps = float(self.eps)
         except (TypeError, ValueError):
             raise ThreatModelError(f"eps must be a number, got {self.eps!r}") from None
-        if not math.isfinite(eps) or eps < 0:
-            raise ThreatModelError(f"eps must be finite and >= 0, got {self.eps!r}")
+        if math.isnan(eps) or eps < 0:
+            raise ThreatModelError(f"eps must be >= 0 (inf: unbounded), got {self.eps!r}")
         object.__setattr__(self, "eps", eps)
         for name in ("lower", "upper"):
             value = getattr(self, name)
@@ -131,6 +131,11 @@ class ThreatModel:
             if not isinstance(self.mask, Tensor):
                 raise ThreatModelError("mask must be a tensor of the features that may change")
             object.__setattr__(self, "mask", self.mask.detach().to(torch.bool))
+
+    @property
+    def bounded(self) -> bool:
+        """False for an unbounded threat model (``eps = inf``), used by minimum-norm attacks."""
+        return math.isfinite(self.eps)
 
     # ------------------------------------------------------------------ construction helpers
     def replace(self, **changes: object) -> ThreatModel:
@@ -208,6 +213,10 @@ class ThreatModel:
         if self.eps == 0:
             return x.clone()
         kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
+        if math.isinf(self.eps):  # unbounded: uniform in the box
+            lower, upper = self._bounds_like(x)
+            uniform = lower + (upper - lower) * torch.rand(x.shape, **kwargs)
+            return self.clip_bounds(x + self.apply_mask(uniform - x))
         if self.norm == "linf":
             delta = (torch.rand(x.shape, **kwargs) * 2 - 1) * self.eps
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -15,6 +17,17 @@ from advtrain.errors import AdvtrainError, UnknownNameError
 from advtrain.evaluation import predict
 
 ATTACK_NAMES = sorted(ATTACKS)
+#: Small budgets, passed to each attack that takes the keyword (shared names across attacks).
+SMALL_BUDGETS = {"steps": 3, "n_queries": 30, "binary_search_steps": 2}
+
+
+def small_budget(cls: type[Attack]) -> dict[str, int]:
+    """The keywords of :data:`SMALL_BUDGETS` that ``cls`` (or a base class) accepts."""
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            accepted |= set(inspect.signature(vars(klass)["__init__"]).parameters)
+    return {k: v for k, v in SMALL_BUDGETS.items() if k in accepted}
 
 
 def _tiny_model(seed: int, features: int, classes: int) -> nn.Module:
@@ -49,8 +62,11 @@ def test_every_attack_stays_inside_its_threat_model(
     target = (y + 1) % 3 if targeted else None
     features = int(torch.tensor(shape).prod())
     model = _tiny_model(seed, features, 3)
-    attack = make_attack(name, threat, restarts=restarts, seed=seed, steps=3) if name != "fgsm" else \
-        make_attack(name, threat, restarts=restarts, seed=seed)
+    extra = {}
+    if name == "transfer":  # crafted on another small model, judged on this one
+        extra = {"surrogate": _tiny_model(seed + 1, features, 3), "attack_options": {"steps": 3}}
+    attack = make_attack(name, threat, restarts=restarts, seed=seed, **small_budget(ATTACKS[name]),
+                         **extra)
     x_adv = attack(model, x, y, target=target)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert bool(threat.contains(x_adv, x).all())
@@ -235,3 +251,47 @@ def test_apgdt_aims_at_every_other_class_by_default(monkeypatch):
         logits = model(x)
     second = logits.scatter(1, y[:, None], float("-inf")).argmax(1)
     assert torch.equal(seen[0], second)
+
+
+def test_only_minimum_norm_attacks_accept_an_unbounded_threat():
+    with pytest.raises(AdvtrainError, match="needs a finite eps"):
+        PGD(eps=float("inf"))
+    with pytest.raises(AdvtrainError, match="needs a threat model or an eps"):
+        PGD()
+
+
+def test_progress_bar_is_optional_and_does_not_change_results(capsys):
+    model = _tiny_model(0, 6, 3)
+    x, y = torch.rand(12, 6), torch.randint(0, 3, (12,))
+    quiet = PGD(eps=0.2, steps=4, seed=1, batch_size=5)(model, x, y)
+    shown = PGD(eps=0.2, steps=4, seed=1, batch_size=5, progress=True)(model, x, y)
+    assert torch.equal(quiet, shown)
+    assert capsys.readouterr().out == ""  # the bar never pollutes standard output
+
+
+def test_min_norm_base_keeps_the_smallest_success_and_projects_into_eps():
+    from advtrain.attacks.base import MinNormAttack
+
+    class Scale(MinNormAttack):
+        """Moves each point straight away from its class's direction by a random factor."""
+
+        def minimize(self, model, x, y, target, generator):
+            factor = torch.rand(len(x), 1, generator=generator) * 2
+            return x + factor * torch.ones_like(x)
+
+    class Threshold(nn.Module):  # class 1 when the mean feature exceeds 1, else 0
+        def forward(self, x):
+            score = x.mean(dim=1, keepdim=True) - 1.0
+            return torch.cat([-score, score], dim=1)
+
+    x = torch.full((50, 4), 0.5)
+    y = torch.zeros(50, dtype=torch.int64)
+    one = Scale(norm="linf", upper=5.0, seed=0).min_norm(Threshold(), x, y)
+    many = Scale(norm="linf", upper=5.0, seed=0, restarts=5).min_norm(Threshold(), x, y)
+    assert torch.isinf(one.norm[~one.success]).all() and one.success.any()
+    assert torch.equal(one.x_adv[~one.success], x[~one.success])
+    assert bool((many.norm <= one.norm).all()) and many.success.sum() >= one.success.sum()
+    assert bool((many.norm[many.success] > 0.5).all())  # they are real successes, at >= 0.5
+    bounded = Scale(norm="linf", eps=0.7, upper=5.0, seed=0, restarts=5)
+    x_adv = bounded(Threshold(), x, y)
+    assert bool(bounded.threat.contains(x_adv, x).all())

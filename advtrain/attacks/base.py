@@ -8,14 +8,20 @@ An attack is configured once (threat model, hyperparameters) and called as
   parameter gradient is ever left behind;
 - batching, and moving inputs to the model's device and back;
 - restarts that keep the worst case *per sample* (a success beats any failure; among failures
-  the higher loss wins), run only on the points that are still standing.
+  the higher loss wins), run only on the points that are still standing;
+- an optional progress bar (``progress=True``) over batches and restarts.
+
+Minimum-norm attacks (:class:`MinNormAttack`: CW-L2, DeepFool, FAB, ...) search for the smallest
+perturbation that changes the prediction. ``attack.min_norm(model, x, y)`` returns it with its
+norm (the robust margin of each point); called as an ordinary attack they keep what fits in the
+threat model's ``eps``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..threat import ThreatModel
+from ..losses import is_adversarial
+from ..threat import ThreatModel, lp_norm
 
 
 @contextlib.contextmanager
@@ -80,12 +87,15 @@ class Attack(ABC):
         restarts: independent runs; each sample keeps its worst case over them.
         batch_size: attack this many samples at a time (``None``: all at once).
         seed: seeds the attack's own random generator (random starts), for reproducible results.
+        progress: show a progress bar (on standard error) over batches and restarts.
     """
 
     #: The registry name of the attack.
     name: ClassVar[str] = ""
     #: The norms the attack supports.
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
+    #: Whether the attack accepts an unbounded threat model (``eps = inf``).
+    unbounded: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -99,8 +109,11 @@ class Attack(ABC):
         restarts: int = 1,
         batch_size: int | None = None,
         seed: int | None = None,
+        progress: bool = False,
     ) -> None:
         if threat is None:
+            if eps is None and self.unbounded:
+                eps = float("inf")
             if eps is None:
                 raise AdvtrainError(f"{type(self).__name__} needs a threat model or an eps")
             threat = ThreatModel(norm=norm, eps=eps, lower=lower, upper=upper, mask=mask)  # type: ignore[arg-type]
@@ -110,6 +123,8 @@ class Attack(ABC):
             raise AdvtrainError(
                 f"{type(self).__name__} supports the norms {', '.join(self.norms)}, not {threat.norm}"
             )
+        if not threat.bounded and not self.unbounded:
+            raise AdvtrainError(f"{type(self).__name__} needs a finite eps")
         _check_positive_int("restarts", restarts)
         if batch_size is not None:
             _check_positive_int("batch_size", batch_size)
@@ -117,6 +132,7 @@ class Attack(ABC):
         self.restarts = restarts
         self.batch_size = batch_size
         self.seed = seed
+        self.progress = bool(progress)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self._hyperparameters().items())
@@ -133,6 +149,13 @@ class Attack(ABC):
 
         With ``target`` (one class per sample) the attack tries to make the model predict it.
         """
+        return self._batched(model, x, y, target, self._restarts).x_adv
+
+    def _batched(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        runner: Callable[..., Outcome],
+    ) -> Outcome:
+        """Checks, device moves, seeding, freezing and batching around ``runner`` (per batch)."""
         _check_inputs(x, y, target)
         self.threat.validate(x)
         home = x.device
@@ -144,16 +167,19 @@ class Attack(ABC):
             generator = torch.Generator(device=device)
             generator.manual_seed(self.seed)
         size = self.batch_size or max(len(x), 1)
-        with frozen(model):
-            pieces = [
-                self._restarts(
-                    model, x[i : i + size], y[i : i + size],
-                    None if target is None else target[i : i + size], generator,
-                ).x_adv
-                for i in range(0, len(x), size)
-            ]
-        x_adv = torch.cat(pieces) if pieces else x.clone()
-        return x_adv.detach().to(home)
+        starts = range(0, len(x), size)
+        pieces = []
+        with frozen(model), _progress_bar(self.progress, self.name or type(self).__name__,
+                                          len(starts)) as advance:
+            for i in starts:
+                pieces.append(runner(model, x[i : i + size], y[i : i + size],
+                                     None if target is None else target[i : i + size], generator))
+                advance()
+        if not pieces:
+            empty = torch.zeros(0, device=home)
+            return Outcome(x.clone().to(home), empty.bool(), empty)
+        return Outcome(*(torch.cat([getattr(p, f) for p in pieces]).detach().to(home)
+                         for f in ("x_adv", "success", "loss")))
 
     def _restarts(
         self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
@@ -185,6 +211,102 @@ class Attack(ABC):
     ) -> Outcome:
         """One run of the attack on one batch (model already frozen, tensors on its device)."""
 
+
+
+class MinNormAttack(Attack):
+    """Base of the minimum-norm attacks: they search for the smallest adversarial perturbation.
+
+    Subclasses implement :meth:`minimize`. ``eps`` may be omitted (unbounded, ``inf``);
+    :meth:`min_norm` returns, per point, the smallest adversarial perturbation found and its
+    norm (``inf`` where none was found). Called as an ordinary attack, the point found is kept
+    when it fits in the eps-ball and is otherwise projected onto it (and usually fails).
+    Restarts run on every point and keep the smallest norm.
+    """
+
+    norms = ("l2", "linf")
+    unbounded = True
+
+    @abstractmethod
+    def minimize(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Per point, the smallest adversarial point found (inside the bounds, mask respected);
+        where none was found, any point (it is judged by the model afterwards)."""
+
+    def min_norm(
+        self, model: nn.Module, x: Tensor, y: Tensor, *, target: Tensor | None = None
+    ) -> MinNormResult:
+        """The smallest adversarial perturbation found for each point, and its norm."""
+        outcome = self._batched(model, x, y, target, self._minimize_restarts)
+        norms = torch.where(outcome.success, -outcome.loss, torch.full_like(outcome.loss, float("inf")))
+        x_adv = torch.where(_rows(outcome.success, x), outcome.x_adv, x.detach().to(outcome.x_adv.device))
+        return MinNormResult(x_adv, norms, outcome.success)
+
+    def _minimize_restarts(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Outcome:
+        index = torch.arange(len(x), device=x.device)
+        best: Outcome | None = None
+        for _ in range(self.restarts):
+            outcome = self._judged(model, x, y, target, self.minimize(model, x, y, target, generator))
+            if best is None:
+                best = outcome
+            else:
+                best.merge(outcome, index)
+        assert best is not None
+        return best
+
+    def _judged(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+                x_found: Tensor) -> Outcome:
+        """An outcome for points found: success as the model says, loss = minus the norm."""
+        x_found = self.threat.clip_bounds(x + self.threat.apply_mask(x_found.detach() - x))
+        with torch.no_grad():
+            success = is_adversarial(model(x_found), y, target) if len(x) else \
+                torch.zeros(0, dtype=torch.bool, device=x.device)
+        norms = lp_norm(x_found - x, self.threat.norm)
+        return Outcome(x_found, success, torch.where(success, -norms, torch.full_like(norms, float("-inf"))))
+
+    def run(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Outcome:
+        found = self._judged(model, x, y, target, self.minimize(model, x, y, target, generator))
+        if not self.threat.bounded:
+            return found
+        x_adv = self.threat.project(found.x_adv, x)
+        with torch.no_grad():
+            success = is_adversarial(model(x_adv), y, target)
+        return Outcome(x_adv, success, found.loss)
+
+
+@dataclass
+class MinNormResult:
+    """Per point: the smallest adversarial example found, its perturbation norm, and success."""
+
+    x_adv: Tensor  # the clean point where no adversarial example was found
+    norm: Tensor  # inf where none was found
+    success: Tensor
+
+
+def _rows(flags: Tensor, like: Tensor) -> Tensor:
+    return flags.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[], None]]:
+    """A rich progress bar over ``total`` batches on standard error, or a no-op."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
 
 
 def _check_positive_int(name: str, value: object) -> None:
