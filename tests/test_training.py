@@ -110,9 +110,9 @@ def test_pgd_method_with_zero_eps_is_standard_training(data, digits_model, batch
 
 def test_unknown_method_lists_known_names(data):
     with pytest.raises(UnknownNameError) as info:
-        make_method("trades", data.info.threat_model())
+        make_method("madeup", data.info.threat_model())
     message = str(info.value)
-    assert "trades" in message
+    assert "madeup" in message
     assert "pgd" in message and "standard" in message
     assert isinstance(info.value, AdvtrainError)
 
@@ -387,3 +387,448 @@ def test_train_config_replace_validates():
     with pytest.raises(AdvtrainError):
         config.replace(eval_steps=-1)
     assert json.loads(json.dumps(config.to_dict()))["epochs"] == 2
+
+
+# ---------------------------------------------------------------------- config: the trainer's options
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"adv_ratio": 1.5}, "adv_ratio"),
+    ({"adv_ratio": -0.1}, "adv_ratio"),
+    ({"adv_ratio": float("nan")}, "adv_ratio"),
+    ({"schedule": "linear"}, "linear"),
+    ({"warmup_epochs": -1}, "warmup_epochs"),
+    ({"warmup_epochs": 40}, "warmup_epochs"),
+    ({"augment": "crop,rotate"}, "rotate"),
+    ({"augment": ["crop", "crop"]}, "twice"),
+    ({"augment": 5}, "augment"),
+    ({"noise_std": -0.1}, "noise_std"),
+    ({"early_stop": 0}, "early_stop"),
+    ({"early_stop": 1.5}, "early_stop"),
+    ({"catastrophic": "maybe"}, "catastrophic"),
+    ({"co_threshold": 0.0}, "co_threshold"),
+    ({"co_threshold": 1.5}, "co_threshold"),
+    ({"checkpoint_every": -2}, "checkpoint_every"),
+    ({"tensorboard": "yes"}, "tensorboard"),
+    ({"amp": "fp8"}, "fp8"),
+    ({"channels_last": "sometimes"}, "channels_last"),
+    ({"method_options": "beta=6"}, "method_options"),
+    ({"method_options": {"steps": 3}}, "attack_steps"),
+    ({"method_options": {"beta": [1, 2]}}, "beta"),
+    ({"method_options": {"beta": float("inf")}}, "beta"),
+])
+def test_trainer_options_reject_bad_values_in_one_line(overrides, needle):
+    with pytest.raises(AdvtrainError) as info:
+        load_config(**overrides)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_trainer_options_defaults_keep_the_default_job():
+    config = TrainConfig()
+    assert (config.schedule, config.warmup_epochs, config.augment, config.adv_ratio) == \
+        ("constant", 0, (), 1.0)
+    assert (config.early_stop, config.checkpoint_every, config.tensorboard) == (None, 0, False)
+    assert config.method_options == {} and config.amp == "auto" and config.channels_last == "auto"
+
+
+def test_trainer_options_from_toml_and_overrides(tmp_path):
+    path = write(tmp_path / "run.toml", '[train]\naugment = ["crop", "noise"]\nwarmup-epochs = 2\n'
+                 'schedule = "onecycle"\nearly-stop = 3\nchannels-last = false\n'
+                 '[train.method_options]\nbeta = 6.0\ntemperature = 20\n')
+    config = load_config(path, method_options={"beta": 1.0}, adv_ratio=0.5)
+    assert config.augment == ("crop", "noise")
+    assert (config.warmup_epochs, config.schedule, config.early_stop) == (2, "onecycle", 3)
+    assert config.channels_last == "off"  # TOML booleans are read as on/off
+    assert config.method_options == {"beta": 1.0, "temperature": 20}  # merged, the flag wins
+    assert config.adv_ratio == 0.5
+    # config.json round trip
+    assert TrainConfig(**json.loads(json.dumps(config.to_dict()))) == config
+    assert load_config(augment=" crop , flip ").augment == ("crop", "flip")
+    assert load_config(augment="none").augment == ()
+
+
+def test_parse_method_options():
+    from advtrain.training.config import parse_method_options
+
+    parsed = parse_method_options(["beta=6", "temperature=2.5", "flag=true", "name=x", "step-x=1e-3"])
+    assert parsed == {"beta": 6, "temperature": 2.5, "flag": True, "name": "x", "step_x": 0.001}
+    assert isinstance(parsed["beta"], int) and isinstance(parsed["flag"], bool)
+    for bad, needle in ((["beta"], "key=value"), (["beta=1", "beta=2"], "twice"), (["=3"], "key=value")):
+        with pytest.raises(AdvtrainError, match=needle):
+            parse_method_options(bad)
+
+
+# ---------------------------------------------------------------------- schedules
+
+
+def test_schedules_shapes():
+    from advtrain.training.schedules import SCHEDULES, lr_multiplier
+
+    total = 1000
+    assert set(SCHEDULES) == {"constant", "piecewise", "cosine", "onecycle"}
+    one = [lr_multiplier("onecycle", s, total) for s in range(total + 1)]
+    assert one[0] == 0 and one[-1] == 0 and one[400] == pytest.approx(1.0)
+    assert max(range(total + 1), key=one.__getitem__) == 400  # the peak at 2/5
+    assert all(a < b for a, b in zip(one[:400], one[1:401]))  # rises linearly ...
+    assert all(a > b for a, b in zip(one[400:], one[401:]))  # ... and falls to 0
+    assert one[200] == pytest.approx(0.5) and one[700] == pytest.approx(0.5)
+
+    piece = [lr_multiplier("piecewise", s, total) for s in range(total)]
+    assert piece[:500] == [1.0] * 500
+    assert piece[500:750] == pytest.approx([0.1] * 250)
+    assert piece[750:] == pytest.approx([0.01] * 250)
+
+    cos = [lr_multiplier("cosine", s, total) for s in range(total + 1)]
+    assert cos[0] == 1 and cos[500] == pytest.approx(0.5) and cos[-1] == pytest.approx(0, abs=1e-12)
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+    assert {lr_multiplier("constant", s, total) for s in range(0, total + 1, 50)} == {1.0}
+
+
+def test_unknown_schedule_lists_known_ones():
+    from advtrain.training.schedules import get_schedule
+
+    with pytest.raises(UnknownNameError, match="onecycle"):
+        get_schedule("linear")
+
+
+def test_trainer_sets_the_learning_rate_per_batch(data):
+    from advtrain.training.schedules import onecycle
+
+    config = TrainConfig(method="standard", epochs=2, batch_size=256, eval_steps=1, lr=0.01,
+                         schedule="onecycle", device="cpu")
+    trainer = Trainer(fresh_model(data), data, config)
+    seen: list[float] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    result = trainer.fit()
+    total = trainer.total_steps
+    assert total == 2 * math.ceil(len(data.train) / 256) == len(seen)
+    assert seen == pytest.approx([0.01 * onecycle(i + 0.5, total) for i in range(total)])
+    assert min(seen) > 0 and max(seen) <= 0.01
+    assert result.history[-1].lr == pytest.approx(seen[-1])
+    assert seen.index(max(seen)) == int(0.4 * total)
+
+
+# ---------------------------------------------------------------------- eps warm-up
+
+
+def test_eps_warmup_ramps_per_batch_and_is_recorded(data, tmp_path):
+    config = TrainConfig(method="pgd", epochs=3, warmup_epochs=2, batch_size=256, attack_steps=1,
+                         eval_steps=1, device="cpu")
+    trainer = Trainer(fresh_model(data), data, config, tmp_path)
+    built: list[float] = []
+    build = trainer._build_method
+
+    def recording_build(threat):
+        built.append(threat.eps)
+        return build(threat)
+
+    trainer._build_method = recording_build
+    result = trainer.fit()
+    batches = trainer.batches_per_epoch
+    # one new loss per batch of the two warm-up epochs, eps rising linearly to 0.2
+    assert built == pytest.approx([0.2 * k / (2 * batches) for k in range(1, 2 * batches + 1)])
+    assert [r.eps for r in result.history] == pytest.approx([0.1, 0.2, 0.2])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["eps"] for line in lines] == pytest.approx([0.1, 0.2, 0.2])
+    assert all(line["lr"] == pytest.approx(3e-3) for line in lines)
+    # validation and test always attack at the full radius
+    assert trainer.validation_attack().threat.eps == pytest.approx(0.2)
+    assert result.extra["eps"] == pytest.approx(0.2)
+
+
+def test_warmup_eps_counts_replays_as_epochs():
+    from advtrain.training.trainer import warmup_eps
+
+    assert warmup_eps(0.3, 1, 9, 10, 0) == 0.3
+    assert warmup_eps(0.3, 1, 0, 10, 3) == pytest.approx(0.01)
+    assert warmup_eps(0.3, 3, 9, 10, 3) == 0.3
+    assert warmup_eps(0.3, 1, 9, 10, 4, replays=2) == pytest.approx(0.15)  # 1 pass = 2 epochs
+
+
+# ---------------------------------------------------------------------- stopping rules
+
+
+def _scripted_validation(trainer, figures):
+    """Make ``trainer._validate`` return ``figures[epoch - 1]``; returns the weights seen at
+    each validation, by epoch."""
+    states: list[dict[str, torch.Tensor]] = []
+
+    def scripted():
+        states.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+        return figures[len(states) - 1]
+
+    trainer._validate = scripted
+    return states
+
+
+def _same_weights(a, b) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def test_early_stop_keeps_the_best_epoch_and_stops_after_patience(data, tmp_path):
+    figures = [(0.9, 0.30), (0.9, 0.50), (0.9, 0.45), (0.9, 0.40), (0.9, 0.60), (0.9, 0.7)]
+    config = TrainConfig(method="pgd", epochs=len(figures), early_stop=2, attack_steps=1,
+                         eval_steps=1, batch_size=256, device="cpu")
+    lines: list[str] = []
+    trainer = Trainer(fresh_model(data), data, config, tmp_path, log=lines.append)
+    states = _scripted_validation(trainer, figures)
+    result = trainer.fit()
+    assert [r.epoch for r in result.history] == [1, 2, 3, 4]  # epochs 3 and 4 did not improve
+    assert result.best_epoch == 2
+    assert "early stop" in result.extra["stop_reason"] and "epoch 2" in result.extra["stop_reason"]
+    assert any("early stop" in line for line in lines)
+    kept, meta = load_checkpoint(tmp_path / "model.safetensors")
+    assert meta["epoch"] == 2 and meta["val_robust_accuracy"] == 0.5
+    assert _same_weights(kept, states[1])
+    assert _same_weights(trainer.model.state_dict(), states[1])
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_epoch"] == 2 and summary["epochs_run"] == 4
+
+
+def test_catastrophic_overfitting_detection_on_synthetic_histories():
+    from advtrain.training.trainer import EpochRecord, catastrophic_overfitting
+
+    def history(*pairs):
+        return [EpochRecord(epoch=i + 1, train_loss=1.0, train_accuracy=0.5, val_clean_accuracy=c,
+                            val_robust_accuracy=r, lr=0.1, seconds=1.0, eps=0.3)
+                for i, (c, r) in enumerate(pairs)]
+
+    message = catastrophic_overfitting(history((0.80, 0.40), (0.85, 0.45), (0.92, 0.02)))
+    assert message is not None
+    assert "catastrophic overfitting" in message and "Wong" in message
+    assert "epoch 3" in message and "epoch 2" in message and "\n" not in message
+    assert catastrophic_overfitting(history((0.80, 0.40))) is None  # nothing to compare with
+    assert catastrophic_overfitting(history((0.8, 0.40), (0.8, 0.25))) is None  # not below half
+    assert catastrophic_overfitting(history((0.8, 0.40), (0.5, 0.10))) is None  # clean fell too
+    assert catastrophic_overfitting(history((0.8, 0.0), (0.9, 0.0))) is None
+    assert catastrophic_overfitting(history((0.8, 0.40), (0.8, 0.25)), threshold=0.7) is not None
+
+
+def test_catastrophic_overfitting_stops_at_the_best_checkpoint(data, tmp_path):
+    figures = [(0.80, 0.40), (0.85, 0.45), (0.92, 0.03), (0.95, 0.0), (0.95, 0.0)]
+    config = TrainConfig(method="pgd", epochs=len(figures), catastrophic="stop", attack_steps=1,
+                         eval_steps=1, batch_size=256, device="cpu")
+    lines: list[str] = []
+    trainer = Trainer(fresh_model(data), data, config, tmp_path, log=lines.append)
+    states = _scripted_validation(trainer, figures)
+    result = trainer.fit()
+    assert len(result.history) == 3 and result.best_epoch == 2
+    assert "catastrophic overfitting" in result.extra["stop_reason"]
+    assert "keeping epoch 2" in result.extra["stop_reason"]
+    assert any("catastrophic overfitting" in line for line in lines)
+    assert _same_weights(trainer.model.state_dict(), states[1])
+    kept, meta = load_checkpoint(tmp_path / "model.safetensors")
+    assert meta["epoch"] == 2 and _same_weights(kept, states[1])
+
+
+def test_catastrophic_overfitting_warn_mode_goes_on(data):
+    figures = [(0.80, 0.40), (0.85, 0.45), (0.92, 0.03)]
+    config = TrainConfig(method="pgd", epochs=3, catastrophic="warn", attack_steps=1,
+                         eval_steps=1, batch_size=256, device="cpu")
+    trainer = Trainer(fresh_model(data), data, config)
+    _scripted_validation(trainer, figures)
+    result = trainer.fit()
+    assert len(result.history) == 3 and result.extra["stop_reason"] is None
+    assert len(result.extra["warnings"]) == 1 and "catastrophic" in result.extra["warnings"][0]
+
+
+def test_catastrophic_auto_watches_fgsm_type_methods_only(data):
+    pgd = Trainer(fresh_model(data), data, TrainConfig(method="pgd", device="cpu"))
+    assert pgd.catastrophic == "off"
+    if "fgsm-rs" in METHODS:
+        fast = Trainer(fresh_model(data), data, TrainConfig(method="fgsm-rs", device="cpu"))
+        assert fast.catastrophic == "stop"
+
+
+# ---------------------------------------------------------------------- the method contract
+
+
+def test_replays_and_epoch_hook_are_honoured(data, monkeypatch):
+    calls = {"loss": 0, "hook": []}
+
+    def factory(threat, *, steps=10, step_size=None):
+        def loss(model, x, y):
+            calls["loss"] += 1
+            logits = model(x)
+            return F.cross_entropy(logits, y), logits
+
+        loss.replays = 3
+        loss.on_epoch_start = lambda model, epoch, epochs: calls["hook"].append((epoch, epochs))
+        return loss
+
+    monkeypatch.setitem(METHODS, "test-replays", factory)
+    config = TrainConfig(method="test-replays", epochs=5, batch_size=256, eval_steps=1,
+                         device="cpu")
+    trainer = Trainer(fresh_model(data), data, config)
+    steps = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    result = trainer.fit()
+    batches = trainer.batches_per_epoch
+    assert trainer.run_epochs == 2 and len(result.history) == 2  # ceil(5 / 3)
+    assert calls["hook"] == [(1, 2), (2, 2)]
+    assert calls["loss"] == len(steps) == 2 * batches * 3 == trainer.total_steps
+
+
+def test_method_options_reach_the_method(data, monkeypatch):
+    got = {}
+
+    def factory(threat, *, steps=10, step_size=None, beta=1.0, flag=False):
+        got.update(beta=beta, flag=flag, steps=steps)
+        return METHODS["standard"](threat)
+
+    monkeypatch.setitem(METHODS, "test-options", factory)
+    config = TrainConfig(method="test-options", attack_steps=4,
+                         method_options={"beta": 6.0, "flag": True}, device="cpu")
+    Trainer(fresh_model(data), data, config)
+    assert got == {"beta": 6.0, "flag": True, "steps": 4}
+    bad = TrainConfig(method="pgd", method_options={"bogus": 1}, device="cpu")
+    with pytest.raises(AdvtrainError, match="bogus"):
+        Trainer(fresh_model(data), data, bad)
+
+
+def test_adv_ratio_blends_the_method_with_clean_loss(data, digits_model, batch):
+    from advtrain.training.trainer import _mix_fallback
+
+    x, y = batch
+    model = copy.deepcopy(digits_model)
+    config = TrainConfig(method="pgd", attack_steps=3, adv_ratio=0.25, device="cpu")
+    trainer = Trainer(model, data, config)
+    adversarial = make_method("pgd", trainer.threat, steps=3)
+    for loss_fn in (trainer.loss_fn, _mix_fallback(adversarial, 0.25)):
+        torch.manual_seed(1)
+        mixed, logits = loss_fn(model, x, y)
+        torch.manual_seed(1)
+        adv_loss, adv_logits = adversarial(model, x, y)
+        clean = F.cross_entropy(model(x), y)
+        torch.testing.assert_close(mixed, 0.25 * adv_loss + 0.75 * clean)
+        torch.testing.assert_close(logits, adv_logits)
+    assert Trainer(model, data, config.replace(adv_ratio=1.0)).loss_fn is not None
+
+
+# ---------------------------------------------------------------------- augmentation
+
+
+def test_crop_is_a_random_shift_inside_the_bounds(data):
+    from advtrain.training.augment import crop_padding, random_crop
+
+    x = data.train.x[:32]
+    assert crop_padding(data.info) == 2
+    mnist_like = dataclasses.replace(data.info, shape=(1, 28, 28))
+    assert crop_padding(mnist_like) == 4
+    out = random_crop(x, torch.Generator().manual_seed(0), data.info)
+    again = random_crop(x, torch.Generator().manual_seed(0), data.info)
+    assert torch.equal(out, again)  # the generator decides everything
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    padded = F.pad(x, (2, 2, 2, 2))
+    shifted = 0
+    for i in range(len(x)):
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i])]
+        assert windows, f"sample {i} is not a window of the padded image"
+        shifted += (2, 2) not in windows
+    assert shifted > 16  # most samples moved
+
+
+def test_flip_mirrors_about_half_of_the_images(data):
+    from advtrain.training.augment import random_flip
+
+    x = data.train.x[:64]
+    out = random_flip(x, torch.Generator().manual_seed(0), data.info)
+    flipped = [bool(torch.equal(out[i], x[i].flip(-1))) and not torch.equal(x[i], x[i].flip(-1))
+               for i in range(len(x))]
+    assert all(torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1)) for i in range(len(x)))
+    assert 16 < sum(flipped) < 48
+
+
+def test_noise_respects_bounds_and_immutable_features():
+    from advtrain.data import load_dataset
+    from advtrain.training.augment import gaussian_noise
+
+    fraud = load_dataset("fraud", seed=0)
+    info = fraud.info
+    x = fraud.train.x[:256]
+    out = gaussian_noise(x, torch.Generator().manual_seed(0), info, std=0.5)
+    assert info.mutable is not None and not bool(info.mutable.all())
+    frozen = ~info.mutable
+    assert torch.equal(out[:, frozen], x[:, frozen])
+    assert bool((out >= info.lower).all()) and bool((out <= info.upper).all())
+    changed = (out[:, info.mutable] != x[:, info.mutable]).float().mean()
+    assert changed > 0.5
+
+
+@pytest.mark.parametrize("dataset, augment, needles", [
+    ("digits", "flip", ["flip", "digits", "mirror"]),
+    ("fraud", "crop", ["crop", "images", "fraud"]),
+    ("fraud", "flip", ["flip", "images"]),
+])
+def test_augmentation_refused_where_it_does_not_fit(dataset, augment, needles):
+    from advtrain.data import load_dataset
+    from advtrain.training.augment import make_augment
+
+    info = load_dataset(dataset, seed=0).info
+    with pytest.raises(AdvtrainError) as error:
+        make_augment([augment], info)
+    for needle in needles:
+        assert needle in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_trainer_refuses_flip_for_digits_before_training(data, tmp_path):
+    config = TrainConfig(augment="crop,flip", device="cpu")
+    with pytest.raises(AdvtrainError, match="mirror-symmetric"):
+        Trainer(fresh_model(data), data, config, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- devices, monitoring
+
+
+def test_amp_and_channels_last_on_the_cpu(data, monkeypatch):
+    trainer = Trainer(fresh_model(data), data, TrainConfig(device="cpu"))
+    assert trainer.amp_dtype is None and trainer.channels_last is False and trainer.scaler is None
+    with pytest.raises(AdvtrainError, match="CUDA"):
+        Trainer(fresh_model(data), data, TrainConfig(device="cpu", amp="bf16"))
+    on = Trainer(fresh_model(data), data, TrainConfig(device="cpu", channels_last="on"))
+    assert on.channels_last
+    weight = on.model[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(data, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(AdvtrainError) as info:
+        Trainer(fresh_model(data), data, TrainConfig(device="cpu", tensorboard=True))
+    assert "tensorboard" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_curves_png_is_written(trained):
+    for _, _, run_dir in trained.values():
+        data = (run_dir / "curves.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+        assert not list(run_dir.glob(".curves.png.*"))  # no temporary file left behind
+
+
+def test_every_epoch_leaves_a_checkpoint_to_resume_from(trained):
+    _, result, run_dir = trained["pgd"]
+    metas = [load_checkpoint(run_dir / name)[1] for name in ("resume-0.safetensors",
+                                                             "resume-1.safetensors")]
+    newest = max(metas, key=lambda m: m["serial"])
+    assert newest["kind"] == "advtrain-resume" and newest["serial"] == COMPARE["epochs"]
+    assert newest["next_epoch"] == COMPARE["epochs"] + 1 and newest["next_batch"] == 0
+    assert [r["epoch"] for r in newest["history"]] == list(range(1, COMPARE["epochs"] + 1))
+    assert newest["best_epoch"] == result.best_epoch
+    tensors, _ = load_checkpoint(run_dir / ("resume-%d.safetensors" % (newest["serial"] % 2)))
+    assert tensors["rng.torch"].dtype == torch.uint8 and tensors["rng.batches"].dtype == torch.uint8
+    assert any(k.startswith("optim.") for k in tensors)
+    assert any(k.startswith("best.") for k in tensors)

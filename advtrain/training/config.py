@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdvtrainError
+from .augment import AUGMENTATIONS
+from .schedules import SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,6 +29,19 @@ class TrainConfig:
     PGD used inside training (default step ``2.5 * eps / steps``, the rule of Madry et al.'s
     group that lets PGD cross the ball from any start); ``eval_steps`` the cheaper PGD run on the
     validation split after each epoch.
+
+    Beyond the method: ``method_options`` go to the method's factory (``beta``, ``temperature``,
+    ``replays``, ...); ``adv_ratio`` blends the method's loss with clean cross-entropy
+    (``r * method + (1 - r) * clean``, 1 = the method alone); ``schedule`` shapes the learning
+    rate per batch (see :mod:`advtrain.training.schedules`); ``warmup_epochs`` ramps eps
+    linearly from 0 over the first epochs, per batch; ``augment`` lists ``crop``, ``flip``,
+    ``noise`` (``noise_std``); ``early_stop`` is a patience in epochs without a better
+    validation figure; ``catastrophic`` watches for catastrophic overfitting (``auto``: ``stop``
+    for FGSM-type methods, else ``off``; or ``stop``, ``warn``, ``off``) with ``co_threshold``;
+    ``checkpoint_every`` also saves a resumable checkpoint every so many batches (0: at the end
+    of each epoch only); ``amp`` is ``auto`` (bf16, else fp16, autocast on CUDA; off on the
+    CPU), ``off``, ``bf16`` or ``fp16``; ``channels_last`` is ``auto`` (on CUDA for images),
+    ``on`` or ``off``.
     """
 
     dataset: str = "digits"
@@ -48,6 +65,19 @@ class TrainConfig:
     data_dir: str | None = None
     out: str = "runs/latest"
     device: str = "auto"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    adv_ratio: float = 1.0
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    augment: tuple[str, ...] = ()
+    noise_std: float = 0.05
+    early_stop: int | None = None
+    catastrophic: str = "auto"
+    co_threshold: float = 0.5
+    checkpoint_every: int = 0
+    tensorboard: bool = False
+    amp: str = "auto"
+    channels_last: str = "auto"
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch_size")
@@ -79,6 +109,45 @@ class TrainConfig:
             raise AdvtrainError(
                 f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
             )
+        self._check_training_options()
+
+    def _check_training_options(self) -> None:
+        object.__setattr__(self, "method_options", _method_options(self.method_options))
+        object.__setattr__(self, "augment", _augment_names(self.augment))
+        if not _finite_nonnegative(self.adv_ratio) or self.adv_ratio > 1:
+            raise AdvtrainError(f"adv_ratio must be a number in [0, 1], got {self.adv_ratio!r}")
+        for name, choices in (("schedule", tuple(SCHEDULES)), ("catastrophic", CATASTROPHIC),
+                              ("amp", AMP)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise AdvtrainError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        for name in ("warmup_epochs", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise AdvtrainError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.warmup_epochs > self.epochs:
+            raise AdvtrainError(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs "
+                                f"({self.epochs}): eps would never reach its full value")
+        if self.early_stop is not None and (
+            not isinstance(self.early_stop, int) or isinstance(self.early_stop, bool)
+            or self.early_stop < 1
+        ):
+            raise AdvtrainError(
+                f"early_stop must be a positive number of epochs (or unset), got {self.early_stop!r}"
+            )
+        if not _finite_nonnegative(self.noise_std):
+            raise AdvtrainError(f"noise_std must be finite and >= 0, got {self.noise_std!r}")
+        if not _finite_nonnegative(self.co_threshold) or not 0 < self.co_threshold <= 1:
+            raise AdvtrainError(f"co_threshold must be a number in (0, 1], got {self.co_threshold!r}")
+        if not isinstance(self.tensorboard, bool):
+            raise AdvtrainError(f"tensorboard must be true or false, got {self.tensorboard!r}")
+        channels_last = self.channels_last
+        if isinstance(channels_last, bool):
+            channels_last = "on" if channels_last else "off"
+        if channels_last not in CHANNELS_LAST:
+            raise AdvtrainError(f"channels_last must be one of {', '.join(CHANNELS_LAST)} (or "
+                                f"true/false), got {self.channels_last!r}")
+        object.__setattr__(self, "channels_last", channels_last)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -88,6 +157,88 @@ class TrainConfig:
 
 
 OPTIMIZERS = ("adam", "sgd")
+CATASTROPHIC = ("auto", "stop", "warn", "off")
+AMP = ("auto", "off", "bf16", "fp16")
+CHANNELS_LAST = ("auto", "on", "off")
+#: Options of the attack inside training, which have their own configuration keys.
+_RESERVED_OPTIONS = {"steps": "attack_steps", "step_size": "attack_step_size", "threat": "eps/norm"}
+
+
+def _method_options(value: object) -> dict[str, Any]:
+    """A checked copy of ``method_options``: names to numbers, booleans or strings."""
+    if not isinstance(value, dict):
+        raise AdvtrainError(
+            f"method_options must be a table of name = value, got {type(value).__name__}"
+        )
+    options: dict[str, Any] = {}
+    for key, item in value.items():
+        name = str(key).replace("-", "_")
+        if not name.isidentifier():
+            raise AdvtrainError(f"method option name {key!r} is not a valid name")
+        if name in _RESERVED_OPTIONS:
+            raise AdvtrainError(f"method option {name!r}: set {_RESERVED_OPTIONS[name]} instead")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise AdvtrainError(f"method option {name} must be finite, got {item!r}")
+        if not isinstance(item, (bool, int, float, str)):
+            raise AdvtrainError(f"method option {name} must be a number, true/false or text, "
+                                f"got {type(item).__name__}")
+        if name in options:
+            raise AdvtrainError(f"method option {name} is given twice")
+        options[name] = item
+    return options
+
+
+def _augment_names(value: object) -> tuple[str, ...]:
+    """``augment`` as a tuple of known names, from a list or a comma-separated string."""
+    if isinstance(value, str):
+        items: list[object] = [part for part in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise AdvtrainError(f"augment must be a list of names or a comma-separated string, got {value!r}")
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise AdvtrainError(f"augment must list names, got {item!r}")
+        name = item.strip().lower()
+        if name in ("", "none"):
+            continue
+        if name not in AUGMENTATIONS:
+            raise AdvtrainError(f"unknown augmentation {name!r}; choose from: {', '.join(AUGMENTATIONS)}")
+        if name in names:
+            raise AdvtrainError(f"augmentation {name!r} is listed twice")
+        names.append(name)
+    return tuple(names)
+
+
+def parse_option_value(text: str) -> bool | int | float | str:
+    """``true``/``false`` as booleans, then an integer, then a float, else the text itself."""
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else text
+
+
+def parse_method_options(items: Iterable[str]) -> dict[str, Any]:
+    """``["beta=6", "temperature=100"]`` (from ``--method-option``) as a dict of parsed values."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise AdvtrainError(f"--method-option {item!r} must look like key=value, e.g. beta=6")
+        if key in options:
+            raise AdvtrainError(f"--method-option {key} is given twice")
+        options[key] = parse_option_value(text)
+    return options
 
 
 def _finite_nonnegative(value: object) -> bool:
@@ -105,12 +256,16 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` that are not None.
 
     A TOML file may hold the keys at its top level or under a ``[train]`` table; dashes in keys
-    are read as underscores.
+    are read as underscores. ``method_options`` merge: an override replaces the file's value of
+    each option it names and keeps the others.
     """
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_read_toml(Path(path)))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(values.get("method_options"), dict) and isinstance(given.get("method_options"), dict):
+        given["method_options"] = {**values["method_options"], **given["method_options"]}
+    values.update(given)
     unknown = sorted(set(values) - set(config_keys()))
     if unknown:
         raise AdvtrainError(
@@ -120,6 +275,45 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         return TrainConfig(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the key check above
         raise AdvtrainError(f"bad configuration: {exc}") from None
+
+
+def load_run_config(run_dir: str | Path, **given: Any) -> TrainConfig:
+    """The configuration in ``run_dir/config.json``, to resume that run (``out`` is ``run_dir``).
+
+    Every override in ``given`` that is not None must equal the run's own value (resuming with
+    other settings would not continue the same run): a one-line error names the first that
+    differs.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise AdvtrainError(f"cannot resume: run directory '{run_dir}' does not exist")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdvtrainError(f"cannot resume: '{path}' is missing (not an advtrain run directory)") from None
+    except (ValueError, UnicodeDecodeError):
+        raise AdvtrainError(f"cannot resume: '{path}' is not valid JSON") from None
+    if not isinstance(saved, dict):
+        raise AdvtrainError(f"cannot resume: '{path}' does not hold a JSON object")
+    config = load_config(None, **saved).replace(out=str(run_dir))
+    for key, value in given.items():
+        if value is None:
+            continue
+        flag = "--method-option" if key == "method_options" else "--" + key.replace("_", "-")
+        if key == "out":
+            same = Path(value).resolve() == run_dir.resolve()
+        else:
+            if key not in config_keys():
+                raise AdvtrainError(f"unknown configuration key {key!r}")
+            same = getattr(config.replace(**{key: value}), key) == getattr(config, key)
+        if not same:
+            theirs = str(run_dir) if key == "out" else getattr(config, key)
+            raise AdvtrainError(
+                f"--resume continues '{run_dir}' with the settings of its config.json: {flag} "
+                f"{value!r} differs from the run's {theirs!r} (leave the flag out)"
+            )
+    return config
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
