@@ -65,7 +65,7 @@ def test_every_attack_stays_inside_its_threat_model(
     extra = {}
     if name == "transfer":  # crafted on another small model, judged on this one
         extra = {"surrogate": _tiny_model(seed + 1, features, 3), "attack_options": {"steps": 3}}
-    attack = make_attack(name, threat, restarts=restarts, seed=seed, **small_budget(ATTACKS[name]),
+    attack = make_attack(name, threat=threat, restarts=restarts, seed=seed, **small_budget(ATTACKS[name]),
                          **extra)
     x_adv = attack(model, x, y, target=target)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
@@ -201,7 +201,7 @@ def test_bad_attack_inputs():
         attack(model, torch.ones(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(AdvtrainError, match="outside the threat model's bounds"):
         attack(model, torch.full((3, 4), 3.0), torch.zeros(3, dtype=torch.int64))
-    with pytest.raises(UnknownNameError, match="choose one of: apgd-ce, apgd-dlr, apgd-t, fgsm, pgd"):
+    with pytest.raises(UnknownNameError, match="choose one of: apgd-ce, apgd-dlr, apgd-t, cw-l2, deepfool, fab, fab-t, fgsm, hsj, pgd, square"):
         make_attack("deepfool-9000", eps=0.1)
 
 

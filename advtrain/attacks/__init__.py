@@ -1,15 +1,21 @@
 """Attacks, one per file, all called as ``attack(model, x, y, *, target=None) -> x_adv``."""
 
+from .adaptive import BPDA, EOT, is_randomized, majority_vote
 from .apgd import APGD, APGDDLR, APGDT
-from .base import Attack, Outcome, frozen
+from .base import Attack, MinNormAttack, MinNormResult, Outcome, frozen
+from .cw import CarliniWagnerL2
+from .deepfool import DeepFool
+from .fab import FAB, FABT
 from .fgsm import FGSM
 from .hop_skip_jump import HopSkipJump
 from .pgd import PGD
 from .registry import ATTACKS, make_attack, register
+from .square import Square
 from .transfer import Transfer, TransferReport, fit_surrogate, transfer_rate
 
 __all__ = [
-    "APGD", "APGDDLR", "APGDT", "ATTACKS", "Attack", "FGSM", "HopSkipJump", "Outcome", "PGD",
-    "Transfer", "TransferReport", "fit_surrogate", "frozen", "make_attack", "register",
-    "transfer_rate",
+    "APGD", "APGDDLR", "APGDT", "ATTACKS", "Attack", "BPDA", "CarliniWagnerL2", "DeepFool", "EOT",
+    "FAB", "FABT", "FGSM", "HopSkipJump", "MinNormAttack", "MinNormResult", "Outcome", "PGD",
+    "Square", "Transfer", "TransferReport", "fit_surrogate", "frozen", "is_randomized",
+    "make_attack", "majority_vote", "register", "transfer_rate",
 ]

@@ -111,7 +111,7 @@ class APGD(Attack):
         state = {
             "index": torch.arange(n, device=x.device), "x": x, "y": y, "x_adv": x_adv,
             "x_prev": x_adv.clone(), "grad": grad, "x_best": x_adv.clone(), "grad_best": grad.clone(),
-            "loss_best": loss.clone(), "loss_prev": loss.clone(),
+            "loss_best": loss.clone(), "loss_prev": torch.zeros_like(loss),
             "step": torch.full((n,), 2.0 * threat.eps, device=x.device, dtype=x.dtype),
             "rises": torch.zeros(n, device=x.device),
             "loss_at_check": loss.clone(),
