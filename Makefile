@@ -23,9 +23,10 @@ dev: $(VENV)/.installed
 
 demo: dev
 	$(BIN)/advtrain train --out runs/demo
-	$(BIN)/advtrain evaluate runs/demo
+	$(BIN)/advtrain evaluate runs/demo --html runs/demo/report.html --json runs/demo/report.json
 
 test: dev
+	@if [ "$$CI" = true ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: dev

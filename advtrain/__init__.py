@@ -10,7 +10,7 @@
 from .attacks import FGSM, PGD, Attack, make_attack
 from .data import load_dataset
 from .errors import AdvtrainError
-from .evaluation import clean_and_robust_accuracy, predict
+from .evaluation import Report, clean_and_robust_accuracy, evaluate, predict
 from .models import build_model, load_user_model
 from .threat import ThreatModel
 from .training import TrainConfig, Trainer
@@ -18,6 +18,6 @@ from .training import TrainConfig, Trainer
 __version__ = "0.1.0"
 __all__ = [
     "AdvtrainError", "Attack", "FGSM", "PGD", "ThreatModel", "TrainConfig", "Trainer",
-    "__version__", "build_model", "clean_and_robust_accuracy", "load_dataset", "load_user_model",
+    "Report", "__version__", "build_model", "clean_and_robust_accuracy", "evaluate", "load_dataset", "load_user_model",
     "make_attack", "predict",
 ]

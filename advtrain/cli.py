@@ -138,41 +138,91 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
 @click.option("--data-dir", help="Directory of data files.")
 @click.option("--norm", help="linf, l2 or l1 (default: the run's, else linf).")
 @click.option("--eps", type=float, help="Radius (default: the run's, else the dataset's).")
-@click.option("--steps", type=int, default=40, show_default=True, help="PGD steps.")
-@click.option("--step-size", type=float, help="PGD step (default 2.5*eps/steps).")
-@click.option("--restarts", type=int, default=1, show_default=True)
+@click.option("--suite", default="standard", show_default=True,
+              help="quick, standard (AutoAttack's recipe + diagnostics), thorough, or pgd "
+                   "(PGD alone, with --steps/--step-size/--restarts).")
+@click.option("--steps", type=int, help="PGD steps (--suite pgd; default 40).")
+@click.option("--step-size", type=float, help="PGD step (--suite pgd; default 2.5*eps/steps).")
+@click.option("--restarts", type=int, help="PGD restarts (--suite pgd; default 1).")
 @click.option("--n", "limit", type=int, help="Evaluate the first N test samples only.")
 @click.option("--batch-size", type=int, default=1000, show_default=True)
 @click.option("--seed", type=int, help="Seed of the split and the attack (default: the run's, else 0).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a self-contained HTML report (not with --suite pgd).")
 def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None,
              weights: str | None, dataset: str | None, data_dir: str | None, norm: str | None,
-             eps: float | None, steps: int, step_size: float | None, restarts: int,
-             limit: int | None, batch_size: int, seed: int | None, device: str,
-             json_path: str | None) -> None:
-    """Clean and PGD accuracy of a trained run (RUN_DIR) or of a model file with weights."""
-    from .attacks import PGD
-    from .checkpoint import atomic_write_json
-    from .evaluation import clean_and_robust_accuracy
+             eps: float | None, suite: str, steps: int | None, step_size: float | None,
+             restarts: int | None, limit: int | None, batch_size: int, seed: int | None,
+             device: str, json_path: str | None, html_path: str | None) -> None:
+    """Robustness of a trained run (RUN_DIR) or of a model file with weights.
+
+    The default is the standard suite: a survivor cascade of APGD-CE, APGD-T, FAB-T and Square,
+    gradient-masking diagnostics with automatic escalation, and every metric.
+    """
+    from .evaluation.cascade import SUITES
     from .training.trainer import resolve_device
 
+    if suite not in (*SUITES, "pgd"):
+        raise AdvtrainError(f"unknown suite {suite!r}; choose one of: {', '.join((*SUITES, 'pgd'))}")
     for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--restarts", restarts),
                         ("--n", limit)):
         if value is not None and value < 1:
             raise AdvtrainError(f"{flag} must be a positive integer, got {value}")
+    if suite != "pgd":
+        for flag, value in (("--steps", steps), ("--step-size", step_size), ("--restarts", restarts)):
+            if value is not None:
+                raise AdvtrainError(f"{flag} applies to --suite pgd only")
+    elif html_path:
+        raise AdvtrainError("--html needs an evaluation suite (quick, standard, thorough), not pgd")
     loaded = _load_model_and_data(run_dir, model_file, model_name, weights, dataset, data_dir, seed)
     model, data, dataset, seed = loaded.model, loaded.data, loaded.dataset, loaded.seed
     threat = loaded.threat_model(norm, eps)
+    x, y = data.test.x[:limit], data.test.y[:limit]
+    target_device = resolve_device(device)
+    model = model.to(target_device)
+    if suite == "pgd":
+        _evaluate_pgd(model, x.to(target_device), y.to(target_device), threat, steps or 40,
+                      step_size, restarts or 1, seed, batch_size, dataset, json_path)
+        return
+    from .evaluation import evaluate as run_evaluation
+
+    report = run_evaluation(model, x, y, threat=threat, suite=suite, seed=seed,
+                            batch_size=batch_size, n_classes=data.info.n_classes,
+                            positive_class=1 if data.info.n_classes == 2 else None)
+    report.settings["dataset"] = dataset
+    _echo(report.summary())
+    _echo("  after each attack: " + ", ".join(f"{name} {acc:.2%}" for name, acc in
+                                             report.per_attack.items()))
+    for check in report.triggered:
+        _echo(f"  {check.severity} - {check.name}: {check.detail}")
+    for step in report.escalations:
+        _echo(f"  escalated ({step.reason}): {step.action}; robust accuracy "
+              f"{step.robust_before:.2%} -> {step.robust_after:.2%}")
+    if report.robust_margin.get("median") is not None:
+        radius = report.adversarial_radius
+        _echo(f"  median robust margin {report.robust_margin['median']:.4g} ({threat.norm}); "
+              f"adversarial radius {'-' if radius is None else format(radius, '.4g')}")
+    if json_path:
+        report.to_json(json_path)
+    if html_path:
+        report.to_html(html_path)
+        _echo(f"report: {html_path}")
+
+
+def _evaluate_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                  steps: int, step_size: float | None, restarts: int, seed: int, batch_size: int,
+                  dataset: str, json_path: str | None) -> None:
+    """Clean and PGD accuracy alone (``--suite pgd``)."""
+    from .attacks import PGD
+    from .checkpoint import atomic_write_json
+    from .evaluation import clean_and_robust_accuracy
 
     attack = PGD(threat, steps=steps,
                  step_size=2.5 * threat.eps / steps if step_size is None else step_size,
                  restarts=restarts, seed=seed)
-    x, y = data.test.x[:limit], data.test.y[:limit]
-    target_device = resolve_device(device)
-    model = model.to(target_device)
-    result = clean_and_robust_accuracy(model, x.to(target_device), y.to(target_device), attack,
-                                       batch_size=batch_size)
+    result = clean_and_robust_accuracy(model, x, y, attack, batch_size=batch_size)
     _echo(f"clean accuracy {result.clean_accuracy:.2%}  robust accuracy {result.robust_accuracy:.2%}"
           f"  (PGD-{steps}, {restarts} restart(s), {threat.norm} eps={threat.eps:g}, "
           f"step {attack.step_size:g}, n={result.n})")

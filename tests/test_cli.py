@@ -181,8 +181,8 @@ def test_train_reads_toml_config_and_flags_override_it(capsys, tmp_path):
     assert json.loads((out_dir / "model.json").read_text())["method"] == "standard"
     assert json.loads((out_dir / "model.json").read_text())["eps"] == pytest.approx(0.15)
     # evaluate takes the run's eps (not the dataset's 0.2) unless told otherwise
-    rc, _, err = cli(capsys, "evaluate", out_dir, "--n", "20", "--steps", "1", "--json",
-                     tmp_path / "e.json")
+    rc, _, err = cli(capsys, "evaluate", out_dir, "--n", "20", "--suite", "pgd", "--steps", "1",
+                     "--json", tmp_path / "e.json")
     assert rc == 0, err
     assert "eps=0.15" in json.loads((tmp_path / "e.json").read_text())["attack"]
 
@@ -200,7 +200,8 @@ def test_train_without_quiet_logs_each_epoch(capsys, tmp_path):
 
 def test_evaluate_run_dir_writes_json(capsys, run_dir, tmp_path):
     target = tmp_path / "out.json"
-    rc, out, err = cli(capsys, "evaluate", run_dir, "--n", "50", "--steps", "3", "--json", target)
+    rc, out, err = cli(capsys, "evaluate", run_dir, "--n", "50", "--suite", "pgd", "--steps", "3",
+                       "--json", target)
     assert rc == 0, err
     figures = json.loads(target.read_text())
     assert figures["n"] == 50
@@ -215,7 +216,7 @@ def test_evaluate_run_dir_reproduces_the_training_summary(capsys, run_dir, tmp_p
     """Default evaluation (PGD-40, the run's seed, split and eps) gives the test figures that
     training wrote to summary.json."""
     target = tmp_path / "full.json"
-    rc, _, err = cli(capsys, "evaluate", run_dir, "--json", target)
+    rc, _, err = cli(capsys, "evaluate", run_dir, "--suite", "pgd", "--json", target)
     assert rc == 0, err
     figures = json.loads(target.read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -229,7 +230,7 @@ def test_evaluate_released_mnist_checkpoint(capsys, tmp_path):
     data_dir = require(MNIST_DIR)
     target = tmp_path / "madry.json"
     rc, out, err = cli(capsys, "evaluate", "--model", "mnist-small", "--weights", weights,
-                       "--dataset", "mnist", "--data-dir", data_dir, "--n", "100", "--steps", "5",
+                       "--dataset", "mnist", "--data-dir", data_dir, "--n", "100", "--suite", "pgd", "--steps", "5",
                        "--json", target)
     assert rc == 0, err
     figures = json.loads(target.read_text())
@@ -267,7 +268,7 @@ def test_evaluate_user_model_file(capsys, tmp_path):
     target = tmp_path / "user.json"
     rc, out, err = cli(capsys, "evaluate", "--model-file", f"{tmp_path / 'net.py'}:make",
                        "--weights", tmp_path / "w.safetensors", "--dataset", "digits",
-                       "--n", "50", "--steps", "2", "--json", target)
+                       "--n", "50", "--suite", "pgd", "--steps", "2", "--json", target)
     assert rc == 0, err
     figures = json.loads(target.read_text())
     assert figures["n"] == 50
@@ -338,7 +339,29 @@ def test_bad_numbers_for_train(capsys, args, needles):
     (["--step-size", "-1"], ["step_size"]),
 ])
 def test_bad_numbers_for_evaluate(capsys, run_dir, args, needles):
-    assert_one_line_error(*cli(capsys, "evaluate", run_dir, *args), *needles)
+    assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--suite", "pgd", *args), *needles)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--suite", "fast"], ["unknown suite", "fast", "quick, standard, thorough, pgd"]),
+    (["--steps", "5"], ["--steps", "--suite pgd"]),
+    (["--suite", "pgd", "--html", "r.html"], ["--html", "pgd"]),
+])
+def test_bad_suite_flags_for_evaluate(capsys, run_dir, args, needles):
+    assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--n", "5", *args), *needles)
+
+
+def test_evaluate_suite_writes_json_and_html(capsys, run_dir, tmp_path):
+    rc, out, err = cli(capsys, "evaluate", run_dir, "--n", "30", "--suite", "quick", "--json",
+                       tmp_path / "r.json", "--html", tmp_path / "r.html")
+    assert rc == 0, err
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert figures["settings"]["n"] == 30 and figures["settings"]["suite"] == "quick"
+    assert figures["settings"]["dataset"] == "digits" and figures["settings"]["eps"] == 0.2
+    assert list(figures["per_attack"]) == ["apgd-ce", "apgd-t", "square"]
+    assert f"robust accuracy {figures['robust_accuracy']:.2%}" in out
+    page = (tmp_path / "r.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
 
 
 def test_missing_data_directory(capsys):
@@ -406,7 +429,7 @@ def test_mnist_file_missing_and_no_mirror(capsys, tmp_path):
 
 def test_corrupt_checkpoint_in_run_dir(capsys, run_copy):
     flip_byte(run_copy / "model.safetensors")
-    assert_one_line_error(*cli(capsys, "evaluate", run_copy, "--n", "5", "--steps", "1"),
+    assert_one_line_error(*cli(capsys, "evaluate", run_copy, "--n", "5", "--suite", "pgd", "--steps", "1"),
                           "corrupt checkpoint", "model.safetensors", "SHA-256")
 
 
@@ -414,7 +437,7 @@ def test_truncated_checkpoint_without_sidecar(capsys, run_copy):
     weights = run_copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     (run_copy / "model.json").unlink()
-    assert_one_line_error(*cli(capsys, "evaluate", run_copy, "--n", "5", "--steps", "1"),
+    assert_one_line_error(*cli(capsys, "evaluate", run_copy, "--n", "5", "--suite", "pgd", "--steps", "1"),
                           "model.safetensors")
 
 
@@ -433,7 +456,7 @@ def test_garbage_weights_file(capsys, tmp_path, suffix):
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{this is not a checkpoint" * 3)
     assert_one_line_error(
         *cli(capsys, "evaluate", "--model", "digits-cnn", "--weights", garbage, "--dataset",
-             "digits", "--n", "5", "--steps", "1"),
+             "digits", "--n", "5", "--suite", "pgd", "--steps", "1"),
         str(garbage),
     )
 
@@ -459,7 +482,7 @@ def test_pickled_module_is_not_a_state_dict(capsys, tmp_path):
     torch.save(torch.nn.Linear(2, 2), path)
     assert_one_line_error(
         *cli(capsys, "evaluate", "--model", "mnist-small", "--weights", path, "--dataset",
-             "mnist", "--data-dir", data_dir, "--n", "5", "--steps", "1"),
+             "mnist", "--data-dir", data_dir, "--n", "5", "--suite", "pgd", "--steps", "1"),
         str(path), "not a plain state dict", "Linear",
     )
 
@@ -468,7 +491,7 @@ def test_weights_of_another_architecture(capsys):
     weights = require(MODELS_DIR / "fgsm.pth")
     assert_one_line_error(
         *cli(capsys, "evaluate", "--model", "digits-cnn", "--weights", weights, "--dataset",
-             "digits", "--n", "5", "--steps", "1"),
+             "digits", "--n", "5", "--suite", "pgd", "--steps", "1"),
         "fgsm.pth", "does not fit", "shape mismatch",
     )
 

@@ -30,11 +30,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import AdvtrainError
 from .base import _check_positive_int, frozen, model_device
 
-__all__ = ["BPDA", "EOT", "is_randomized", "majority_vote"]
+__all__ = ["BPDA", "EOT", "LogProbabilities", "StraightThrough", "is_randomized",
+           "looks_like_probabilities", "majority_vote"]
+
+#: Piecewise-constant tensor operations: zero gradient almost everywhere. Inside
+#: :class:`StraightThrough` each is replaced, on the backward pass only, by the identity.
+STEP_FUNCTIONS = (
+    torch.round, torch.floor, torch.ceil, torch.trunc, torch.sign, torch.fix,
+    Tensor.round, Tensor.floor, Tensor.ceil, Tensor.trunc, Tensor.sign, Tensor.fix,
+    Tensor.__floordiv__, torch.floor_divide, Tensor.floor_divide,
+)
 
 
 class EOT(nn.Module):
@@ -142,6 +152,76 @@ class BPDA(nn.Module):
         approximation = "identity" if self.approximation is None else _describe(self.approximation)
         return (f"BPDA({_describe(self.preprocess)}, {_describe(self.model)}, "
                 f"approximation={approximation})")
+
+
+class _StraightThroughMode(TorchFunctionMode):
+    """Runs step functions as they are, but differentiates them as the identity."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (func in STEP_FUNCTIONS and args and isinstance(args[0], Tensor)
+                and isinstance(out, Tensor) and out.shape == args[0].shape
+                and args[0].requires_grad and torch.is_grad_enabled()):
+            x = args[0]
+            return out.detach() + (x - x.detach())
+        return out
+
+
+class StraightThrough(nn.Module):
+    """BPDA without knowing the defence: every step function inside ``model`` gets the identity
+    as its gradient (Athalye et al. 2018, the straight-through estimator).
+
+    ``forward(x)`` returns ``model(x)`` bit for bit; while it runs, a torch function mode makes
+    each piecewise-constant operation of :data:`STEP_FUNCTIONS` (``round``, ``floor``, ``ceil``,
+    ``trunc``, ``sign``, floor division) pass the gradient through unchanged instead of zeroing
+    it. This repairs input quantisation, bit-depth reduction and other staircase defences written
+    with tensor operations, wherever they sit in the model. Steps done outside torch (NumPy, PIL)
+    stay invisible to it; wrap those with :class:`BPDA`.
+    """
+
+    def __init__(self, model: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        _check_callable("model", model)
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return self.model(x)
+        with _StraightThroughMode():
+            return self.model(x)
+
+    def __repr__(self) -> str:
+        return f"StraightThrough({_describe(self.model)})"
+
+
+class LogProbabilities(nn.Module):
+    """For a model that returns probabilities: ``log(p)``, which are logits again.
+
+    Cross-entropy on probabilities treated as logits has a gradient squashed into ``[0, 1]``
+    (a classic accidental mask); their logarithm gives back the logits up to a per-row shift,
+    which softmax, argmax, the CW margin and DLR all ignore.
+    """
+
+    def __init__(self, model: Callable[[Tensor], Tensor], floor: float = 1e-30) -> None:
+        super().__init__()
+        _check_callable("model", model)
+        self.model, self.floor = model, floor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).clamp_min(self.floor).log()
+
+    def __repr__(self) -> str:
+        return f"LogProbabilities({_describe(self.model)})"
+
+
+def looks_like_probabilities(outputs: Tensor, atol: float = 1e-3) -> bool:
+    """Whether a batch of model outputs ``(N, C)`` are probabilities: in [0, 1], rows summing to 1."""
+    if outputs.dim() != 2 or outputs.numel() == 0:
+        return False
+    outputs = outputs.detach().float()
+    in_range = bool(((outputs >= -atol) & (outputs <= 1 + atol)).all())
+    return in_range and bool(((outputs.sum(dim=1) - 1).abs() <= atol * outputs.shape[1]).all())
 
 
 @torch.no_grad()

@@ -1,0 +1,159 @@
+"""The survivor cascade: attacks run one after another on the points still classified correctly.
+
+AutoAttack's recipe (Croce & Hein 2020): each attack sees only the points that every attack
+before it failed to break, and each point keeps the first adversarial example found, so the
+robust accuracy is the per-sample worst case over the whole ensemble and the later, costlier
+attacks run on fewer points. :class:`Cascade` holds that per-sample state; :func:`suite_attacks`
+names the attacks of each suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import APGD, APGDT, FAB, FABT, PGD, Attack, Square
+from ..attacks.base import MinNormAttack
+from ..errors import AdvtrainError
+from ..threat import ThreatModel, lp_norm
+
+#: The suites of :func:`advtrain.evaluate`.
+SUITES = ("quick", "standard", "thorough")
+Judge = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Step:
+    """One attack of the cascade, with the name it is reported under."""
+
+    name: str
+    attack: Attack
+    #: A minimum-norm attack run unbounded: its norms also give robust margins.
+    min_norm: bool = False
+
+
+def suite_attacks(suite: str, threat: ThreatModel, n_classes: int, seed: int,
+                  batch_size: int | None = None) -> list[Step]:
+    """The attacks of a suite, in the order they run.
+
+    - ``quick``: APGD-CE (100 iterations), APGD-T over 3 targets, Square with 1,000 queries.
+    - ``standard``: AutoAttack's standard recipe: APGD-CE, APGD-T and FAB-T over
+      ``min(9, n_classes - 1)`` targets, Square with 5,000 queries; each with the paper's settings.
+    - ``thorough``: standard, then APGD-CE and APGD-DLR with 5 restarts, APGD-T over every other
+      class, and Square with 10,000 queries and 2 restarts.
+
+    For l1 (no APGD, FAB or Square here) the cascade is PGD-l1 with the cross-entropy, CW-margin and
+    DLR losses (100 steps, restarts as the suite allows).
+    """
+    if suite not in SUITES:
+        raise AdvtrainError(f"unknown suite {suite!r}; choose one of: {', '.join(SUITES)}")
+    common = {"seed": seed, "batch_size": batch_size}
+    targets = min(9, max(n_classes - 1, 1))
+    if threat.norm == "l1":
+        restarts = {"quick": 1, "standard": 2, "thorough": 5}[suite]
+        return [Step(f"pgd-l1-{loss}", PGD(threat, steps=100, loss=loss, restarts=restarts, **common))
+                for loss in ("ce", "cw", "dlr")]
+    steps = [Step("apgd-ce", APGD(threat, **common))]
+    if suite == "quick":
+        return steps + [Step("apgd-t", APGDT(threat, n_targets=min(3, targets), **common)),
+                        Step("square", Square(threat, n_queries=1000, **common))]
+    steps += [
+        Step("apgd-t", APGDT(threat, n_targets=targets, **common)),
+        Step("fab-t", FABT(threat.replace(eps=float("inf")), n_targets=targets, **common),
+             min_norm=True),
+        Step("square", Square(threat, n_queries=5000, **common)),
+    ]
+    if suite == "thorough":
+        steps += [
+            Step("apgd-ce x5", APGD(threat, restarts=5, **{**common, "seed": seed + 1})),
+            Step("apgd-dlr x5", APGD(threat, loss="dlr", restarts=5, **{**common, "seed": seed + 2})),
+            Step("apgd-t all", APGDT(threat, n_targets=max(n_classes - 1, 1), **{**common, "seed": seed + 3})),
+            Step("square 10k x2", Square(threat, n_queries=10000, restarts=2, **{**common, "seed": seed + 4})),
+        ]
+    return steps
+
+
+def margin_attack(threat: ThreatModel, seed: int, batch_size: int | None = None) -> MinNormAttack:
+    """The minimum-norm attack that measures the robust margin of points broken early (FAB)."""
+    return FAB(threat.replace(eps=float("inf")), seed=seed, batch_size=batch_size)
+
+
+@dataclass
+class Cascade:
+    """Per-sample state of an evaluation: which points stand, what broke the others, with what.
+
+    ``attack_model`` is what gradients are taken of (the model, or a repaired wrapper of it);
+    ``judge`` gives the labels that count (the model's prediction, or a majority vote of a
+    randomised model).
+    """
+
+    x: Tensor
+    y: Tensor
+    threat: ThreatModel
+    judge: Judge
+    standing: Tensor  # bool per sample
+    x_adv: Tensor = field(init=False)
+    adv_pred: Tensor = field(init=False)
+    broken_by: list[str | None] = field(init=False)
+    norm: Tensor = field(init=False)  # perturbation norm of the example that broke each point
+    margin: Tensor = field(init=False)  # smallest adversarial norm known per point
+    measured: Tensor = field(init=False)  # bool: a minimum-norm attack has run on the point
+    per_attack: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.x)
+        self.x_adv = self.x.clone()
+        self.adv_pred = self.judge(self.x) if n else self.y.clone()
+        self.broken_by = [None if s else "clean" for s in self.standing.tolist()]
+        self.norm = torch.zeros(n)
+        self.margin = torch.where(self.standing, torch.full((n,), float("inf")), torch.zeros(n))
+        self.measured = torch.zeros(n, dtype=torch.bool)
+
+    @property
+    def robust_accuracy(self) -> float:
+        return float(self.standing.float().mean()) if len(self.x) else float("nan")
+
+    def indices(self) -> Tensor:
+        return self.standing.nonzero().squeeze(1)
+
+    def run(self, step: Step, attack_model: nn.Module, label: str | None = None) -> int:
+        """Run one attack on the standing points; returns how many it broke."""
+        name = label or step.name
+        index = self.indices()
+        broken = 0
+        if len(index):
+            x, y = self.x[index], self.y[index]
+            if step.min_norm:
+                result = step.attack.min_norm(attack_model, x, y)  # type: ignore[attr-defined]
+                found = result.success & (result.norm <= self.threat.eps * (1 + 1e-6) + 1e-7)
+                self.margin[index] = torch.minimum(self.margin[index], result.norm.cpu())
+                self.measured[index] = True
+                x_adv = torch.where(found.reshape((-1,) + (1,) * (x.dim() - 1)),
+                                    self.threat.project(result.x_adv, x), x)
+            else:
+                x_adv = step.attack(attack_model, x, y)
+            broken = self.record(index, x_adv, name)
+        self.per_attack[name] = self.robust_accuracy
+        return broken
+
+    def record(self, index: Tensor, x_adv: Tensor, name: str) -> int:
+        """Judge adversarial candidates for the standing points ``index``; keep the successes."""
+        if not bool(self.threat.contains(x_adv, self.x[index]).all()):
+            raise AdvtrainError(f"attack {name} left the threat model")  # never expected
+        pred = self.judge(x_adv)
+        success = (pred != self.y[index]).cpu()
+        chosen = index[success]
+        if len(chosen) == 0:
+            return 0
+        self.x_adv[chosen] = x_adv[success]
+        self.adv_pred[chosen] = pred[success]
+        self.standing[chosen] = False
+        norms = lp_norm(x_adv[success] - self.x[chosen], self.threat.norm).cpu()
+        self.norm[chosen] = norms
+        self.margin[chosen] = torch.minimum(self.margin[chosen], norms)
+        for i in chosen.tolist():
+            self.broken_by[i] = name
+        return int(success.sum())

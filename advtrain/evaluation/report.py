@@ -1,0 +1,169 @@
+"""What an evaluation found, as one object: figures, diagnostics, per-sample results.
+
+:class:`Report` is what :func:`advtrain.evaluate` returns. ``to_dict``/``to_json`` give every
+figure (the JSON file is the record other tools read); ``to_html`` writes a self-contained page
+(:mod:`advtrain.evaluation.html`). Tensors of example images are kept for the page only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import atomic_write_json, atomic_write_text
+
+#: Severity of a diagnostic: a verdict says masking beyond doubt, a warning says "look here".
+VERDICT, WARNING = "verdict", "warning"
+
+
+@dataclass
+class Check:
+    """One gradient-masking diagnostic.
+
+    ``severity`` is ``"verdict"`` for checks that fire only when the evaluation is provably
+    incomplete (an honest robust model never triggers them) and ``"warning"`` for checks that
+    can fire on an honest model and call for a closer look. ``evidence`` holds the numbers.
+    """
+
+    name: str
+    triggered: bool
+    detail: str
+    severity: str = WARNING
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Escalation:
+    """A stronger attack the evaluation ran on its own because a check fired."""
+
+    reason: str  # the name of the check that called for it
+    action: str  # what was done, in plain words
+    robust_before: float
+    robust_after: float
+
+
+@dataclass
+class ClassMetrics:
+    """Precision, recall and F1 of one class (or their macro average), with its support."""
+
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass
+class Report:
+    """The result of :func:`advtrain.evaluate`.
+
+    Attributes:
+        clean_accuracy: accuracy on the clean inputs.
+        robust_accuracy: accuracy under the worst case over every attack run (the cascade and
+            any escalation), per sample.
+        per_attack: robust accuracy after each attack of the cascade, in the order run (each
+            value counts the points still standing after that attack and all before it).
+        robustness_score: harmonic mean of clean and robust accuracy
+            (``2 * clean * robust / (clean + robust)``, 0 when both are 0).
+        diagnostics: the gradient-masking checks, each with ``name``, ``triggered``, ``detail``.
+        escalations: the stronger attacks run because a check fired, with robust accuracy
+            before and after.
+        robust_margin: summary of the per-sample minimum adversarial perturbation norm
+            (``median``, ``mean``, ``found``: the fraction with one found, ``histogram``).
+        accuracy_vs_eps: ``[(eps, accuracy), ...]``, from the minimum-norm results and checks at
+            fixed eps.
+        adversarial_radius: the largest eps of that curve at which accuracy stays at or above
+            ``radius_threshold`` times the clean accuracy (``None`` if none).
+        entropy: mean predictive entropy (nats) on clean and adversarial inputs.
+        defensive_margin: mean true-class probability and logit margin, clean and adversarial.
+        classification: ``{"clean" | "adversarial": {"per_class": {c: ClassMetrics},
+            "macro": ClassMetrics}}``; ``positive_class`` (binary/imbalanced data) picks one out.
+        per_sample: one dict per input: ``index``, ``label``, ``clean_pred``, ``adv_pred``,
+            ``broken_by`` (``"clean"`` when misclassified already, an attack name, or ``None``),
+            ``perturbation_norm`` (of the example that broke it) and ``min_norm`` (``inf`` when
+            no adversarial example was found by the minimum-norm attack, ``None`` if not run).
+        settings: norm, eps, suite, n, n_classes, seed, device, time in seconds, model flags.
+    """
+
+    clean_accuracy: float
+    robust_accuracy: float
+    per_attack: dict[str, float]
+    robustness_score: float
+    diagnostics: list[Check]
+    escalations: list[Escalation]
+    robust_margin: dict[str, Any]
+    accuracy_vs_eps: list[tuple[float, float]]
+    adversarial_radius: float | None
+    radius_threshold: float
+    entropy: dict[str, float]
+    defensive_margin: dict[str, float]
+    classification: dict[str, Any]
+    positive_class: int | None
+    per_sample: list[dict[str, Any]]
+    settings: dict[str, Any]
+    #: Up to a few clean/adversarial examples for pictures: x, x_adv, y, clean_pred, adv_pred.
+    examples: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ convenience
+    @property
+    def triggered(self) -> list[Check]:
+        """The diagnostics that fired."""
+        return [c for c in self.diagnostics if c.triggered]
+
+    @property
+    def masking_suspected(self) -> bool:
+        """True when a verdict-level check fired or an escalation lowered robust accuracy."""
+        return any(c.triggered and c.severity == VERDICT for c in self.diagnostics) or any(
+            e.robust_after < e.robust_before for e in self.escalations)
+
+    def summary(self) -> str:
+        """One line: clean and robust accuracy, the attacks, and what the diagnostics said."""
+        s = self.settings
+        verdicts = [c.name for c in self.triggered]
+        said = f"; checks fired: {', '.join(verdicts)}" if verdicts else "; no check fired"
+        return (f"clean accuracy {self.clean_accuracy:.2%}  robust accuracy "
+                f"{self.robust_accuracy:.2%}  ({s.get('suite')} suite, {s.get('norm')} "
+                f"eps={s.get('eps'):g}, n={s.get('n')}, {s.get('seconds', 0):.1f}s){said}")
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Every figure as plain JSON-ready values (``inf`` written as ``null``)."""
+        data = {k: v for k, v in asdict(self).items() if k != "examples"}
+        return _jsonable(data)
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` to ``path`` atomically; returns the path."""
+        atomic_write_json(path, self.to_dict())
+        return Path(path)
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write the self-contained HTML report to ``path`` atomically; returns the path."""
+        from .html import render_html
+
+        atomic_write_text(path, render_html(self))
+        return Path(path)
+
+
+def robustness_score(clean: float, robust: float) -> float:
+    """Harmonic mean of clean and robust accuracy; 0 when both are 0."""
+    return 0.0 if clean + robust <= 0 else 2 * clean * robust / (clean + robust)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return str(value)
