@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fast adversarial training on MNIST (Wong, Rice & Kolter 2020), then the authors' evaluation:
 # PGD-50 with 10 restarts, step 0.01, linf eps 0.3, on the full MNIST test set, for our model and
-# for the authors' released fgsm.pth, in the same run. Not a test: a 2-core CPU takes tens of minutes.
+# for the authors' released fgsm.pth, in the same run; then both under the standard suite. Not a test: a 2-core CPU takes tens of minutes.
 #
 #   bash bench/mnist_fgsm_rs.sh [METHOD] [EPOCHS] [extra train flags...]
 #   bash bench/mnist_fgsm_rs.sh                 # fgsm-rs, 10 epochs (the paper's recipe)
@@ -18,7 +18,7 @@ BIN=.venv/bin
 DATA=${ADVTRAIN_DATA:-../shared/data/mnist}
 RELEASED=../shared/models/fast-adversarial-mnist/fgsm.pth
 OUT=runs/mnist-$METHOD
-EVAL=(--steps 50 --restarts 10 --step-size 0.01 --eps 0.3 --norm linf --seed 0)
+EVAL=(--suite pgd --steps 50 --restarts 10 --step-size 0.01 --eps 0.3 --norm linf --seed 0)
 
 start=$(date +%s)
 $BIN/advtrain train --dataset mnist --data-dir "$DATA" --model mnist-small --method "$METHOD" \
@@ -31,4 +31,8 @@ $BIN/advtrain evaluate "$OUT" --data-dir "$DATA" "${EVAL[@]}" --json "$OUT/pgd50
 echo "== released fgsm.pth, same evaluation:"
 $BIN/advtrain evaluate --model mnist-small --weights "$RELEASED" --dataset mnist --data-dir "$DATA" \
     "${EVAL[@]}" --json "$OUT/released-pgd50x10.json"
+echo "== both models, standard suite (cascade + diagnostics), first 1000 test images:"
+$BIN/advtrain evaluate "$OUT" --data-dir "$DATA" --n 1000 --eps 0.3 --seed 0 --json "$OUT/standard.json"
+$BIN/advtrain evaluate --model mnist-small --weights "$RELEASED" --dataset mnist --data-dir "$DATA" \
+    --n 1000 --eps 0.3 --seed 0 --json "$OUT/released-standard.json"
 echo "== total $(( $(date +%s) - start )) s"

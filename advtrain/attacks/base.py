@@ -31,18 +31,24 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import is_adversarial
 from ..threat import ThreatModel, lp_norm
+from .fast_grad import fast_input_gradients
 
 
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode with ``requires_grad=False`` parameters; restore both on exit."""
+    """Put ``model`` in eval mode with ``requires_grad=False`` parameters; restore both on exit.
+
+    Inside, input gradients of small-channel CPU convolutions take a faster backward
+    (:mod:`~advtrain.attacks.fast_grad`).
+    """
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:
-        yield model
+        with fast_input_gradients():
+            yield model
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

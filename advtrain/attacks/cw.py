@@ -181,48 +181,47 @@ class CarliniWagnerL2(MinNormAttack):
         """Adam on ``w`` for one value of ``c`` per point, from ``delta = 0``.
 
         Updates ``best_l2``/``x_best`` in place; returns which points were broken at this ``c``.
+        The per-point state is kept compact: a point that stops leaves every tensor at once.
         """
         n = len(x)
         beta1, beta2 = ADAM_BETAS
-        w = torch.zeros_like(x)
-        moment1, moment2 = torch.zeros_like(x), torch.zeros_like(x)
-        prev_loss = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
         success = torch.zeros(n, dtype=torch.bool, device=x.device)
-        active = torch.arange(n, device=x.device)  # rows still iterating
+        s = {"index": torch.arange(n, device=x.device), "x": x, "y": y, "c": const,
+             "w0": w0, "tanh0": tanh0, "scale": scale, "w": torch.zeros_like(x),
+             "m1": torch.zeros_like(x), "m2": torch.zeros_like(x),
+             "prev": torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)}
+        if target is not None:
+            s["target"] = target
         check = max(self.steps // 10, 1)
         for step in range(self.steps):
-            every = len(active) == n
-            rows = slice(None) if every else active
-            x_a, y_a, c_a = x[rows], y[rows], const[rows]
-            t_a = None if target is None else target[rows]
-            w_a = w[rows].requires_grad_(True)
+            w = s["w"].requires_grad_(True)
             with torch.enable_grad():
-                delta = scale[rows] * (torch.tanh(w0[rows] + w_a) - tanh0[rows])
-                x_adv = self.threat.clip_bounds(x_a + delta)
+                delta = s["scale"] * (torch.tanh(s["w0"] + w) - s["tanh0"])
+                x_adv = self.threat.clip_bounds(s["x"] + delta)
                 logits = model(x_adv)
-                l2 = (x_adv - x_a).flatten(1).pow(2).sum(dim=1)
-                margin = adversarial_margin(logits, y_a, t_a)
-                loss = l2 + c_a * (self.confidence - margin).clamp_min(0)
-            (grad,) = torch.autograd.grad(loss.sum(), w_a)
+                l2 = (x_adv - s["x"]).flatten(1).pow(2).sum(dim=1)
+                margin = adversarial_margin(logits, s["y"], s.get("target"))
+                loss = l2 + s["c"] * (self.confidence - margin).clamp_min(0)
+            (grad,) = torch.autograd.grad(loss.sum(), w)
             with torch.no_grad():
-                broken = is_adversarial(logits, y_a, t_a) & (margin >= self.confidence)
-                success[active[broken]] = True
-                better = broken & (l2 < best_l2[rows])
+                index = s["index"]
+                broken = is_adversarial(logits, s["y"], s.get("target")) & (margin >= self.confidence)
+                success[index[broken]] = True
+                better = broken & (l2 < best_l2[index])
                 if bool(better.any()):
-                    chosen = active[better]
+                    chosen = index[better]
                     best_l2[chosen] = l2[better]
                     x_best[chosen] = x_adv[better]
-                keep = torch.ones(len(active), dtype=torch.bool, device=x.device)
-                if self.abort_early and step % check == 0:
-                    keep = ~(loss > prev_loss[rows] * (1 - ABORT_TOLERANCE))
-                    prev_loss[rows] = loss
-                moment1[rows] = beta1 * moment1[rows] + (1 - beta1) * grad
-                moment2[rows] = beta2 * moment2[rows] + (1 - beta2) * grad * grad
                 t = step + 1
+                s["m1"] = beta1 * s["m1"] + (1 - beta1) * grad
+                s["m2"] = beta2 * s["m2"] + (1 - beta2) * grad * grad
                 step_size = self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                w[rows] = w[rows] - step_size * moment1[rows] / (moment2[rows].sqrt() + ADAM_EPS)
-                if not bool(keep.all()):
-                    active = active[keep]
-                    if len(active) == 0:
-                        break
+                s["w"] = w.detach() - step_size * s["m1"] / (s["m2"].sqrt() + ADAM_EPS)
+                if self.abort_early and step % check == 0:
+                    keep = ~(loss > s["prev"] * (1 - ABORT_TOLERANCE))
+                    s["prev"] = loss.detach()
+                    if not bool(keep.all()):
+                        s = {key: value[keep] for key, value in s.items()}
+                        if len(s["index"]) == 0:
+                            break
         return success
