@@ -212,11 +212,16 @@ class ThreatModel:
         """
         if self.eps == 0:
             return x.clone()
-        kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
         if math.isinf(self.eps):  # unbounded: uniform in the box
             lower, upper = self._bounds_like(x)
+            kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
             uniform = lower + (upper - lower) * torch.rand(x.shape, **kwargs)
             return self.clip_bounds(x + self.apply_mask(uniform - x))
+        return self.clip_bounds(x + self.random_delta(x, generator))
+
+    def random_delta(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A perturbation drawn uniformly from the (finite) ``eps``-ball, masked; bounds not applied."""
+        kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
         if self.norm == "linf":
             delta = (torch.rand(x.shape, **kwargs) * 2 - 1) * self.eps
         else:
@@ -229,7 +234,7 @@ class ThreatModel:
                 g = -u.sign() * torch.log1p(-2 * u.abs())
                 scale = _flat(g).abs().sum(dim=1) + z
             delta = g / _per_sample(scale, g) * self.eps
-        return self.clip_bounds(x + self.apply_mask(delta))
+        return self.apply_mask(delta)
 
     def ascent_direction(self, grad: Tensor, l1_sparsity: float = 0.99) -> Tensor:
         """The steepest-ascent direction of unit norm for a gradient, on the changeable features.

@@ -609,6 +609,8 @@ def test_catastrophic_overfitting_detection_on_synthetic_histories():
     assert catastrophic_overfitting(history((0.8, 0.40), (0.8, 0.25))) is None  # not below half
     assert catastrophic_overfitting(history((0.8, 0.40), (0.5, 0.10))) is None  # clean fell too
     assert catastrophic_overfitting(history((0.8, 0.0), (0.9, 0.0))) is None
+    # early epochs near zero wobble (8% -> 4%): nothing had been gained, nothing collapsed
+    assert catastrophic_overfitting(history((0.91, 0.08), (0.92, 0.04))) is None
     assert catastrophic_overfitting(history((0.8, 0.40), (0.8, 0.25)), threshold=0.7) is not None
 
 

@@ -33,7 +33,7 @@ from ..threat import ThreatModel
 from . import diagnostics as checks
 from . import metrics
 from .cascade import Cascade, Step, margin_attack, suite_attacks
-from .report import Escalation, Report, robustness_score
+from .report import VERDICT, Escalation, Report, robustness_score
 
 #: Checks whose firing calls for straight-through gradients and a stronger black-box attack.
 MASKING_CHECKS = ("zero or NaN gradients", "single step stronger than iterative",
@@ -178,7 +178,8 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
 
     # --- escalation
     fired = {c.name for c in found if c.triggered}
-    if fired & set(MASKING_CHECKS):
+    verdicts = {c.name for c in found if c.triggered and c.severity == VERDICT}
+    if verdicts & set(MASKING_CHECKS):
         before = state.robust_accuracy
         repaired = StraightThrough(attack_model)
         state.run(Step("apgd-ce (straight-through)", APGD(threat, restarts=2, seed=seed + 21,
@@ -191,10 +192,18 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
                                                    seed=seed + 23, batch_size=batch_size)),
                       attack_model)
         escalations.append(Escalation(
-            ", ".join(sorted(fired & set(MASKING_CHECKS))),
+            ", ".join(sorted(verdicts & set(MASKING_CHECKS))),
             "straight-through (BPDA) gradients for step functions, APGD-CE with restarts, "
             "APGD-T, and Square with 10,000 queries and 2 restarts",
             before, state.robust_accuracy))
+    elif "black-box stronger than white-box" in fired and threat.norm != "l1":
+        # A warning only (a few points): a second Square run with fresh randomness.
+        before = state.robust_accuracy
+        state.run(Step("square (second run)", Square(threat, n_queries=5000, seed=seed + 24,
+                                                     batch_size=batch_size)), attack_model)
+        escalations.append(Escalation("black-box stronger than white-box",
+                                      "a second Square run (5,000 queries, new seed)", before,
+                                      state.robust_accuracy))
     if "saturated softmax" in fired:
         before = state.robust_accuracy
         state.run(Step("apgd-dlr", APGD(threat, loss="dlr", seed=seed + 31, batch_size=batch_size)),

@@ -147,21 +147,28 @@ def warmup_eps(eps: float, epoch: int, batch: int, batches: int, warmup_epochs: 
     return eps * min(1.0, progress)
 
 
+#: Catastrophic overfitting needs robustness to lose: the best robust validation accuracy so far
+#: must be at least this before a fall counts (early epochs of a strong eps sit near zero and
+#: wobble; that is not a collapse).
+CO_MIN_ROBUST = 0.2
+
+
 def catastrophic_overfitting(history: list[EpochRecord], threshold: float = 0.5,
-                             clean_holds: float = CLEAN_HOLDS) -> str | None:
+                             clean_holds: float = CLEAN_HOLDS,
+                             min_robust: float = CO_MIN_ROBUST) -> str | None:
     """A message when the last epoch shows catastrophic overfitting, else None.
 
     Catastrophic overfitting (Wong, Rice & Kolter, "Fast is better than free", ICLR 2020): with
     single-step (FGSM) training, robust accuracy collapses within an epoch while clean accuracy
     holds or rises. Flagged when the last epoch's robust validation accuracy is below
     ``threshold`` times the best of the earlier epochs while its clean accuracy is at least
-    ``clean_holds`` times that best epoch's.
+    ``clean_holds`` times that best epoch's, and only once that best reached ``min_robust``.
     """
     if len(history) < 2:
         return None
     last = history[-1]
     best = max(history[:-1], key=lambda r: (r.val_robust_accuracy, -r.epoch))
-    if best.val_robust_accuracy <= 0:
+    if best.val_robust_accuracy <= 0 or best.val_robust_accuracy < min_robust:
         return None
     if last.val_robust_accuracy >= threshold * best.val_robust_accuracy:
         return None
