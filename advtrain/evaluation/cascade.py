@@ -95,8 +95,8 @@ class Cascade:
     threat: ThreatModel
     judge: Judge
     standing: Tensor  # bool per sample
+    adv_pred: Tensor  # the judged label of each point's current worst case (clean at first)
     x_adv: Tensor = field(init=False)
-    adv_pred: Tensor = field(init=False)
     broken_by: list[str | None] = field(init=False)
     norm: Tensor = field(init=False)  # perturbation norm of the example that broke each point
     margin: Tensor = field(init=False)  # smallest adversarial norm known per point
@@ -106,7 +106,6 @@ class Cascade:
     def __post_init__(self) -> None:
         n = len(self.x)
         self.x_adv = self.x.clone()
-        self.adv_pred = self.judge(self.x) if n else self.y.clone()
         self.broken_by = [None if s else "clean" for s in self.standing.tolist()]
         self.norm = torch.zeros(n)
         self.margin = torch.where(self.standing, torch.full((n,), float("inf")), torch.zeros(n))

@@ -117,10 +117,7 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
     def judge(points: Tensor) -> Tensor:
         if randomized:
             return majority_vote(model, points, samples=votes, batch_size=batch_size * 4)
-        with torch.no_grad():
-            return torch.cat([model(points[i:i + batch_size]).argmax(dim=1)
-                              for i in range(0, len(points), batch_size)]) if len(points) \
-                else torch.zeros(0, dtype=torch.int64, device=points.device)
+        return _argmax(model, points, batch_size)
 
     attack_model: nn.Module = model
     if as_probs:
@@ -130,13 +127,14 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
 
     clean_pred = judge(x)
     correct = (clean_pred == y).cpu()
-    state = Cascade(x, y, threat, judge, correct.clone())
+    state = Cascade(x, y, threat, judge, correct.clone(), clean_pred.clone())
     escalations: list[Escalation] = []
     steps = suite_attacks(suite, threat, n_classes, seed, batch_size)
 
     # What a naive evaluation would have said, for the report, when the model needed repair.
     if randomized or as_probs:
-        naive = Cascade(x, y, threat, lambda p: _argmax(model, p, batch_size), correct.clone())
+        naive = Cascade(x, y, threat, lambda p: _argmax(model, p, batch_size), correct.clone(),
+                        clean_pred.clone())
         naive.run(Step("apgd-ce", APGD(threat, seed=seed, batch_size=batch_size)), model)
         reason = "randomness" if randomized else "probabilities instead of logits"
         action = ("EOT gradients and majority-vote judgement" if randomized
@@ -320,6 +318,9 @@ def _as_tensors(x: Tensor | Iterable[Any], y: Tensor | None) -> tuple[Tensor, Te
 
 
 def _argmax(model: nn.Module, points: Tensor, batch_size: int) -> Tensor:
+    """The model's predicted labels, in batches."""
+    if len(points) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=points.device)
     with torch.no_grad():
         return torch.cat([model(points[i:i + batch_size]).argmax(dim=1)
                           for i in range(0, len(points), batch_size)])
