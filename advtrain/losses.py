@@ -50,6 +50,13 @@ def dlr_targeted(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
     return -(true - wanted) / (scale + 1e-12)
 
 
+def other_classes(logits: Tensor, y: Tensor, count: int) -> Tensor:
+    """The ``count`` classes other than ``y`` ranked most likely by ``logits``, shape (n, count)."""
+    ranked = logits.argsort(dim=1, descending=True)
+    others = ranked[ranked != y[:, None]].reshape(len(y), -1)
+    return others[:, :count]
+
+
 LOSSES = {"ce": cross_entropy, "cw": cw_margin, "dlr": dlr}
 
 
@@ -80,4 +87,4 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else float("nan")
 
 
-__all__ = ["cross_entropy", "cw_margin", "dlr", "dlr_targeted", "attack_objective", "check_loss", "is_adversarial", "accuracy", "LOSSES"]
+__all__ = ["cross_entropy", "cw_margin", "dlr", "dlr_targeted", "attack_objective", "check_loss", "is_adversarial", "accuracy", "other_classes", "LOSSES"]

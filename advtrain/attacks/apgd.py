@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..losses import attack_objective, check_loss, is_adversarial
+from ..losses import attack_objective, check_loss, is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
 from .base import Attack, Outcome, _check_positive_int
 from .registry import register
@@ -201,18 +201,17 @@ class APGDT(APGD):
         if target is not None:
             return super().run(model, x, y, target, generator)
         with torch.no_grad():
-            ranked = model(x).argsort(dim=1, descending=True)
-        n_classes = ranked.shape[1]
+            logits = model(x)
+        n_classes = logits.shape[1]
         count = min(self.n_targets or n_classes - 1, n_classes - 1)
+        ranked = other_classes(logits, y, count)  # the most likely classes other than y
         best: Outcome | None = None
         for rank in range(1, count + 1):
             index = (torch.arange(len(x), device=x.device) if best is None
                      else (~best.success).nonzero().squeeze(1))
             if len(index) == 0:
                 break
-            # The class ranked `rank` among the others (the top class is skipped when it is y).
-            others = ranked[index][ranked[index] != y[index, None]].reshape(len(index), -1)
-            outcome = self.descend(model, x[index], y[index], others[:, rank - 1], generator,
+            outcome = self.descend(model, x[index], y[index], ranked[index, rank - 1], generator,
                                    success_target=None)
             if best is None:
                 best = outcome

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..losses import is_adversarial
+from ..losses import is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
 from .base import MinNormAttack, _check_positive_int
 from .registry import register
@@ -79,13 +79,6 @@ def boundary_gradients(
             for k in range(columns)
         ]
     return logits.detach(), diff.detach(), torch.stack(grads, dim=1)
-
-
-def other_classes(logits: Tensor, y: Tensor, count: int) -> Tensor:
-    """The ``count`` classes other than ``y`` ranked most likely by ``logits``, shape (n, count)."""
-    ranked = logits.argsort(dim=1, descending=True)
-    others = ranked[ranked != y[:, None]].reshape(len(y), -1)
-    return others[:, :count]
 
 
 def dual_norm(grads: Tensor, norm: str) -> Tensor:

@@ -45,10 +45,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..losses import is_adversarial
+from ..losses import is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
 from .base import MinNormAttack, Outcome, _check_positive_int
-from .deepfool import boundary_gradients, dual_norm, other_classes
+from .deepfool import boundary_gradients, dual_norm
 from .registry import register
 
 
