@@ -83,6 +83,30 @@ def _route(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 
 
 @contextlib.contextmanager
 def fast_input_gradients() -> Iterator[None]:
-    """Within the block, eligible CPU convolutions take the faster input-gradient backward."""
+    """Within the block, eligible CPU convolutions take the faster input-gradient backward.
+
+    Re-entering it (nested attacks) adds nothing: the mode is pushed once."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    if any(isinstance(mode, _FastInputGradMode) for mode in _get_current_function_mode_stack()):
+        yield
+        return
     with _FastInputGradMode():
+        yield
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Within the block, the fast input-gradient mode (if it is the innermost mode) is off.
+
+    For attacks that never take gradients (score- and decision-based ones): every torch call
+    they make would otherwise pass through the mode's Python dispatch for nothing.
+    """
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if stack and isinstance(stack[-1], _FastInputGradMode):
+        with _pop_mode_temporarily():
+            yield
+    else:
         yield

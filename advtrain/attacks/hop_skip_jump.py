@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
 from .base import MinNormAttack, MinNormResult, Outcome, _check_positive_int
+from .fast_grad import suspended
 from .registry import register
 
 #: Halvings of the step in the geometric step-size search before the point gives up its step.
@@ -81,7 +82,7 @@ class LabelOracle:
 
     def labels(self, points: Tensor) -> Tensor:
         """The predicted labels of ``points``: the only thing the model ever gives away."""
-        with torch.no_grad():
+        with torch.no_grad(), suspended():
             return torch.cat([self._model(chunk).argmax(1)
                               for chunk in points.detach().split(self.query_batch_size)])
 

@@ -46,6 +46,7 @@ from ..errors import AdvtrainError
 from ..losses import cross_entropy, cw_margin, is_adversarial
 from ..threat import ThreatModel
 from .base import Attack, Outcome, _check_positive_int
+from .fast_grad import suspended
 from .registry import register
 
 #: Iterations of a 10,000-query run after which ``p`` is halved (Andriushchenko et al. 2020).
@@ -256,7 +257,7 @@ class Square(Attack):
         n, sample = len(x), tuple(x.shape[1:])
         plane = plane_shape(sample)
         queries = torch.zeros(n, dtype=torch.int64, device=x.device)
-        with torch.no_grad():
+        with torch.no_grad(), suspended():
             logits = model(x)
             queries += 1
             success = is_adversarial(logits, y, target)

@@ -35,6 +35,9 @@ from . import metrics
 from .cascade import Cascade, Step, margin_attack, suite_attacks
 from .report import VERDICT, Escalation, Report, robustness_score
 
+#: A warning-level black-box check reruns Square on this share of the survivors (at least
+#: SECOND_SQUARE_LEAST of them), those closest to the boundary by their minimum-norm margin.
+SECOND_SQUARE_SHARE, SECOND_SQUARE_LEAST = 0.25, 50
 #: Checks whose firing calls for straight-through gradients and a stronger black-box attack.
 MASKING_CHECKS = ("zero or NaN gradients", "single step stronger than iterative",
                   "unbounded attack fails", "success does not grow with eps",
@@ -195,13 +198,17 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
             "APGD-T, and Square with 10,000 queries and 2 restarts",
             before, state.robust_accuracy))
     elif "black-box stronger than white-box" in fired and threat.norm != "l1":
-        # A warning only (a few points): a second Square run with fresh randomness.
+        # A warning only (a few points): a second Square run with fresh randomness on the
+        # survivors whose minimum adversarial perturbation found lies closest to eps.
         before = state.robust_accuracy
+        closest = state.closest_standing(SECOND_SQUARE_SHARE, least=SECOND_SQUARE_LEAST)
         state.run(Step("square (second run)", Square(threat, n_queries=5000, seed=seed + 24,
-                                                     batch_size=batch_size)), attack_model)
-        escalations.append(Escalation("black-box stronger than white-box",
-                                      "a second Square run (5,000 queries, new seed)", before,
-                                      state.robust_accuracy))
+                                                     batch_size=batch_size)), attack_model,
+                  among=closest)
+        escalations.append(Escalation(
+            "black-box stronger than white-box",
+            f"a second Square run (5,000 queries, new seed) on the {len(closest)} surviving points "
+            "with the smallest robust margin", before, state.robust_accuracy))
     if "saturated softmax" in fired:
         before = state.robust_accuracy
         state.run(Step("apgd-dlr", APGD(threat, loss="dlr", seed=seed + 31, batch_size=batch_size)),
@@ -223,7 +230,7 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
     if threat.norm in ("linf", "l2"):
         needs = (correct & ~state.measured).nonzero().squeeze(1)
         if len(needs):
-            result = margin_attack(threat, seed, batch_size).min_norm(attack_model, x[needs], y[needs])
+            result = margin_attack(threat, n_classes, seed, batch_size).min_norm(attack_model, x[needs], y[needs])
             norms = torch.where(result.success, result.norm, torch.full_like(result.norm, float("inf")))
             state.margin[needs] = torch.minimum(state.margin[needs], norms.cpu())
             state.measured[needs] = True
