@@ -86,13 +86,20 @@ def fast_input_gradients() -> Iterator[None]:
     """Within the block, eligible CPU convolutions take the faster input-gradient backward.
 
     Re-entering it (nested attacks) adds nothing: the mode is pushed once."""
-    from torch.overrides import _get_current_function_mode_stack
-
-    if any(isinstance(mode, _FastInputGradMode) for mode in _get_current_function_mode_stack()):
+    if any(isinstance(mode, _FastInputGradMode) for mode in _mode_stack()):
         yield
         return
     with _FastInputGradMode():
         yield
+
+
+def _mode_stack() -> list[Any]:
+    """The torch-function modes in force (innermost last); empty where torch cannot say."""
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+    except ImportError:  # a torch without the (private) accessor: nesting then pushes again
+        return []
+    return list(_get_current_function_mode_stack())
 
 
 @contextlib.contextmanager
@@ -102,10 +109,10 @@ def suspended() -> Iterator[None]:
     For attacks that never take gradients (score- and decision-based ones): every torch call
     they make would otherwise pass through the mode's Python dispatch for nothing.
     """
-    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
-
-    stack = _get_current_function_mode_stack()
+    stack = _mode_stack()
     if stack and isinstance(stack[-1], _FastInputGradMode):
+        from torch.overrides import _pop_mode_temporarily
+
         with _pop_mode_temporarily():
             yield
     else:

@@ -132,8 +132,11 @@ class Cascade:
 
     def closest_standing(self, share: float, least: int) -> Tensor:
         """Indices of the standing points with the smallest known margin (the minimum-norm
-        attack's): ``share`` of them, at least ``least`` (all, if fewer stand)."""
+        attack's): ``share`` of them, at least ``least`` (all, if fewer stand). Before a
+        minimum-norm attack has measured them all (suites without FAB-T), every standing point."""
         index = self.indices()
+        if not bool(self.measured[index].all()):
+            return index
         count = min(len(index), max(least, math.ceil(share * len(index))))
         return index[self.margin[index].argsort(stable=True)[:count]]
 
