@@ -202,13 +202,15 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
         # survivors whose minimum adversarial perturbation found lies closest to eps.
         before = state.robust_accuracy
         closest = state.closest_standing(SECOND_SQUARE_SHARE, least=SECOND_SQUARE_LEAST)
+        chosen = ("every surviving point" if len(closest) == int(state.standing.sum())
+                  else f"the {len(closest)} surviving points with the smallest robust margin")
         state.run(Step("square (second run)", Square(threat, n_queries=5000, seed=seed + 24,
                                                      batch_size=batch_size)), attack_model,
                   among=closest)
         escalations.append(Escalation(
             "black-box stronger than white-box",
-            f"a second Square run (5,000 queries, new seed) on the {len(closest)} surviving points "
-            "with the smallest robust margin", before, state.robust_accuracy))
+            f"a second Square run (5,000 queries, new seed) on {chosen}", before,
+            state.robust_accuracy))
     if "saturated softmax" in fired:
         before = state.robust_accuracy
         state.run(Step("apgd-dlr", APGD(threat, loss="dlr", seed=seed + 31, batch_size=batch_size)),
@@ -230,7 +232,8 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
     if threat.norm in ("linf", "l2"):
         needs = (correct & ~state.measured).nonzero().squeeze(1)
         if len(needs):
-            result = margin_attack(threat, n_classes, seed, batch_size).min_norm(attack_model, x[needs], y[needs])
+            attack = margin_attack(threat, n_classes, seed, batch_size)
+            result = attack.min_norm(attack_model, x[needs], y[needs])
             norms = torch.where(result.success, result.norm, torch.full_like(result.norm, float("inf")))
             state.margin[needs] = torch.minimum(state.margin[needs], norms.cpu())
             state.measured[needs] = True
