@@ -10,10 +10,12 @@ import inspect
 import io
 import json
 import math
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -90,13 +92,19 @@ def cli() -> None:
               help="Continue the interrupted run in RUN_DIR from its last checkpoint, with the "
                    "settings of its config.json.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1,
+              help="Data-parallel processes on this machine (runs torchrun; default 1).")
 def train(config_path: str | None, quiet: bool, resume: str | None,
-          method_option: tuple[str, ...], **options: Any) -> None:
+          method_option: tuple[str, ...], nproc: int, **options: Any) -> None:
     """Train a model, adversarially by default; with no options, PGD training on digits."""
     from .data import load_dataset
+    from .distributed import env_world_size
     from .models import build_model
     from .training import Trainer, load_config
     from .training.config import load_run_config, parse_method_options
+
+    if nproc > 1 and env_world_size() == 1:
+        sys.exit(_torchrun(nproc))
 
     if method_option:
         options["method_options"] = parse_method_options(method_option)
@@ -113,6 +121,11 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
     model = build_model(config.model, in_shape=data.info.shape, n_classes=data.info.n_classes)
     trainer = Trainer(model, data, config, config.out, progress=not quiet,
                       log=None if quiet else _echo)
+    if trainer.rank > 0:  # rank 0 speaks for the run
+        quiet = True
+        _echo_here: Callable[[str], None] = lambda line: None  # noqa: E731
+    else:
+        _echo_here = _echo
     if not quiet:
         _echo(f"training {config.model} on {config.dataset} ({len(data.train)} images) with "
               f"{config.method}, {trainer.threat.norm} eps={trainer.threat.eps:g}, "
@@ -121,11 +134,27 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
     if quiet:  # otherwise already said after the epoch concerned
         for line in [*result.extra["warnings"], result.extra["stop_reason"]]:
             if line:
-                _echo(line)
-    _echo(f"best epoch {result.best_epoch}; test clean accuracy {result.test_clean_accuracy:.2%}, "
-          f"robust accuracy {result.test_robust_accuracy:.2%} under PGD-40 "
-          f"({trainer.threat.norm} eps={trainer.threat.eps:g}); {result.seconds:.1f}s")
-    _echo(f"run directory: {config.out}")
+                _echo_here(line)
+    _echo_here(f"best epoch {result.best_epoch}; test clean accuracy "
+               f"{result.test_clean_accuracy:.2%}, robust accuracy "
+               f"{result.test_robust_accuracy:.2%} under PGD-40 ({trainer.threat.norm} "
+               f"eps={trainer.threat.eps:g}); {result.seconds:.1f}s")
+    _echo_here(f"run directory: {config.out}")
+
+
+def _torchrun(nproc: int) -> int:
+    """Run this ``advtrain train`` command again under torchrun with ``nproc`` processes."""
+    args, skip = [], False
+    for arg in sys.argv[2:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "advtrain", "train", *args]
+    return subprocess.run(command, check=False).returncode
 
 
 # ---------------------------------------------------------------------- evaluate

@@ -39,6 +39,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from ..attacks import PGD
+from .. import distributed
 from ..checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, one_line, save_checkpoint
 from ..data import Dataset
 from ..data.base import DatasetInfo
@@ -65,6 +66,10 @@ FGSM_TYPE = ("fgsm", "fgsm-rs")
 CLEAN_HOLDS = 0.9
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+#: Rank r > 0 of a distributed run seeds its own random draws with ``seed + r * stride``.
+RANK_SEED_STRIDE = 7919
 
 
 def resolve_device(name: str) -> torch.device:
@@ -271,6 +276,9 @@ class Trainer:
         self.config = config
         self.data = data
         self.device = resolve_device(config.device)
+        self.rank, self.world = distributed.init_from_env(self.device.type)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", distributed.local_rank())
         self.amp_dtype = _amp_dtype(config.amp, self.device)
         self.channels_last = _use_channels_last(config.channels_last, self.device, data.info)
         self.model = model.to(self.device)
@@ -296,9 +304,11 @@ class Trainer:
         self._writer_class = _summary_writer_class() if config.tensorboard else None
         self.optimizer = _make_optimizer(self.model, config)
         self.scaler = _grad_scaler() if self.amp_dtype == torch.float16 else None
-        self.run_dir = None if run_dir is None else Path(run_dir)
-        self.progress = progress
-        self.log = log or (lambda line: None)
+        # Every rank reads the run directory (resume); only rank 0 writes to it and speaks.
+        self.source_dir = None if run_dir is None else Path(run_dir)
+        self.run_dir = self.source_dir if self.rank == 0 else None
+        self.progress = progress and self.rank == 0
+        self.log = (log if self.rank == 0 else None) or (lambda line: None)
         self.generator = torch.Generator().manual_seed(config.seed)
         self._reset_state()
 
@@ -314,9 +324,13 @@ class Trainer:
         start = time.perf_counter()
         self.generator = torch.Generator().manual_seed(cfg.seed)
         checkpoint = self._read_resume() if resume else None
+        if self.world > 1:  # every rank has read the run directory before rank 0 rewrites it
+            distributed.barrier()
         resumed = checkpoint is not None
         if checkpoint is None:
             seed_everything(cfg.seed)
+            if self.rank > 0:  # random starts and noise of their own on each rank
+                torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * self.rank)
             self._start_fresh()
         else:
             self._restore(*checkpoint)
@@ -406,8 +420,11 @@ class Trainer:
                 index = order[batch * size : (batch + 1) * size]
                 x = self.data.train.x[index].to(self.device, non_blocking=True)
                 y = self.data.train.y[index].to(self.device, non_blocking=True)
-                if self.augment is not None:
+                if self.augment is not None:  # the whole batch, so every rank draws alike
                     x = self.augment(x, generator)
+                batch_rows = len(y)
+                if self.world > 1:  # this rank's share: rows rank, rank + world, ...
+                    x, y = x[self.rank::self.world], y[self.rank::self.world]
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 self._set_eps(warmup_eps(self.threat.eps, epoch, batch, batches,
@@ -416,7 +433,7 @@ class Trainer:
                     multiplier = self.schedule(self.global_step + 0.5, self.total_steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = cfg.lr * multiplier
-                    loss, logits = self._step(x, y)
+                    loss, logits = self._step(x, y, batch_rows)
                     self.global_step += 1
                     total_loss += float(loss.detach()) * len(y)
                     total_correct += int((logits.detach().argmax(1) == y).sum())
@@ -425,6 +442,9 @@ class Trainer:
                 done = batch + 1
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < batches:
                     self._save_resume(epoch, done, order, (total_loss, total_correct, seen))
+        if self.world > 1:
+            total_loss, total_correct, seen = distributed.sum_over_ranks(
+                [total_loss, total_correct, seen], self.device)
         clean, robust = self._validate()
         return EpochRecord(
             epoch=epoch, train_loss=total_loss / max(seen, 1),
@@ -434,28 +454,45 @@ class Trainer:
             eps=self._loss_eps,
         )
 
-    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _step(self, x: Tensor, y: Tensor, batch_rows: int | None = None) -> tuple[Tensor, Tensor]:
+        """One optimiser step on this rank's rows ``x, y`` of a batch of ``batch_rows``."""
         autocast = (torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else contextlib.nullcontext())
-        with autocast:
-            loss, logits = self.loss_fn(self.model, x, y)
         self.optimizer.zero_grad(set_to_none=True)
+        if len(y):
+            with autocast:
+                loss, logits = self.loss_fn(self.model, x, y)
+        else:  # a last batch smaller than the world: this rank only adds zeros
+            loss = torch.zeros((), device=self.device)
+            logits = torch.zeros(0, self.data.info.n_classes, device=self.device)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss).backward() if len(y) else None
+            self._reduce(len(y), batch_rows)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
+            if len(y):
+                loss.backward()
+            self._reduce(len(y), batch_rows)
             self.optimizer.step()
         return loss, logits
 
+    def _reduce(self, rows: int, batch_rows: int | None) -> None:
+        if self.world > 1:
+            distributed.reduce_gradients(self.model, rows, batch_rows or rows)
+
     def _validate(self) -> tuple[float, float]:
-        """Clean and PGD accuracy on the validation split."""
-        val = clean_and_robust_accuracy(
-            self.model, self.data.val.x.to(self.device), self.data.val.y.to(self.device),
-            self.validation_attack(), batch_size=self.config.eval_batch_size,
-        )
-        return val.clean_accuracy, val.robust_accuracy
+        """Clean and PGD accuracy on the validation split (measured by rank 0, shared)."""
+        clean = robust = 0.0
+        if self.rank == 0:
+            val = clean_and_robust_accuracy(
+                self.model, self.data.val.x.to(self.device), self.data.val.y.to(self.device),
+                self.validation_attack(), batch_size=self.config.eval_batch_size,
+            )
+            clean, robust = val.clean_accuracy, val.robust_accuracy
+        if self.world > 1:
+            clean, robust = distributed.from_rank_zero([clean, robust], self.device)
+        return clean, robust
 
     def _finish_epoch(self, record: EpochRecord, writer: Any) -> None:
         """Bookkeeping after an epoch: best epoch, files, log line, stop rules, checkpoint."""
@@ -578,6 +615,8 @@ class Trainer:
     def _save_resume(self, next_epoch: int, next_batch: int, order: Tensor | None,
                      totals: tuple[float, int, int] | None) -> None:
         """Write everything needed to go on from batch ``next_batch`` of epoch ``next_epoch``."""
+        # every rank's own random state (its random starts), gathered by rank 0
+        rank_states = distributed.gathered(torch.get_rng_state()) if self.world > 1 else []
         if self.run_dir is None:
             return
         self._serial += 1
@@ -593,6 +632,8 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[name] = value
         tensors["rng.torch"] = torch.get_rng_state()
+        for rank, state in enumerate(rank_states):
+            tensors[f"rng.torch.rank{rank}"] = state
         tensors["rng.batches"] = self.generator.get_state()
         cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         for i, state in enumerate(cuda_states):
@@ -616,9 +657,10 @@ class Trainer:
 
     def _read_resume(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
         """The newest intact resume checkpoint of ``run_dir`` (None: none yet)."""
-        if self.run_dir is None:
+        if self.source_dir is None:
             raise AdvtrainError("resuming needs a run directory")
-        path = self.run_dir / "config.json"
+        source = self.source_dir
+        path = source / "config.json"
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -628,14 +670,14 @@ class Trainer:
             raise AdvtrainError(f"cannot resume: '{path}' is not valid JSON") from None
         differences = _config_differences(saved, self.config)
         if differences:
-            raise AdvtrainError(f"cannot resume {self.run_dir}: the configuration differs from its "
+            raise AdvtrainError(f"cannot resume {source}: the configuration differs from its "
                                 f"config.json in {differences}")
         newest: tuple[dict[str, Tensor], dict[str, Any]] | None = None
         for slot in RESUME_SLOTS:
-            if not (self.run_dir / slot).exists():
+            if not (source / slot).exists():
                 continue
             try:
-                tensors, meta = load_checkpoint(self.run_dir / slot)
+                tensors, meta = load_checkpoint(source / slot)
             except CheckpointError as exc:  # torn by a kill while it was written: the other one
                 self.log(f"skipping {slot}: {exc}")
                 continue
@@ -644,11 +686,11 @@ class Trainer:
             if newest is None or meta["serial"] > newest[1]["serial"]:
                 newest = (tensors, meta)
         if newest is None:
-            self.log(f"no checkpoint in {self.run_dir} yet: starting from the beginning")
+            self.log(f"no checkpoint in {source} yet: starting from the beginning")
             return None
         differences = _config_differences(newest[1]["config"], self.config)
         if differences:
-            raise AdvtrainError(f"cannot resume {self.run_dir}: its checkpoint was written with "
+            raise AdvtrainError(f"cannot resume {source}: its checkpoint was written with "
                                 f"another configuration ({differences})")
         return newest
 
@@ -666,7 +708,7 @@ class Trainer:
             self.optimizer.load_state_dict(self._optimizer_state(take("optim."), meta["optimizer"]))
             if self.scaler is not None and meta.get("scaler"):
                 self.scaler.load_state_dict(meta["scaler"])
-            torch.set_rng_state(tensors["rng.torch"])
+            torch.set_rng_state(tensors.get(f"rng.torch.rank{self.rank}", tensors["rng.torch"]))
             self.generator.set_state(tensors["rng.batches"])
             cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(meta["cuda_rng_states"])]
             if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
@@ -680,18 +722,20 @@ class Trainer:
             self._serial = meta["serial"]
             self._next_epoch = meta["next_epoch"]
             if meta["next_batch"]:
-                total_loss, total_correct, seen = meta["epoch_totals"]
+                # rank 0's running totals; the other ranks' rows before the checkpoint are
+                # not in the epoch's training loss and accuracy
+                total_loss, total_correct, seen = meta["epoch_totals"] if self.rank == 0 else (0, 0, 0)
                 self._partial = (tensors["epoch.order"], meta["next_batch"], total_loss,
                                  total_correct, seen)
             _load_method_state(self._base_loss, take("method."), meta["method_state"],
                                self.model, self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot resume {self.run_dir}: its checkpoint does not fit "
+            raise CheckpointError(f"cannot resume {self.source_dir}: its checkpoint does not fit "
                                   f"this run ({type(exc).__name__}: {one_line(exc, 120)})") from None
-        assert self.run_dir is not None
-        # metrics.jsonl may hold epochs done after the checkpoint: they will be done again
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
-            json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in self.history))
+        if self.run_dir is not None:
+            # metrics.jsonl may hold epochs done after the checkpoint: they will be done again
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
+                json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in self.history))
         where = (f"epoch {self._next_epoch}, batch {meta['next_batch']}" if meta["next_batch"]
                  else f"the start of epoch {self._next_epoch}")
         self.log(f"resuming {self.run_dir} at {where} (optimizer step {self.global_step})")

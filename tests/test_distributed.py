@@ -1,0 +1,76 @@
+"""Data-parallel training under torchrun (2 gloo processes on the CPU) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from advtrain.checkpoint import load_checkpoint
+
+ARGS = ["train", "--epochs", "2", "--batch-size", "64", "--quiet"]  # digits: last batch partial
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def advtrain(*args: str | Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "advtrain", *map(str, args)], env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def weights(run: Path, name: str = "last.safetensors") -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / name)[0]
+
+
+def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float) -> None:
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=atol, msg=key)
+
+
+def test_two_processes_end_with_the_weights_of_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    advtrain(*ARGS, "--method", "standard", "--out", one)
+    result = advtrain(*ARGS, "--method", "standard", "--out", two, "--nproc", "2")
+    # float sums in another order: equal to rounding, not bit for bit
+    assert_close(weights(two), weights(one), atol=1e-5)
+    assert_close(weights(two, "model.safetensors"), weights(one, "model.safetensors"), atol=1e-5)
+    # the epoch's figures are reduced over both ranks and written once, by rank 0
+    lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for got, want in zip(lines, reference):
+        assert got["train_accuracy"] == pytest.approx(want["train_accuracy"])
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
+        assert got["val_robust_accuracy"] == pytest.approx(want["val_robust_accuracy"])
+    assert result.stdout.count("run directory:") == 1  # rank 0 speaks for the run
+
+
+def test_two_processes_resume_mid_epoch_to_the_same_weights(tmp_path):
+    """PGD training (random starts on each rank), rewound to a checkpoint inside epoch 2."""
+    run = tmp_path / "run"
+    advtrain(*ARGS, "--method", "pgd", "--out", run, "--nproc", "2", "--checkpoint-every", "5")
+    rewound = tmp_path / "rewound"
+    rewound.mkdir()
+    for path in run.iterdir():
+        if path.is_file():
+            (rewound / path.name).write_bytes(path.read_bytes())
+    slots = {p: json.loads(p.read_text()) for p in rewound.glob("resume-*.json")}
+    finished = [p for p, meta in slots.items() if meta["next_batch"] == 0 and meta["next_epoch"] == 3]
+    middle = [p for p, meta in slots.items() if meta["next_batch"] > 0 and meta["next_epoch"] == 2]
+    assert finished and middle
+    for path in finished:  # as if killed before the end of epoch 2
+        path.unlink()
+        path.with_suffix(".safetensors").unlink()
+    result = advtrain("train", "--resume", rewound, "--nproc", "2")
+    assert "resuming" in result.stdout
+    assert_close(weights(rewound), weights(run), atol=0)
