@@ -458,22 +458,20 @@ class Trainer:
         """One optimiser step on this rank's rows ``x, y`` of a batch of ``batch_rows``."""
         autocast = (torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else contextlib.nullcontext())
-        self.optimizer.zero_grad(set_to_none=True)
         if len(y):
             with autocast:
                 loss, logits = self.loss_fn(self.model, x, y)
         else:  # a last batch smaller than the world: this rank only adds zeros
             loss = torch.zeros((), device=self.device)
             logits = torch.zeros(0, self.data.info.n_classes, device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(y):
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self._reduce(len(y), batch_rows)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward() if len(y) else None
-            self._reduce(len(y), batch_rows)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            if len(y):
-                loss.backward()
-            self._reduce(len(y), batch_rows)
             self.optimizer.step()
         return loss, logits
 
