@@ -6,7 +6,7 @@
 #   bash bench/mnist_fgsm_rs.sh [METHOD] [EPOCHS] [extra train flags...]
 #   bash bench/mnist_fgsm_rs.sh                 # fgsm-rs, 10 epochs (the paper's recipe)
 #   SKIP_RELEASED=1 bash bench/mnist_fgsm_rs.sh pgd 10 --warmup-epochs 3   # our model only
-#   SKIP_RELEASED=1 bash bench/mnist_fgsm_rs.sh trades 10
+#   SKIP_RELEASED=1 bash bench/mnist_fgsm_rs.sh trades 10 --method-option beta=1
 #
 # The recipe of the paper's MNIST script: batch 100, Adam with the one-cycle ("cyclic") learning
 # rate peaking at 5e-3, FGSM step 1.25 * eps from a uniform random start (fgsm-rs's default).
