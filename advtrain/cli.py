@@ -13,9 +13,9 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -121,11 +121,8 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
     model = build_model(config.model, in_shape=data.info.shape, n_classes=data.info.n_classes)
     trainer = Trainer(model, data, config, config.out, progress=not quiet,
                       log=None if quiet else _echo)
-    if trainer.rank > 0:  # rank 0 speaks for the run
-        quiet = True
-        _echo_here: Callable[[str], None] = lambda line: None  # noqa: E731
-    else:
-        _echo_here = _echo
+    say: Callable[[str], None] = _echo if trainer.rank == 0 else (lambda line: None)
+    quiet = quiet or trainer.rank > 0  # rank 0 speaks for the run
     if not quiet:
         _echo(f"training {config.model} on {config.dataset} ({len(data.train)} images) with "
               f"{config.method}, {trainer.threat.norm} eps={trainer.threat.eps:g}, "
@@ -134,12 +131,12 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
     if quiet:  # otherwise already said after the epoch concerned
         for line in [*result.extra["warnings"], result.extra["stop_reason"]]:
             if line:
-                _echo_here(line)
-    _echo_here(f"best epoch {result.best_epoch}; test clean accuracy "
+                say(line)
+    say(f"best epoch {result.best_epoch}; test clean accuracy "
                f"{result.test_clean_accuracy:.2%}, robust accuracy "
                f"{result.test_robust_accuracy:.2%} under PGD-40 ({trainer.threat.norm} "
                f"eps={trainer.threat.eps:g}); {result.seconds:.1f}s")
-    _echo_here(f"run directory: {config.out}")
+    say(f"run directory: {config.out}")
 
 
 def _torchrun(nproc: int) -> int:

@@ -42,7 +42,7 @@ from ..attacks import PGD
 from .. import distributed
 from ..checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, one_line, save_checkpoint
 from ..data import Dataset
-from ..data.base import DatasetInfo
+from ..data.base import DatasetInfo, Split
 from ..errors import AdvtrainError, CheckpointError
 from ..evaluation import clean_and_robust_accuracy
 from ..threat import ThreatModel
@@ -345,13 +345,10 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         test_attack = self.test_attack()
-        test = clean_and_robust_accuracy(
-            self.model, self.data.test.x.to(self.device), self.data.test.y.to(self.device),
-            test_attack, batch_size=cfg.eval_batch_size,
-        )
+        test_clean, test_robust = self._measure(self.data.test, test_attack)
         result = TrainResult(
             best_epoch=self.best_epoch, history=list(self.history),
-            test_clean_accuracy=test.clean_accuracy, test_robust_accuracy=test.robust_accuracy,
+            test_clean_accuracy=test_clean, test_robust_accuracy=test_robust,
             seconds=time.perf_counter() - start,
             extra={"test_attack": repr(test_attack), "eps": self.threat.eps,
                    "norm": self.threat.norm, "epochs_run": len(self.history),
@@ -480,14 +477,19 @@ class Trainer:
             distributed.reduce_gradients(self.model, rows, batch_rows or rows)
 
     def _validate(self) -> tuple[float, float]:
-        """Clean and PGD accuracy on the validation split (measured by rank 0, shared)."""
+        """Clean and PGD accuracy on the validation split."""
+        return self._measure(self.data.val, self.validation_attack())
+
+    def _measure(self, split: Split, attack: PGD) -> tuple[float, float]:
+        """Clean and robust accuracy of the model on ``split``, measured by rank 0 and shared
+        with the other ranks (which hold the same weights)."""
         clean = robust = 0.0
         if self.rank == 0:
-            val = clean_and_robust_accuracy(
-                self.model, self.data.val.x.to(self.device), self.data.val.y.to(self.device),
-                self.validation_attack(), batch_size=self.config.eval_batch_size,
+            found = clean_and_robust_accuracy(
+                self.model, split.x.to(self.device), split.y.to(self.device), attack,
+                batch_size=self.config.eval_batch_size,
             )
-            clean, robust = val.clean_accuracy, val.robust_accuracy
+            clean, robust = found.clean_accuracy, found.robust_accuracy
         if self.world > 1:
             clean, robust = distributed.from_rank_zero([clean, robust], self.device)
         return clean, robust
