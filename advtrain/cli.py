@@ -84,6 +84,10 @@ def cli() -> None:
 @click.option("--amp", help="Mixed precision: auto (default: bf16/fp16 on CUDA, off on the CPU), "
               "off, bf16, fp16.")
 @click.option("--channels-last", help="auto (default: on CUDA for images), on, off.")
+@click.option("--compile", "compile", help="torch.compile the model in the training loss with "
+              "this backend: inductor, aot_eager, eager (default off).")
+@click.option("--sync-bn/--no-sync-bn", "sync_batchnorm", default=None,
+              help="BatchNorm statistics over the global batch across processes (--nproc, torchrun).")
 @click.option("--seed", type=int)
 @click.option("--data-dir", help="Directory of data files (default: $ADVTRAIN_DATA or ~/.cache/advtrain).")
 @click.option("--device", help="auto (default), cpu, cuda, cuda:1, ...")
@@ -98,13 +102,13 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
           method_option: tuple[str, ...], nproc: int, **options: Any) -> None:
     """Train a model, adversarially by default; with no options, PGD training on digits."""
     from .data import load_dataset
-    from .distributed import env_world_size
+    from .distributed import env_world_size, shutdown
     from .models import build_model
     from .training import Trainer, load_config
     from .training.config import load_run_config, parse_method_options
 
     if nproc > 1 and env_world_size() == 1:
-        sys.exit(_torchrun(nproc))
+        sys.exit(_torchrun("train", nproc))
 
     if method_option:
         options["method_options"] = parse_method_options(method_option)
@@ -137,10 +141,12 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
                f"{result.test_robust_accuracy:.2%} under PGD-40 ({trainer.threat.norm} "
                f"eps={trainer.threat.eps:g}); {result.seconds:.1f}s")
     say(f"run directory: {config.out}")
+    shutdown()
 
 
-def _torchrun(nproc: int) -> int:
-    """Run this ``advtrain train`` command again under torchrun with ``nproc`` processes."""
+def _torchrun(command: str, nproc: int) -> int:
+    """Run this ``advtrain COMMAND`` again under torchrun with ``nproc`` processes (after
+    ``--``, so that torchrun's own option parser leaves ours alone: ``--n`` is ambiguous to it)."""
     args, skip = [], False
     for arg in sys.argv[2:]:
         if skip:
@@ -149,9 +155,9 @@ def _torchrun(nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "advtrain", "train", *args]
-    return subprocess.run(command, check=False).returncode
+    line = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "--", "advtrain", command, *args]
+    return subprocess.run(line, check=False).returncode
 
 
 # ---------------------------------------------------------------------- evaluate
@@ -177,16 +183,22 @@ def _torchrun(nproc: int) -> int:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False),
               help="Also write a self-contained HTML report (not with --suite pgd).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1,
+              help="Processes on this machine sharing the points (runs torchrun; default 1). "
+                   "Each attacks whole chunks of --batch-size points; the report equals one "
+                   "process's.")
 def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None,
              weights: str | None, dataset: str | None, data_dir: str | None, norm: str | None,
              eps: float | None, suite: str, steps: int | None, step_size: float | None,
              restarts: int | None, limit: int | None, batch_size: int, seed: int | None,
-             device: str, json_path: str | None, html_path: str | None) -> None:
+             device: str, json_path: str | None, html_path: str | None, nproc: int) -> None:
     """Robustness of a trained run (RUN_DIR) or of a model file with weights.
 
     The default is the standard suite: a survivor cascade of APGD-CE, APGD-T, FAB-T and Square,
-    gradient-masking diagnostics with automatic escalation, and every metric.
+    gradient-masking diagnostics with automatic escalation, and every metric. Under torchrun
+    (or with --nproc) the ranks share the points and rank 0 writes the report.
     """
+    from .distributed import env_world_size, init_from_env, rank_device, shutdown
     from .evaluation.cascade import SUITES
     from .training.trainer import resolve_device
 
@@ -202,11 +214,17 @@ def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None
                 raise AdvtrainError(f"{flag} applies to --suite pgd only")
     elif html_path:
         raise AdvtrainError("--html needs an evaluation suite (quick, standard, thorough), not pgd")
+    if suite == "pgd" and (nproc > 1 or env_world_size() > 1):
+        raise AdvtrainError("--suite pgd runs in one process; leave out --nproc and torchrun")
+    target_device = rank_device(resolve_device(device))
+    if nproc > 1 and env_world_size() == 1:
+        sys.exit(_torchrun("evaluate", nproc))
+    rank, _ = init_from_env(target_device.type)
+    say: Callable[[str], None] = _echo if rank == 0 else (lambda line: None)
     loaded = _load_model_and_data(run_dir, model_file, model_name, weights, dataset, data_dir, seed)
     model, data, dataset, seed = loaded.model, loaded.data, loaded.dataset, loaded.seed
     threat = loaded.threat_model(norm, eps)
     x, y = data.test.x[:limit], data.test.y[:limit]
-    target_device = resolve_device(device)
     model = model.to(target_device)
     if suite == "pgd":
         _evaluate_pgd(model, x.to(target_device), y.to(target_device), threat, steps or 40,
@@ -218,23 +236,24 @@ def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None
                             batch_size=batch_size, n_classes=data.info.n_classes,
                             positive_class=1 if data.info.n_classes == 2 else None)
     report.settings["dataset"] = dataset
-    _echo(report.summary())
-    _echo("  after each attack: " + ", ".join(f"{name} {acc:.2%}" for name, acc in
-                                             report.per_attack.items()))
+    say(report.summary())
+    say("  after each attack: " + ", ".join(f"{name} {acc:.2%}" for name, acc in
+                                           report.per_attack.items()))
     for check in report.triggered:
-        _echo(f"  {check.severity} - {check.name}: {check.detail}")
+        say(f"  {check.severity} - {check.name}: {check.detail}")
     for step in report.escalations:
-        _echo(f"  escalated ({step.reason}): {step.action}; robust accuracy "
-              f"{step.robust_before:.2%} -> {step.robust_after:.2%}")
+        say(f"  escalated ({step.reason}): {step.action}; robust accuracy "
+            f"{step.robust_before:.2%} -> {step.robust_after:.2%}")
     if report.robust_margin.get("median") is not None:
         radius = report.adversarial_radius
-        _echo(f"  median robust margin {report.robust_margin['median']:.4g} ({threat.norm}); "
-              f"adversarial radius {'-' if radius is None else format(radius, '.4g')}")
-    if json_path:
+        say(f"  median robust margin {report.robust_margin['median']:.4g} ({threat.norm}); "
+            f"adversarial radius {'-' if radius is None else format(radius, '.4g')}")
+    if json_path and rank == 0:
         report.to_json(json_path)
-    if html_path:
+    if html_path and rank == 0:
         report.to_html(html_path)
-        _echo(f"report: {html_path}")
+        say(f"report: {html_path}")
+    shutdown()
 
 
 def _evaluate_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,

@@ -18,6 +18,7 @@ from .conftest import require as need
 
 SHAPES = {
     "digits-cnn": (1, 8, 8),
+    "digits-cnn-bn": (1, 8, 8),
     "mlp": (30,),
     "mnist-large": (1, 28, 28),
     "mnist-small": (1, 28, 28),
@@ -35,7 +36,7 @@ def one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
 
 
 def test_registry_names() -> None:
-    assert MODELS == ("digits-cnn", "mlp", "mnist-large", "mnist-small", "preact-resnet18")
+    assert MODELS == ("digits-cnn", "digits-cnn-bn", "mlp", "mnist-large", "mnist-small", "preact-resnet18")
     assert set(SHAPES) == set(MODELS)
 
 

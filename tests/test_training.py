@@ -834,3 +834,22 @@ def test_every_epoch_leaves_a_checkpoint_to_resume_from(trained):
     assert tensors["rng.torch"].dtype == torch.uint8 and tensors["rng.batches"].dtype == torch.uint8
     assert any(k.startswith("optim.") for k in tensors)
     assert any(k.startswith("best.") for k in tensors)
+
+
+def test_compiled_training_model_trains_alike_and_saves_plain_weights(data, tmp_path):
+    """``compile="eager"``: TorchDynamo traces the model in the training loss (no C compiler
+    needed); the weights match the uncompiled run and the checkpoint keeps the plain names."""
+    runs = {}
+    for mode in ("off", "eager"):
+        config = TrainConfig(method="pgd", epochs=1, attack_steps=2, eval_steps=2, seed=5,
+                             batch_size=128, device="cpu", compile=mode)
+        trainer = Trainer(fresh_model(data, seed=5), data, config, tmp_path / mode)
+        trainer.fit()
+        runs[mode] = trainer
+    assert runs["eager"].train_model is not runs["eager"].model
+    plain, compiled = (load_checkpoint(tmp_path / m / "model.safetensors")[0] for m in ("off", "eager"))
+    assert set(compiled) == set(plain)  # no "_orig_mod." prefix
+    for key in plain:
+        torch.testing.assert_close(compiled[key], plain[key], rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(AdvtrainError, match="unknown compile 'fast'"):
+        TrainConfig(compile="fast")

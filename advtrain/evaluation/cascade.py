@@ -20,10 +20,13 @@ from ..attacks import APGD, APGDT, FABT, PGD, Attack, Square
 from ..attacks.base import MinNormAttack
 from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
+from .shards import Shards, chunk_seed, seeded
 
 #: The suites of :func:`advtrain.evaluate`.
 SUITES = ("quick", "standard", "thorough")
 Judge = Callable[[Tensor], Tensor]
+#: The per-sample tensors of a :class:`Cascade` that attacks change (besides ``broken_by``).
+_ROW_FIELDS = ("standing", "adv_pred", "x_adv", "norm", "margin", "measured")
 
 
 @dataclass
@@ -113,6 +116,8 @@ class Cascade:
     measured: Tensor = field(init=False)  # bool: a minimum-norm attack has run on the point
     correct: Tensor = field(init=False)  # bool: classified correctly before any attack
     per_attack: dict[str, float] = field(default_factory=dict)
+    #: The chunks the points are attacked in, and this rank's share of them.
+    shards: Shards = None  # type: ignore[assignment]  # default: one chunk, one rank
 
     def __post_init__(self) -> None:
         n = len(self.x)
@@ -122,6 +127,8 @@ class Cascade:
         self.margin = torch.where(self.standing, torch.full((n,), float("inf")), torch.zeros(n))
         self.measured = torch.zeros(n, dtype=torch.bool)
         self.correct = self.standing.clone()
+        if self.shards is None:
+            self.shards = Shards(n, max(n, 1))
 
     @property
     def robust_accuracy(self) -> float:
@@ -142,33 +149,79 @@ class Cascade:
 
     def run(self, step: Step, attack_model: nn.Module, label: str | None = None,
             among: Tensor | None = None) -> int:
-        """Run one attack on the standing points (those of ``among`` only, when given: indices);
-        returns how many it broke."""
+        """Run one attack on the standing points (those of ``among`` only, when given: indices),
+        chunk by chunk (:mod:`.shards`); returns how many it broke."""
         name = label or step.name
-        if step.min_norm:  # every point classified correctly at first, for its margin
-            index = (self.correct & ~self.measured).nonzero().squeeze(1)
-        else:
-            index = self.indices()
+        # a minimum-norm step measures every point classified correctly at first, for its margin
+        chosen = (self.correct & ~self.measured) if step.min_norm else self.standing.clone()
         if among is not None:
-            index = index[torch.isin(index, among.to(index.device))]
+            chosen &= torch.isin(torch.arange(len(self.x)), among.cpu())
+        before = self._snapshot()
         broken = 0
-        if len(index):
-            x, y = self.x[index], self.y[index]
-            if step.min_norm:
-                result = step.attack.min_norm(attack_model, x, y)  # type: ignore[attr-defined]
-                found = result.success & (result.norm <= self.threat.eps * (1 + 1e-6) + 1e-7)
-                self.margin[index] = torch.minimum(self.margin[index], result.norm.cpu())
-                self.measured[index] = True
-                x_adv = torch.where(found.reshape((-1,) + (1,) * (x.dim() - 1)),
-                                    self.threat.project(result.x_adv, x), x)
-                standing = self.standing[index]
-                index, x_adv = index[standing], x_adv[standing.to(x_adv.device)]
-            else:
-                x_adv = step.attack(attack_model, x, y)
+        for chunk, rows in self.shards.mine():
+            index = chosen[rows].nonzero().squeeze(1) + rows.start
             if len(index):
-                broken = self.record(index, x_adv, name)
+                with seeded(chunk_seed(step.attack.seed or 0, chunk), self.x.device):
+                    broken += self._attack(step, self.shards.for_chunk(step.attack, chunk),
+                                           attack_model, index, name)
+        broken = self._exchange(before, broken)
         self.per_attack[name] = self.robust_accuracy
         return broken
+
+    def measure(self, attack: MinNormAttack, attack_model: nn.Module) -> None:
+        """Robust margins of the correctly classified points not measured yet (nothing broken)."""
+        chosen = self.correct & ~self.measured
+        before = self._snapshot()
+        for chunk, rows in self.shards.mine():
+            index = chosen[rows].nonzero().squeeze(1) + rows.start
+            if len(index):
+                with seeded(chunk_seed(attack.seed or 0, chunk), self.x.device):
+                    result = self.shards.for_chunk(attack, chunk).min_norm(  # type: ignore[attr-defined]
+                        attack_model, self.x[index], self.y[index])
+                norms = torch.where(result.success, result.norm, torch.full_like(result.norm, float("inf")))
+                self.margin[index] = torch.minimum(self.margin[index], norms.cpu())
+                self.measured[index] = True
+        self._exchange(before, 0)
+
+    def _attack(self, step: Step, attack: Attack, attack_model: nn.Module, index: Tensor,
+                name: str) -> int:
+        """One attack on the points ``index`` (of one chunk); returns how many it broke."""
+        x, y = self.x[index], self.y[index]
+        if step.min_norm:
+            result = attack.min_norm(attack_model, x, y)  # type: ignore[attr-defined]
+            found = result.success & (result.norm <= self.threat.eps * (1 + 1e-6) + 1e-7)
+            self.margin[index] = torch.minimum(self.margin[index], result.norm.cpu())
+            self.measured[index] = True
+            x_adv = torch.where(found.reshape((-1,) + (1,) * (x.dim() - 1)),
+                                self.threat.project(result.x_adv, x), x)
+            standing = self.standing[index]
+            index, x_adv = index[standing], x_adv[standing.to(x_adv.device)]
+        else:
+            x_adv = attack(attack_model, x, y)
+        return self.record(index, x_adv, name) if len(index) else 0
+
+    # ------------------------------------------------------------------ ranks
+    def _snapshot(self) -> tuple[Tensor, Tensor] | None:
+        return (self.standing.clone(), self.measured.clone()) if self.shards.shared else None
+
+    def _exchange(self, before: tuple[Tensor, Tensor] | None, broken: int) -> int:
+        """Under several ranks: send the rows this rank changed since ``before``, take the
+        others'; returns the number broken over all ranks."""
+        if before is None:
+            return broken
+        changed = (self.standing != before[0]) | (self.measured != before[1])
+        index = (changed & self.shards.owned()).nonzero().squeeze(1)
+        rows = {"index": index, "broken": broken, "broken_by": [self.broken_by[i] for i in index.tolist()],
+                **{f: getattr(self, f)[index.to(getattr(self, f).device)].cpu() for f in _ROW_FIELDS}}
+        total = 0
+        for sent in self.shards.all_gather(rows):
+            total += sent["broken"]
+            for f in _ROW_FIELDS:
+                tensor = getattr(self, f)
+                tensor[sent["index"].to(tensor.device)] = sent[f].to(tensor.device)
+            for i, by in zip(sent["index"].tolist(), sent["broken_by"]):
+                self.broken_by[i] = by
+        return total
 
     def record(self, index: Tensor, x_adv: Tensor, name: str) -> int:
         """Judge adversarial candidates for the standing points ``index``; keep the successes."""

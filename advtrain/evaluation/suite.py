@@ -17,7 +17,7 @@ The order of work:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -33,7 +33,8 @@ from ..threat import ThreatModel
 from . import diagnostics as checks
 from . import metrics
 from .cascade import Cascade, Step, margin_attack, suite_attacks
-from .report import VERDICT, Escalation, Report, robustness_score
+from .report import VERDICT, Check, Escalation, Report, robustness_score
+from .shards import Shards, seeded
 
 #: A warning-level black-box check reruns Square on this share of the survivors (at least
 #: SECOND_SQUARE_LEAST of them), those closest to the boundary by their minimum-norm margin.
@@ -108,10 +109,12 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
               eot_samples: int, votes: int, radius_threshold: float,
               positive_class: int | None, examples: int, start: float, device: str) -> Report:
     n = len(x)
+    shards = Shards.current(n, batch_size)
     probe = x[: min(32, n)]
-    randomized = is_randomized(model, probe) if n else False
-    with torch.no_grad():
-        probe_out = model(probe)
+    with seeded(seed, x.device):
+        randomized = is_randomized(model, probe) if n else False
+        with torch.no_grad():
+            probe_out = model(probe)
     if probe_out.dim() != 2:
         raise AdvtrainError(f"the model must return logits (N, C), got shape {tuple(probe_out.shape)}")
     n_classes = n_classes or int(probe_out.shape[1])
@@ -128,16 +131,16 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
     if randomized:
         attack_model = EOT(attack_model, samples=eot_samples)
 
-    clean_pred = judge(x)
-    correct = (clean_pred == y).cpu()
-    state = Cascade(x, y, threat, judge, correct.clone(), clean_pred.clone())
+    clean_pred = shards.map(judge, x, seed)
+    correct = clean_pred == y.cpu()
+    state = Cascade(x, y, threat, judge, correct.clone(), clean_pred.clone(), shards=shards)
     escalations: list[Escalation] = []
     steps = suite_attacks(suite, threat, n_classes, seed, batch_size)
 
     # What a naive evaluation would have said, for the report, when the model needed repair.
     if randomized or as_probs:
         naive = Cascade(x, y, threat, lambda p: _argmax(model, p, batch_size), correct.clone(),
-                        clean_pred.clone())
+                        clean_pred.clone(), shards=shards)
         naive.run(Step("apgd-ce", APGD(threat, seed=seed, batch_size=batch_size)), model)
         reason = "randomness" if randomized else "probabilities instead of logits"
         action = ("EOT gradients and majority-vote judgement" if randomized
@@ -159,23 +162,15 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
         escalations.append(Escalation(reason, f"{action}: the whole cascade",
                                       naive.robust_accuracy, state.robust_accuracy))
 
-    # --- diagnostics on a subset of the correctly classified points
-    subset = _subset(correct, diagnostics_points, seed)
-    xs, ys = x[subset], y[subset]
-    found: list = [checks.randomness(randomized, eot_samples, votes),
-                   checks.probability_outputs(as_probs)]
-    if len(subset):
-        masked, saturated = checks.gradients(attack_model if not randomized else model, xs, ys)
-        cascade_broken = (~state.standing)[subset]
-        found += [
-            masked, saturated,
-            checks.single_step(attack_model, judge, threat, xs, ys, apgd_ce_broken[subset], seed),
-            checks.unbounded(attack_model, judge, threat, xs, ys, seed),
-            checks.eps_growth(attack_model, judge, threat, xs, ys, seed),
-        ]
-        if any(s.name == "square" for s in steps):
-            found.append(checks.black_box(white_box_survivors, square_broke))
-        found.append(checks.incomplete(attack_model, judge, threat, xs, ys, cascade_broken, seed))
+    # --- diagnostics on a subset of the correctly classified points (rank 0 runs them)
+    found: list = []
+    if shards.rank == 0:
+        with seeded(seed, x.device):
+            found = _diagnostics(attack_model, model, judge, threat, state, correct,
+                                 apgd_ce_broken, randomized, as_probs, eot_samples, votes,
+                                 diagnostics_points, seed, white_box_survivors, square_broke,
+                                 any(s.name == "square" for s in steps))
+    found = shards.from_rank_zero(found)
 
     # --- escalation
     fired = {c.name for c in found if c.triggered}
@@ -230,13 +225,7 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
 
     # --- robust margins of the points no minimum-norm attack has measured yet
     if threat.norm in ("linf", "l2"):
-        needs = (correct & ~state.measured).nonzero().squeeze(1)
-        if len(needs):
-            attack = margin_attack(threat, n_classes, seed, batch_size)
-            result = attack.min_norm(attack_model, x[needs], y[needs])
-            norms = torch.where(result.success, result.norm, torch.full_like(result.norm, float("inf")))
-            state.margin[needs] = torch.minimum(state.margin[needs], norms.cpu())
-            state.measured[needs] = True
+        state.measure(margin_attack(threat, n_classes, seed, batch_size), attack_model)
 
     return _report(model, x, y, threat, state, correct, clean_pred, found, escalations, suite,
                    n_classes, seed, radius_threshold, positive_class, examples, start, device,
@@ -250,8 +239,11 @@ def _report(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, state: 
             randomized: bool, as_probs: bool, batch_size: int, votes: int) -> Report:
     clean_acc = float(correct.float().mean()) if len(x) else float("nan")
     robust_acc = state.robust_accuracy
-    logits_clean = _logits(model, x, batch_size, randomized, as_probs)
-    logits_adv = _logits(model, state.x_adv, batch_size, randomized, as_probs)
+    def logits(points: Tensor) -> Tensor:
+        return _logits(model, points, batch_size, randomized, as_probs)
+
+    logits_clean = state.shards.map(logits, x, seed)
+    logits_adv = state.shards.map(logits, state.x_adv, seed)
     yc = y.cpu()
     margins = state.margin
     grid = metrics.eps_grid(threat.eps, margins[correct])
@@ -297,10 +289,36 @@ def _report(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, state: 
         settings={"norm": threat.norm, "eps": threat.eps, "suite": suite, "n": len(x),
                   "n_classes": n_classes, "seed": seed, "device": device,
                   "randomized": randomized, "probabilities": as_probs,
+                  "processes": state.shards.world,
                   "seconds": time.perf_counter() - start},
         examples={"x": state.x[shown].cpu(), "x_adv": state.x_adv[shown].cpu(), "y": yc[shown],
                   "clean_pred": pred_clean[shown], "adv_pred": pred_adv[shown]},
     )
+
+
+def _diagnostics(attack_model: nn.Module, model: nn.Module, judge: Callable[[Tensor], Tensor],
+                 threat: ThreatModel, state: Cascade, correct: Tensor, apgd_ce_broken: Tensor,
+                 randomized: bool, as_probs: bool, eot_samples: int, votes: int, points: int,
+                 seed: int, white_box_survivors: int, square_broke: int,
+                 ran_square: bool) -> list[Check]:
+    """The gradient-masking checks, on up to ``points`` correctly classified points."""
+    subset = _subset(correct, points, seed)
+    xs, ys = state.x[subset], state.y[subset]
+    found = [checks.randomness(randomized, eot_samples, votes), checks.probability_outputs(as_probs)]
+    if not len(subset):
+        return found
+    masked, saturated = checks.gradients(attack_model if not randomized else model, xs, ys)
+    found += [
+        masked, saturated,
+        checks.single_step(attack_model, judge, threat, xs, ys, apgd_ce_broken[subset], seed),
+        checks.unbounded(attack_model, judge, threat, xs, ys, seed),
+        checks.eps_growth(attack_model, judge, threat, xs, ys, seed),
+    ]
+    if ran_square:
+        found.append(checks.black_box(white_box_survivors, square_broke))
+    found.append(checks.incomplete(attack_model, judge, threat, xs, ys,
+                                   (~state.standing)[subset], seed))
+    return found
 
 
 # ---------------------------------------------------------------------- helpers

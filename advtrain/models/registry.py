@@ -10,12 +10,13 @@ from ..errors import AdvtrainError, unknown
 from ._shapes import as_shape
 from .mnist import mnist_large, mnist_small
 from .preact_resnet import preact_resnet18
-from .small import digits_cnn, mlp
+from .small import digits_cnn, digits_cnn_bn, mlp
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
 
 BUILDERS: dict[str, Builder] = {
     "digits-cnn": digits_cnn,
+    "digits-cnn-bn": digits_cnn_bn,
     "mlp": mlp,
     "mnist-large": mnist_large,
     "mnist-small": mnist_small,

@@ -41,7 +41,9 @@ class TrainConfig:
     ``checkpoint_every`` also saves a resumable checkpoint every so many batches (0: at the end
     of each epoch only); ``amp`` is ``auto`` (bf16, else fp16, autocast on CUDA; off on the
     CPU), ``off``, ``bf16`` or ``fp16``; ``channels_last`` is ``auto`` (on CUDA for images),
-    ``on`` or ``off``.
+    ``on`` or ``off``; ``compile`` is ``off`` or a ``torch.compile`` backend (``inductor``,
+    ...) for the model inside the training loss; ``sync_batchnorm`` computes BatchNorm
+    statistics over the global batch when several processes train (torchrun).
     """
 
     dataset: str = "digits"
@@ -78,6 +80,8 @@ class TrainConfig:
     tensorboard: bool = False
     amp: str = "auto"
     channels_last: str = "auto"
+    compile: str = "off"
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch_size")
@@ -148,6 +152,10 @@ class TrainConfig:
             raise AdvtrainError(f"channels_last must be one of {', '.join(CHANNELS_LAST)} (or "
                                 f"true/false), got {self.channels_last!r}")
         object.__setattr__(self, "channels_last", channels_last)
+        if self.compile not in COMPILE:
+            raise AdvtrainError(f"unknown compile {self.compile!r}; choose one of: {', '.join(COMPILE)}")
+        if not isinstance(self.sync_batchnorm, bool):
+            raise AdvtrainError(f"sync_batchnorm must be true or false, got {self.sync_batchnorm!r}")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -159,6 +167,8 @@ class TrainConfig:
 OPTIMIZERS = ("adam", "sgd")
 CATASTROPHIC = ("auto", "stop", "warn", "off")
 AMP = ("auto", "off", "bf16", "fp16")
+#: ``off`` or a ``torch.compile`` backend.
+COMPILE = ("off", "inductor", "aot_eager", "eager")
 CHANNELS_LAST = ("auto", "on", "off")
 #: Options of the attack inside training, which have their own configuration keys.
 _RESERVED_OPTIONS = {"steps": "attack_steps", "step_size": "attack_step_size", "threat": "eps/norm"}

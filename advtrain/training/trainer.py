@@ -275,15 +275,21 @@ class Trainer:
     ) -> None:
         self.config = config
         self.data = data
-        self.device = resolve_device(config.device)
+        self.device = distributed.rank_device(resolve_device(config.device))
         self.rank, self.world = distributed.init_from_env(self.device.type)
-        if self.world > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", distributed.local_rank())
         self.amp_dtype = _amp_dtype(config.amp, self.device)
         self.channels_last = _use_channels_last(config.channels_last, self.device, data.info)
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.sync_batchnorm = config.sync_batchnorm and self.world > 1
+        if self.sync_batchnorm:
+            self.model = distributed.synchronise_batchnorm(self.model, self.device)
+        # pinned host memory lets each batch's copy to the GPU run without blocking the host
+        self.pin_memory = self.device.type == "cuda"
+        # the model the training loss calls (compiled when asked); it shares self.model's weights
+        self.train_model = (self.model if config.compile == "off"
+                            else torch.compile(self.model, backend=config.compile))
         self.threat: ThreatModel = data.info.threat_model(norm=config.norm, eps=config.eps)
         self._base_loss = self._build_method(self.threat)
         self._loss_eps = self.threat.eps
@@ -415,11 +421,13 @@ class Trainer:
         with _bar(self.progress, f"epoch {epoch}/{self.run_epochs}", batches, done) as advance:
             for batch in range(done, batches):
                 index = order[batch * size : (batch + 1) * size]
-                x = self.data.train.x[index].to(self.device, non_blocking=True)
-                y = self.data.train.y[index].to(self.device, non_blocking=True)
+                x, y = self._fetch(index)
                 if self.augment is not None:  # the whole batch, so every rank draws alike
                     x = self.augment(x, generator)
                 batch_rows = len(y)
+                if self.sync_batchnorm and batch_rows < self.world:
+                    done = batch + 1  # a rank without rows could not join the statistics
+                    continue
                 if self.world > 1:  # this rank's share: rows rank, rank + world, ...
                     x, y = x[self.rank::self.world], y[self.rank::self.world]
                 if self.channels_last:
@@ -457,14 +465,16 @@ class Trainer:
                     if self.amp_dtype is not None else contextlib.nullcontext())
         if len(y):
             with autocast:
-                loss, logits = self.loss_fn(self.model, x, y)
+                loss, logits = self.loss_fn(self.train_model, x, y)
         else:  # a last batch smaller than the world: this rank only adds zeros
             loss = torch.zeros((), device=self.device)
             logits = torch.zeros(0, self.data.info.n_classes, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         if len(y):
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        self._reduce(len(y), batch_rows)
+            # this rank's share of the batch's mean loss; the ranks' gradients are then summed
+            share = loss if not batch_rows or batch_rows == len(y) else loss * (len(y) / batch_rows)
+            (self.scaler.scale(share) if self.scaler is not None else share).backward()
+        self._reduce()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -472,9 +482,16 @@ class Trainer:
             self.optimizer.step()
         return loss, logits
 
-    def _reduce(self, rows: int, batch_rows: int | None) -> None:
+    def _reduce(self) -> None:
         if self.world > 1:
-            distributed.reduce_gradients(self.model, rows, batch_rows or rows)
+            distributed.sum_gradients(self.model)
+
+    def _fetch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The training rows ``index`` on the device (through pinned memory on CUDA)."""
+        x, y = self.data.train.x[index], self.data.train.y[index]
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _validate(self) -> tuple[float, float]:
         """Clean and PGD accuracy on the validation split."""
