@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import attack_objective, check_loss, is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
-from .base import Attack, Outcome, _check_positive_int
+from .base import Attack, Outcome, _check_positive_int, compaction_interval
 from .registry import register
 
 
@@ -123,7 +123,7 @@ class APGD(Attack):
             state["success_target"] = success_target
         state = _keep(state, ~success)
         interval, decrease, smallest = checkpoint_schedule(self.steps)
-        since_check = 0
+        since_check, every = 0, compaction_interval(x.device)
         for i in range(self.steps):
             if len(state["index"]) == 0:
                 break
@@ -154,15 +154,17 @@ class APGD(Attack):
                 s["halved_at_check"], s["loss_at_check"] = halve, s["loss_best"].clone()
                 s["rises"] = torch.zeros_like(s["rises"])
                 interval, since_check = max(interval - decrease, smallest), 0
-            state = _keep(s, ~success)
+            if (i + 1) % every == 0:  # (every step on the CPU)
+                state = _keep(s, ~success)
         return best
 
 
 def _keep(state: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    """The per-sample state of the rows still being attacked."""
-    if bool(rows.all()):
+    """The per-sample state of the rows still being attacked (one read-back to the host)."""
+    index = rows.nonzero().squeeze(1)
+    if len(index) == len(rows):
         return state
-    return {key: value[rows] for key, value in state.items()}
+    return {key: value[index] for key, value in state.items()}
 
 
 @register("apgd-dlr")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import AdvtrainError
 from ..losses import is_adversarial
+from ..device_sync import compact_every, compaction_interval  # noqa: F401  (compact_every: re-exported)
 from ..threat import ThreatModel, lp_norm
 from .fast_grad import fast_input_gradients
 
@@ -73,15 +74,24 @@ class Outcome:
     loss: Tensor  # per sample, the objective the attack ascends (higher is worse for the model)
 
     def merge(self, other: Outcome, index: Tensor) -> None:
-        """Keep, per sample, the worse of self[index] and ``other`` (success first, then loss)."""
+        """Keep, per sample, the worse of self[index] and ``other`` (success first, then loss).
+
+        On the CPU only the better rows are copied; elsewhere (see :func:`compaction_interval`)
+        whole rows are gathered, selected and scattered, so nothing is read back to the host."""
         have_success, have_loss = self.success[index], self.loss[index]
         better = (other.success & ~have_success) | (
             (other.success == have_success) & (other.loss > have_loss)
         )
-        chosen = index[better]
-        self.x_adv[chosen] = other.x_adv[better]
-        self.success[chosen] = other.success[better]
-        self.loss[chosen] = other.loss[better]
+        if compaction_interval(index.device) == 1:
+            chosen = index[better]
+            self.x_adv[chosen] = other.x_adv[better]
+            self.success[chosen] = other.success[better]
+            self.loss[chosen] = other.loss[better]
+            return
+        rows = better.reshape((-1,) + (1,) * (other.x_adv.dim() - 1))
+        self.x_adv[index] = torch.where(rows, other.x_adv, self.x_adv[index])
+        self.success[index] = torch.where(better, other.success, have_success)
+        self.loss[index] = torch.where(better, other.loss, have_loss)
 
 
 class Attack(ABC):

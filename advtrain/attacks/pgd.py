@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import attack_objective, check_loss, is_adversarial
 from ..threat import ThreatModel
-from .base import Attack, Outcome, _check_positive_int
+from .base import Attack, Outcome, _check_positive_int, compaction_interval
 from .registry import register
 
 
@@ -95,6 +95,7 @@ class PGD(Attack):
         )
         active = torch.arange(len(x), device=x.device)  # rows of `best` still being attacked
         x_clean, labels, targets = x, y, target
+        every = compaction_interval(x.device)
         for step in range(self.steps + 1):
             last = step == self.steps
             x_adv = x_adv.detach().requires_grad_(not last)
@@ -110,7 +111,7 @@ class PGD(Attack):
             if last:
                 break
             (grad,) = torch.autograd.grad(objective.sum(), x_adv)
-            if self.early_stop and bool(success.any()):
+            if self.early_stop and (step + 1) % every == 0 and bool(success.any()):
                 keep = ~success
                 active, x_adv, grad = active[keep], x_adv[keep], grad[keep]
                 x_clean, labels = x_clean[keep], labels[keep]

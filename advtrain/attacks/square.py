@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import cross_entropy, cw_margin, is_adversarial
 from ..threat import ThreatModel
-from .base import Attack, Outcome, _check_positive_int
+from .base import Attack, Outcome, _check_positive_int, compaction_interval
 from .fast_grad import suspended
 from .registry import register
 
@@ -164,8 +164,9 @@ def random_signs(shape: tuple[int, ...], generator: torch.Generator | None, like
 
 
 def _keep(state: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    """The per-sample state of the rows still being attacked."""
-    return {key: value[rows] for key, value in state.items()}
+    """The per-sample state of the rows still being attacked (one read-back to the host)."""
+    index = rows.nonzero().squeeze(1)
+    return {key: value[index] for key, value in state.items()}
 
 
 def _per_sample(values: Tensor) -> Tensor:
@@ -304,20 +305,31 @@ class Square(Attack):
         first = self._start_linf(state, generator) if linf else self._start_l2(state, context)
         state["cur"] = state["x"].clone()
         state["loss"] = torch.full((len(first),), float("-inf"), device=x.device)
+        # On an accelerator the points that became adversarial stay in the batch, inactive, and
+        # are dropped every few iterations only: no read-back to the host in between.
+        every = compaction_interval(x.device)
+        state["active"] = torch.ones(len(first), dtype=torch.bool, device=x.device)
         for i in range(-1, self.n_queries - 2):
             if len(state["index"]) == 0:
                 break
             if i == -1:  # the start is taken whatever its loss, as in the authors' code
                 candidate, changed = first, (first != state["x"]).flatten(1).any(1)
             elif linf:
-                candidate, changed = self._propose_linf(state, i, generator)
+                candidate, changed = self._propose_linf(state, i, generator, every > 1)
             else:
                 candidate, changed = self._propose_l2(state, i, context)
-            state = self._query(model, state, candidate, changed, best, queries, shape)
-        index = state["index"]
+            if every == 1:
+                state = self._query(model, state, candidate, changed, best, queries, shape)
+            else:
+                self._query_all(model, state, candidate, changed, best, queries, shape)
+                if (i + 2) % every == 0:
+                    state = _keep(state, state["active"])
+        index, active = state["index"], state["active"]
         if len(index):
-            best.x_adv[index] = state["cur"].reshape(len(index), *shape[1:])
-            queried = state["loss"] > float("-inf")  # else the point never moved: keep its loss
+            rows = active.reshape((-1,) + (1,) * (len(shape) - 1))
+            best.x_adv[index] = torch.where(rows, state["cur"].reshape(len(index), *shape[1:]),
+                                            best.x_adv[index])
+            queried = active & (state["loss"] > float("-inf"))  # else never moved: keep its loss
             best.loss[index] = torch.where(queried, state["loss"], best.loss[index])
 
     def _query(
@@ -357,6 +369,30 @@ class Square(Attack):
             state = _keep(state, ~success)
         return state
 
+    def _query_all(
+        self, model: nn.Module, state: dict[str, Tensor], candidate: Tensor, changed: Tensor,
+        best: Outcome, queries: Tensor, shape: torch.Size,
+    ) -> None:
+        """:meth:`_query` without reading anything back to the host: every row is passed to the
+        model, but only the active rows that changed count as queries and can be accepted; the
+        points that became adversarial are written into ``best`` and made inactive."""
+        target = state.get("target")
+        changed = changed & state["active"]
+        logits = model(candidate.reshape(len(candidate), *shape[1:]))
+        loss = self._objective(logits, state["y"], target).masked_fill(~changed, float("-inf"))
+        success = is_adversarial(logits, state["y"], target) & changed
+        index = state["index"]
+        queries[index] += changed.to(queries.dtype)
+        accept = (success | (loss > state["loss"])) & changed
+        state["cur"] = torch.where(_per_sample(accept), candidate, state["cur"])
+        state["loss"] = torch.where(accept, loss, state["loss"])
+        rows = success.reshape((-1,) + (1,) * (len(shape) - 1))
+        best.x_adv[index] = torch.where(rows, candidate.reshape(len(index), *shape[1:]),
+                                        best.x_adv[index])
+        best.success[index] = best.success[index] | success
+        best.loss[index] = torch.where(success, loss, best.loss[index])
+        state["active"] = state["active"] & ~success
+
     # ------------------------------------------------------------------ linf
     def _start_linf(self, state: dict[str, Tensor], generator: torch.Generator | None) -> Tensor:
         """Vertical stripes: one random sign per channel and column, ``x ± eps`` in bounds."""
@@ -365,12 +401,15 @@ class Square(Attack):
         return torch.where(signs > 0, state["plus"], state["minus"])
 
     def _propose_linf(
-        self, state: dict[str, Tensor], iteration: int, generator: torch.Generator | None
+        self, state: dict[str, Tensor], iteration: int, generator: torch.Generator | None,
+        dense: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Set one random window per point to ``x ± eps`` (a random sign per channel). Where that
         would leave the point unchanged, flip a uniformly drawn non-empty subset of the channels'
         signs instead: the authors' redraw until something changes, in one step. Works on the
-        windows only (gather/scatter); returns the candidates and which of them changed."""
+        windows only (gather/scatter); returns the candidates and which of them changed.
+        ``dense``: draw the flips for every point and pick them where needed, with no read-back
+        to the host."""
         cur = state["cur"]
         n, c, h, w = cur.shape
         size = window_shape(p_selection(self.p_init, iteration, self.n_queries), h, w, "linf")
@@ -382,7 +421,12 @@ class Square(Attack):
         signs = random_signs((n, c, 1), generator, cur)
         new = torch.where(signs > 0, plus, minus).reshape(n, -1)
         changed = (new != old).any(1)
-        if not bool(changed.all()):
+        if dense:
+            flips = _nonempty_subsets(n, c, generator, cur).reshape(n, c, 1)
+            redrawn = torch.where(signs * (1 - 2 * flips) > 0, plus, minus).reshape(n, -1)
+            new = torch.where(changed[:, None], new, redrawn)
+            changed = (new != old).any(1)
+        elif not bool(changed.all()):
             rows = (~changed).nonzero().squeeze(1)
             flips = _nonempty_subsets(len(rows), c, generator, cur).reshape(len(rows), c, 1)
             signs = signs[rows] * (1 - 2 * flips)

@@ -440,13 +440,17 @@ class Trainer:
                         group["lr"] = cfg.lr * multiplier
                     loss, logits = self._step(x, y, batch_rows)
                     self.global_step += 1
-                    total_loss += float(loss.detach()) * len(y)
-                    total_correct += int((logits.detach().argmax(1) == y).sum())
+                    # summed on the device: read back for the bar and the checkpoints only
+                    total_loss = total_loss + loss.detach().double() * len(y)
+                    total_correct = total_correct + (logits.detach().argmax(1) == y).sum()
                     seen += len(y)
-                advance(f"loss {total_loss / seen:.4f}  acc {total_correct / seen:.2%}")
+                advance(lambda: f"loss {float(total_loss) / max(seen, 1):.4f}  "
+                                f"acc {int(total_correct) / max(seen, 1):.2%}")
                 done = batch + 1
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < batches:
-                    self._save_resume(epoch, done, order, (total_loss, total_correct, seen))
+                    self._save_resume(epoch, done, order,
+                                      (float(total_loss), int(total_correct), seen))
+        total_loss, total_correct = float(total_loss), int(total_correct)
         if self.world > 1:
             total_loss, total_correct, seen = distributed.sum_over_ranks(
                 [total_loss, total_correct, seen], self.device)
@@ -880,18 +884,26 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+#: The training bar shows the running loss and accuracy every this many batches.
+BAR_REFRESH = 10
+
+
 def _state_copy(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class _bar:
-    """A rich progress bar, or nothing, used as ``with _bar(...) as advance: advance(text)``."""
+    """A rich progress bar, or nothing, used as ``with _bar(...) as advance: advance(text)``.
+
+    ``text`` is a function, called for every :data:`BAR_REFRESH`-th batch and the last one only:
+    its figures are read back from the device, which makes the host wait for it.
+    """
 
     def __init__(self, enabled: bool, label: str, total: int, completed: int = 0) -> None:
         self.enabled, self.label, self.total, self.completed = enabled, label, total, completed
         self.progress: Progress | None = None
 
-    def __enter__(self) -> Callable[[str], None]:
+    def __enter__(self) -> Callable[[Callable[[], str]], None]:
         console = Console(stderr=True)
         if not self.enabled or not console.is_terminal:
             return lambda text: None
@@ -903,8 +915,16 @@ class _bar:
         self.progress.start()
         task = self.progress.add_task(self.label, total=self.total, completed=self.completed,
                                       status="")
-        progress = self.progress
-        return lambda text: progress.update(task, advance=1, status=text)
+        progress, count = self.progress, [self.completed]
+
+        def advance(text: Callable[[], str]) -> None:
+            count[0] += 1
+            if count[0] % BAR_REFRESH == 0 or count[0] == self.total:
+                progress.update(task, advance=1, status=text())
+            else:
+                progress.update(task, advance=1)
+
+        return advance
 
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
