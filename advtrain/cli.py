@@ -10,6 +10,7 @@ import inspect
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -102,7 +103,7 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
           method_option: tuple[str, ...], nproc: int, **options: Any) -> None:
     """Train a model, adversarially by default; with no options, PGD training on digits."""
     from .data import load_dataset
-    from .distributed import env_world_size, shutdown
+    from .distributed import env_world_size
     from .models import build_model
     from .training import Trainer, load_config
     from .training.config import load_run_config, parse_method_options
@@ -141,7 +142,21 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
                f"{result.test_robust_accuracy:.2%} under PGD-40 ({trainer.threat.norm} "
                f"eps={trainer.threat.eps:g}); {result.seconds:.1f}s")
     say(f"run directory: {config.out}")
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """The end of a command under torchrun: leave the group together, then exit at once. (The
+    interpreter's own teardown of torch's distributed objects has been seen to abort the
+    process now and then, after all the work was done and written.)"""
+    from .distributed import env_world_size, shutdown
+
+    if env_world_size() == 1:
+        return
     shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _torchrun(command: str, nproc: int) -> int:
@@ -198,7 +213,7 @@ def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None
     gradient-masking diagnostics with automatic escalation, and every metric. Under torchrun
     (or with --nproc) the ranks share the points and rank 0 writes the report.
     """
-    from .distributed import env_world_size, init_from_env, rank_device, shutdown
+    from .distributed import env_world_size, init_from_env, rank_device
     from .evaluation.cascade import SUITES
     from .training.trainer import resolve_device
 
@@ -253,7 +268,7 @@ def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None
     if html_path and rank == 0:
         report.to_html(html_path)
         say(f"report: {html_path}")
-    shutdown()
+    _leave_process_group()
 
 
 def _evaluate_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,

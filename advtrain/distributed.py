@@ -104,11 +104,11 @@ def barrier() -> None:
     dist.barrier()
 
 
-def gathered(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``tensor`` (CPU), in rank order, on every rank."""
+def gathered_objects(item: object) -> list[object]:
+    """Every rank's ``item`` (picklable; tensors on the CPU), in rank order, on every rank."""
     items: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(items, tensor.cpu())
-    return [item for item in items if isinstance(item, torch.Tensor)]
+    dist.all_gather_object(items, item)
+    return items
 
 
 class _SumOverRanks(torch.autograd.Function):

@@ -636,8 +636,15 @@ class Trainer:
     def _save_resume(self, next_epoch: int, next_batch: int, order: Tensor | None,
                      totals: tuple[float, int, int] | None) -> None:
         """Write everything needed to go on from batch ``next_batch`` of epoch ``next_epoch``."""
-        # every rank's own random state (its random starts), gathered by rank 0
-        rank_states = distributed.gathered(torch.get_rng_state()) if self.world > 1 else []
+        # every rank's own random state (its random starts), method state (e.g. the perturbation
+        # `free` carries) and running totals of the epoch, gathered by rank 0
+        ranks: list[Any] = []
+        if self.world > 1:
+            own: dict[str, Tensor] = {}
+            own_meta = _save_method_state(self._base_loss, own)
+            ranks = distributed.gathered_objects((torch.get_rng_state(),
+                                                  {k: v.cpu() for k, v in own.items()},
+                                                  own_meta, totals))
         if self.run_dir is None:
             return
         self._serial += 1
@@ -653,8 +660,9 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[name] = value
         tensors["rng.torch"] = torch.get_rng_state()
-        for rank, state in enumerate(rank_states):
+        for rank, (state, method_tensors, _, _) in enumerate(ranks):
             tensors[f"rng.torch.rank{rank}"] = state
+            tensors.update({f"ranks.{rank}.{k}": v for k, v in method_tensors.items()})  # method.*
         tensors["rng.batches"] = self.generator.get_state()
         cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         for i, state in enumerate(cuda_states):
@@ -673,6 +681,8 @@ class Trainer:
             "optimizer": {"param_groups": optimizer["param_groups"], "scalars": scalars},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "method_state": _save_method_state(self._base_loss, tensors),
+            "ranks": [{"method_state": m, "epoch_totals": list(t) if t is not None else None}
+                      for _, _, m, t in ranks],
         }
         save_checkpoint(self.run_dir / RESUME_SLOTS[self._serial % 2], tensors, meta)
 
@@ -742,14 +752,22 @@ class Trainer:
             self.warnings = list(meta["warnings"])
             self._serial = meta["serial"]
             self._next_epoch = meta["next_epoch"]
+            # this rank's own state when the checkpoint has it (same number of ranks), else
+            # rank 0's (totals: rank 0 only, the other ranks' rows then left out of the epoch's)
+            own = meta.get("ranks") or []
+            own = own[self.rank] if len(own) == self.world else None
             if meta["next_batch"]:
-                # rank 0's running totals; the other ranks' rows before the checkpoint are
-                # not in the epoch's training loss and accuracy
-                total_loss, total_correct, seen = meta["epoch_totals"] if self.rank == 0 else (0, 0, 0)
+                totals = (own["epoch_totals"] if own is not None
+                          else meta["epoch_totals"] if self.rank == 0 else (0, 0, 0))
+                total_loss, total_correct, seen = totals
                 self._partial = (tensors["epoch.order"], meta["next_batch"], total_loss,
                                  total_correct, seen)
-            _load_method_state(self._base_loss, take("method."), meta["method_state"],
-                               self.model, self.device)
+            if own is not None:
+                _load_method_state(self._base_loss, take(f"ranks.{self.rank}.method."),
+                                   own["method_state"], self.model, self.device)
+            else:
+                _load_method_state(self._base_loss, take("method."), meta["method_state"],
+                                   self.model, self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot resume {self.source_dir}: its checkpoint does not fit "
                                   f"this run ({type(exc).__name__}: {one_line(exc, 120)})") from None
