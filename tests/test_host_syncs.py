@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from advtrain.attacks import APGD, APGDT, PGD, Square
+from advtrain.attacks import APGD, APGDT, FABT, PGD, CarliniWagnerL2, Square
 from advtrain.attacks.base import compact_every
 
 SYNCING = {Tensor.__bool__, Tensor.item, Tensor.tolist, Tensor.nonzero, torch.nonzero,
@@ -60,6 +60,11 @@ ATTACKS = {
     "pgd-l1": lambda budget: PGD(norm="l1", eps=1e-4, steps=budget, early_stop=True, seed=0),
     "square-linf": lambda budget: Square(eps=1e-4, n_queries=budget, seed=0),
     "square-l2": lambda budget: Square(norm="l2", eps=1e-4, n_queries=budget, seed=0),
+    # minimum-norm attacks, unbounded (FAB-T over 2 targets: its loop runs twice)
+    "fab-t": lambda budget: FABT(n_targets=2, steps=budget, seed=0),
+    # CW's early-abort check reads back every steps / 10 steps, by design
+    "cw-l2": lambda budget: CarliniWagnerL2(binary_search_steps=1, steps=budget,
+                                            abort_early=False),
 }
 
 
@@ -86,7 +91,9 @@ def test_accelerator_path_breaks_the_same_points(digits_model, digits, name):
               "pgd-early-stop": PGD(eps=0.1, steps=20, early_stop=True, seed=0),
               "pgd-l1": PGD(norm="l1", eps=3.0, steps=20, early_stop=True, seed=0),
               "square-linf": Square(eps=0.1, n_queries=300, seed=0),
-              "square-l2": Square(norm="l2", eps=0.6, n_queries=300, seed=0)}[name]
+              "square-l2": Square(norm="l2", eps=0.6, n_queries=300, seed=0),
+              "fab-t": FABT(eps=0.1, n_targets=3, steps=30, seed=0),
+              "cw-l2": CarliniWagnerL2(eps=0.6, binary_search_steps=2, steps=50)}[name]
     results = {}
     for every in (1, 20):
         with compact_every(every):

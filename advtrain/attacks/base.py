@@ -56,6 +56,16 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def put_rows(target: Tensor, index: Tensor, chosen: Tensor, values: Tensor) -> None:
+    """``target[index[chosen]] = values[chosen]``: on the CPU by selecting the rows; elsewhere
+    (see :func:`compaction_interval`) by writing ``index``'s rows whole, with no read-back."""
+    if compaction_interval(target.device) == 1:
+        target[index[chosen]] = values[chosen]
+        return
+    rows = chosen.reshape((-1,) + (1,) * (values.dim() - 1))
+    target[index] = torch.where(rows, values, target[index])
+
+
 def model_device(model: nn.Module, default: torch.device) -> torch.device:
     """The device of the model's first parameter or buffer (``default`` for a stateless model)."""
     for tensor in model.parameters():

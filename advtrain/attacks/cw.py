@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import cw_margin, is_adversarial
 from ..threat import ThreatModel
-from .base import MinNormAttack, Outcome, _check_positive_int
+from .base import MinNormAttack, Outcome, _check_positive_int, put_rows
 from .registry import register
 
 #: Shrinks the scaled clean point before ``atanh`` so points on the bounds stay finite.
@@ -206,12 +206,10 @@ class CarliniWagnerL2(MinNormAttack):
             with torch.no_grad():
                 index = s["index"]
                 broken = is_adversarial(logits, s["y"], s.get("target")) & (margin >= self.confidence)
-                success[index[broken]] = True
+                success[index] = success[index] | broken
                 better = broken & (l2 < best_l2[index])
-                if bool(better.any()):
-                    chosen = index[better]
-                    best_l2[chosen] = l2[better]
-                    x_best[chosen] = x_adv[better]
+                put_rows(best_l2, index, better, l2)
+                put_rows(x_best, index, better, x_adv)
                 t = step + 1
                 s["m1"] = beta1 * s["m1"] + (1 - beta1) * grad
                 s["m2"] = beta2 * s["m2"] + (1 - beta2) * grad * grad

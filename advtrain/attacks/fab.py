@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
-from .base import MinNormAttack, Outcome, _check_positive_int
+from .base import MinNormAttack, Outcome, _check_positive_int, put_rows
 from .deepfool import boundary_gradients, dual_norm
 from .registry import register
 
@@ -312,8 +312,8 @@ class FAB(MinNormAttack):
                 success = is_adversarial(model(x1), y0, wanted)
                 size = lp_norm(x1 - x0, norm)
                 better = success & (size < best_norm[index])
-                best_x[index[better]] = x1[better]
-                best_norm[index[better]] = size[better]
+                put_rows(best_x, index, better, x1)
+                put_rows(best_norm, index, better, size)
                 x1 = torch.where(success.reshape(shape), x0 + self.beta * (x1 - x0), x1)
         return best_x, best_norm
 
@@ -384,6 +384,6 @@ class FABT(FAB):
             found, norms = self.descend(model, x[index], y[index], ranked[index, rank], None,
                                         generator, radius)
             better = norms < best_norm[index]
-            best_x[index[better]] = found[better]
-            best_norm[index[better]] = norms[better]
+            put_rows(best_x, index, better, found)
+            put_rows(best_norm, index, better, norms)
         return best_x
