@@ -75,8 +75,11 @@ def evaluate(
         suite: ``"quick"``, ``"standard"`` (AutoAttack's recipe, default) or ``"thorough"``.
         n_classes: number of classes (default: the width of the model's output).
         device: where to run (default: the model's device); the model is moved there.
-        seed: seeds every attack, so a run can be repeated exactly.
-        batch_size: most points per forward pass.
+        seed: seeds every attack (and torch's global generator, for randomised models), so a run
+            can be repeated exactly.
+        batch_size: most points per forward pass, and the size of the chunks the points are
+            attacked in (:mod:`.shards`): under ``torch.distributed`` each rank attacks its share
+            of the chunks and every rank returns the merged report, equal to one process's.
         diagnostics_points: size of the subset the masking checks run on.
         eot_samples, votes: passes per gradient and per judgement for a randomised model.
         radius_threshold: the adversarial radius is the largest eps where accuracy stays at or
