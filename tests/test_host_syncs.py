@@ -104,3 +104,22 @@ def test_accelerator_path_breaks_the_same_points(digits_model, digits, name):
         assert abs(int(results[20].sum()) - int(results[1].sum())) <= 3
     else:
         assert torch.equal(results[20], results[1])
+
+
+def test_standard_evaluation_on_the_accelerator_schedule(digits_model, digits):
+    """The whole standard cascade (APGD-CE, APGD-T, FAB-T, Square, diagnostics, margins) with the
+    accelerator schedule forced: it runs, stays in the threat model, and finds what the CPU
+    schedule finds (Square's random draws differ, so within a point or two)."""
+    import advtrain
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    reports = {}
+    for every in (1, 20):
+        with compact_every(every):
+            reports[every] = advtrain.evaluate(digits_model, x, y, eps=0.05, seed=0,
+                                               diagnostics_points=20)
+    cpu, accelerator = reports[1], reports[20]
+    assert accelerator.clean_accuracy == cpu.clean_accuracy
+    assert 0 < cpu.robust_accuracy < cpu.clean_accuracy  # survivors: every attack had work
+    assert abs(accelerator.robust_accuracy - cpu.robust_accuracy) <= 2 / len(x)
+    assert accelerator.robust_margin["median"] == pytest.approx(cpu.robust_margin["median"], rel=1e-4)
