@@ -157,31 +157,38 @@ class Cascade:
         if among is not None:
             chosen &= torch.isin(torch.arange(len(self.x)), among.cpu())
         before = self._snapshot()
-        broken = 0
-        for chunk, rows in self.shards.mine():
-            index = chosen[rows].nonzero().squeeze(1) + rows.start
-            if len(index):
-                with seeded(chunk_seed(step.attack.seed or 0, chunk), self.x.device):
-                    broken += self._attack(step, self.shards.for_chunk(step.attack, chunk),
-                                           attack_model, index, name)
+        broken = self._each_chunk(chosen, step.attack,
+                                  lambda attack, index: self._attack(step, attack, attack_model,
+                                                                     index, name))
         broken = self._exchange(before, broken)
         self.per_attack[name] = self.robust_accuracy
         return broken
 
     def measure(self, attack: MinNormAttack, attack_model: nn.Module) -> None:
         """Robust margins of the correctly classified points not measured yet (nothing broken)."""
-        chosen = self.correct & ~self.measured
         before = self._snapshot()
+        self._each_chunk(self.correct & ~self.measured, attack,
+                         lambda chunk_attack, index: self._margins(chunk_attack, attack_model, index))
+        self._exchange(before, 0)
+
+    def _each_chunk(self, chosen: Tensor, attack: Attack,
+                    work: Callable[[Attack, Tensor], int]) -> int:
+        """``work(attack seeded for the chunk, indices)`` on the ``chosen`` points of each chunk of
+        this rank, with torch's global generator seeded for the chunk; the sum of its results."""
+        total = 0
         for chunk, rows in self.shards.mine():
             index = chosen[rows].nonzero().squeeze(1) + rows.start
             if len(index):
                 with seeded(chunk_seed(attack.seed or 0, chunk), self.x.device):
-                    result = self.shards.for_chunk(attack, chunk).min_norm(  # type: ignore[attr-defined]
-                        attack_model, self.x[index], self.y[index])
-                norms = torch.where(result.success, result.norm, torch.full_like(result.norm, float("inf")))
-                self.margin[index] = torch.minimum(self.margin[index], norms.cpu())
-                self.measured[index] = True
-        self._exchange(before, 0)
+                    total += work(self.shards.for_chunk(attack, chunk), index)
+        return total
+
+    def _margins(self, attack: Attack, attack_model: nn.Module, index: Tensor) -> int:
+        result = attack.min_norm(attack_model, self.x[index], self.y[index])  # type: ignore[attr-defined]
+        norms = torch.where(result.success, result.norm, torch.full_like(result.norm, float("inf")))
+        self.margin[index] = torch.minimum(self.margin[index], norms.cpu())
+        self.measured[index] = True
+        return 0
 
     def _attack(self, step: Step, attack: Attack, attack_model: nn.Module, index: Tensor,
                 name: str) -> int:
