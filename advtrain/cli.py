@@ -247,6 +247,10 @@ def evaluate(run_dir: str | None, model_file: str | None, model_name: str | None
         return
     from .evaluation import evaluate as run_evaluation
 
+    chunks, world = -(-len(x) // batch_size), env_world_size()
+    if world > chunks:
+        say(f"note: {world} processes share {chunks} chunk(s) of --batch-size {batch_size}; "
+            f"--batch-size {-(-len(x) // world)} or less gives each of them work")
     report = run_evaluation(model, x, y, threat=threat, suite=suite, seed=seed,
                             batch_size=batch_size, n_classes=data.info.n_classes,
                             positive_class=1 if data.info.n_classes == 2 else None)

@@ -86,7 +86,8 @@ class Report:
             ``broken_by`` (``"clean"`` when misclassified already, an attack name, or ``None``),
             ``perturbation_norm`` (of the example that broke it) and ``min_norm`` (``inf`` when
             no adversarial example was found by the minimum-norm attack, ``None`` if not run).
-        settings: norm, eps, suite, n, n_classes, seed, device, time in seconds, model flags.
+        settings: norm, eps, suite, n, n_classes, seed, batch_size (it fixes the chunks the
+            seeds follow), device, processes, time in seconds, model flags.
     """
 
     clean_accuracy: float

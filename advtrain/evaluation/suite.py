@@ -292,7 +292,7 @@ def _report(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, state: 
         settings={"norm": threat.norm, "eps": threat.eps, "suite": suite, "n": len(x),
                   "n_classes": n_classes, "seed": seed, "device": device,
                   "randomized": randomized, "probabilities": as_probs,
-                  "processes": state.shards.world,
+                  "processes": state.shards.world, "batch_size": batch_size,
                   "seconds": time.perf_counter() - start},
         examples={"x": state.x[shown].cpu(), "x_adv": state.x_adv[shown].cpu(), "y": yc[shown],
                   "clean_pred": pred_clean[shown], "adv_pred": pred_adv[shown]},
