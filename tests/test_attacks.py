@@ -13,7 +13,7 @@ from torch import nn
 from advtrain import ThreatModel
 from advtrain.attacks import APGD, APGDDLR, APGDT, ATTACKS, FGSM, PGD, Attack, Outcome, make_attack
 from advtrain.attacks.apgd import checkpoint_schedule
-from advtrain.attacks.base import compact_every
+from advtrain.device_sync import compact_every
 from advtrain.errors import AdvtrainError, UnknownNameError
 from advtrain.evaluation import predict
 

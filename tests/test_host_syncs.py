@@ -2,7 +2,7 @@
 
 On a GPU every read-back (``bool(t)``, ``.item()``, ``nonzero``, a boolean-mask index) makes the
 host wait for the device. The loops of APGD, PGD with early stopping and Square drop their broken
-points only every few steps there (:func:`~advtrain.attacks.base.compaction_interval`); on the
+points only every few steps there (:func:`~advtrain.device_sync.compaction_interval`); on the
 CPU they drop them at every step. ``compact_every`` forces the accelerator schedule on the CPU,
 and a torch-function mode counts the calls that would synchronise.
 """
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from advtrain.attacks import APGD, APGDT, FABT, PGD, CarliniWagnerL2, Square
-from advtrain.attacks.base import compact_every
+from advtrain.device_sync import compact_every
 
 SYNCING = {Tensor.__bool__, Tensor.item, Tensor.tolist, Tensor.nonzero, torch.nonzero,
            Tensor.__int__, Tensor.__float__, Tensor.__index__, torch.masked_select,

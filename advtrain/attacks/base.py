@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import AdvtrainError
 from ..losses import is_adversarial
-from ..device_sync import compact_every, compaction_interval  # noqa: F401  (compact_every: re-exported)
+from ..device_sync import compaction_interval
 from ..threat import ThreatModel, lp_norm
 from .fast_grad import fast_input_gradients
 
@@ -58,7 +58,8 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 def put_rows(target: Tensor, index: Tensor, chosen: Tensor, values: Tensor) -> None:
     """``target[index[chosen]] = values[chosen]``: on the CPU by selecting the rows; elsewhere
-    (see :func:`compaction_interval`) by writing ``index``'s rows whole, with no read-back."""
+    (see :func:`~advtrain.device_sync.compaction_interval`) by writing ``index``'s rows whole,
+    with no read-back."""
     if compaction_interval(target.device) == 1:
         target[index[chosen]] = values[chosen]
         return
@@ -86,8 +87,9 @@ class Outcome:
     def merge(self, other: Outcome, index: Tensor) -> None:
         """Keep, per sample, the worse of self[index] and ``other`` (success first, then loss).
 
-        On the CPU only the better rows are copied; elsewhere (see :func:`compaction_interval`)
-        whole rows are gathered, selected and scattered, so nothing is read back to the host."""
+        On the CPU only the better rows are copied; elsewhere (see
+        :func:`~advtrain.device_sync.compaction_interval`) whole rows are gathered, selected and
+        scattered, so nothing is read back to the host."""
         have_success, have_loss = self.success[index], self.loss[index]
         better = (other.success & ~have_success) | (
             (other.success == have_success) & (other.loss > have_loss)

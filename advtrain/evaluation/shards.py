@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..attacks.base import Attack
+from ..distributed import gathered_objects
 
 #: Seeds of chunk ``c > 0`` are ``seed + SEED_STRIDE * c``; chunk 0 keeps ``seed``, so an
 #: evaluation of at most ``batch_size`` points is seeded exactly as its attacks were built.
@@ -106,11 +107,7 @@ class Shards:
     # ------------------------------------------------------------------ exchange between ranks
     def all_gather(self, item: T) -> list[T]:
         """Every rank's ``item`` (picklable; tensors on the CPU), in rank order."""
-        if not self.shared:
-            return [item]
-        items: list[Any] = [None] * self.world
-        dist.all_gather_object(items, item)
-        return items
+        return gathered_objects(item) if self.shared else [item]  # type: ignore[return-value]
 
     def from_rank_zero(self, item: T) -> T:
         """Rank 0's ``item`` on every rank."""
