@@ -75,6 +75,31 @@ def test_every_attack_stays_inside_its_threat_model(
     assert bool(threat.contains(x_adv, x).all())
 
 
+class _Detached(nn.Module):
+    """A model whose output is cut off from autograd's graph of its input (a step done outside
+    torch, say): gradient attacks must see a zero gradient, not raise."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.detach())
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_every_attack_runs_on_a_model_without_input_gradients(name):
+    threat = ThreatModel("linf" if "linf" in ATTACKS[name].norms else ATTACKS[name].norms[0], 0.3)
+    x, y = torch.rand(6, 1, 4, 4), torch.randint(0, 3, (6,))
+    model = _Detached(_tiny_model(0, 16, 3))
+    extra = {}
+    if name == "transfer":
+        extra = {"surrogate": _tiny_model(1, 16, 3), "attack_options": {"steps": 3}}
+    attack = make_attack(name, threat=threat, seed=0, **small_budget(ATTACKS[name]), **extra)
+    x_adv = attack(model, x, y)
+    assert x_adv.shape == x.shape and bool(threat.contains(x_adv, x).all())
+
+
 def test_attack_restores_model_state_and_leaves_no_gradients():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     model.train()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -76,6 +77,31 @@ class Softmaxed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=1)
+
+
+class NumpyQuantized(nn.Module):
+    """Quantisation done in NumPy: the output is cut off from autograd's graph of the input, and
+    no torch-level straight-through estimator can see the step."""
+
+    def __init__(self, model: nn.Module, levels: int = 8) -> None:
+        super().__init__()
+        self.model, self.levels = model, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = np.round(x.detach().cpu().numpy() * (self.levels - 1)) / (self.levels - 1)
+        return self.model(torch.from_numpy(steps).to(x.dtype))
+
+
+class HardLabels(nn.Module):
+    """A model that answers one-hot vectors of its decision: neither gradients nor scores."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
 
 
 def _naive_pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -153,7 +179,11 @@ def test_dataloader_and_seed_reproducibility(digits_model, points, honest_report
     (lambda m: Quantized(m), "zero or NaN gradients", True),
     (lambda m: Wiggle(m, random=False), "black-box stronger than white-box", True),
     (lambda m: Softmaxed(m), "probabilities instead of logits", False),
-], ids=["distillation-like", "quantisation", "unlisted-kind", "probabilities"])
+    (lambda m: NumpyQuantized(m), "zero or NaN gradients", True),
+    (lambda m: HardLabels(m), "zero or NaN gradients", True),
+    (lambda m: Softmaxed(LogitScale(m, temperature=50.0)), "zero or NaN gradients", True),
+], ids=["distillation-like", "quantisation", "unlisted-kind", "probabilities", "numpy-step",
+        "hard-labels", "saturated-probabilities"])
 def test_masking_defences_are_exposed(digits_model, points, defence, expected, masks):
     x, y = points
     model = defence(digits_model)

@@ -114,6 +114,22 @@ def test_linf_minimum_norm(digits_model, points):
     assert torch.allclose(result.norm, lp_norm(result.x_adv - x, "linf"), atol=1e-6)
 
 
+def test_bounded_run_stops_a_point_once_it_is_inside_eps(digits_model, points):
+    x, y = points
+    eps = 0.3
+    unbounded = HopSkipJump(norm="linf", steps=10, seed=0)
+    found = unbounded.min_norm(digits_model, x, y)
+    bounded = HopSkipJump(norm="linf", eps=eps, steps=10, seed=0)
+    x_adv = bounded(digits_model, x, y)
+    assert bool(ThreatModel("linf", eps).contains(x_adv, x).all())
+    with torch.no_grad():
+        broken = digits_model(x_adv).argmax(1) != y
+    within = found.norm <= eps
+    assert bool(within.any()) and bool(broken[within].all())
+    # A point inside eps stops querying: the bounded run spends less on it than all 10 steps.
+    assert bool((bounded.queries_used[within] < unbounded.queries_used[within]).all())
+
+
 def test_only_labels_without_gradients_and_honest_query_count(digits_model, points):
     x, y = points
     spy = Spy(digits_model)

@@ -26,6 +26,7 @@ from ..errors import AdvtrainError
 from ..losses import attack_objective, check_loss, is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
 from .base import Attack, Outcome, _check_positive_int, compaction_interval
+from .gradient import input_gradient
 from .registry import register
 
 
@@ -102,7 +103,7 @@ class APGD(Attack):
             with torch.enable_grad():
                 logits = model(points)
                 objective = attack_objective(logits, labels, targets, self.loss)
-            (grad,) = torch.autograd.grad(objective.sum(), points)
+            grad = input_gradient(objective.sum(), points)
             return objective.detach(), grad, is_adversarial(logits.detach(), labels, wanted)
 
         x_adv = self._start(x, generator)

@@ -37,6 +37,7 @@ from ..errors import AdvtrainError
 from ..losses import is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
 from .base import MinNormAttack, _check_positive_int
+from .gradient import input_gradient
 from .registry import register
 
 #: Added to every DeepFool step (in the norm of the attack), as in the authors' code.
@@ -69,13 +70,12 @@ def boundary_gradients(
             picks = torch.eye(columns, dtype=diff.dtype, device=diff.device)[:, None].expand(
                 columns, *diff.shape)
             try:
-                (grads,) = torch.autograd.grad(diff, x, picks, retain_graph=True,
-                                               is_grads_batched=True)
+                grads = input_gradient(diff, x, picks, retain_graph=True, batched=True)
                 return logits.detach(), diff.detach(), grads.transpose(0, 1)
             except (RuntimeError, NotImplementedError):
                 pass
         grads = [
-            torch.autograd.grad(diff[:, k].sum(), x, retain_graph=k < columns - 1)[0]
+            input_gradient(diff[:, k].sum(), x, retain_graph=k < columns - 1)
             for k in range(columns)
         ]
     return logits.detach(), diff.detach(), torch.stack(grads, dim=1)

@@ -29,8 +29,9 @@ Budget: ``n_queries`` per point and run, the check of the clean point included (
 enough for the 40 default iterations: 17,145 gradient queries plus the searches, at any input
 size). Each phase queries only the points that still have budget; a point's gradient estimate
 is cut to its remaining budget less one query (for the step), and a point whose budget ends
-mid-search keeps its last adversarial point. The count of the last call is
-:attr:`HopSkipJump.queries_used`.
+mid-search keeps its last adversarial point. Called as a bounded attack (``attack(model, x, y)``
+with a finite eps), a point stops as soon as it has an adversarial point within eps; ``min_norm``
+runs every iteration. The count of the last call is :attr:`HopSkipJump.queries_used`.
 
 Every point of a batch runs in lockstep and each phase queries all points in one batch of model
 calls (``query_batch_size`` inputs per forward pass). Unlike the authors' code, which returns the
@@ -109,6 +110,7 @@ class _Batch:
     broken: Tensor  # bool, CPU: samples some earlier run already broke (``__call__`` restarts)
     starts: Tensor | None  # the user's starting points for the batch, on the model's device
     rows: Tensor | None = None  # rows of the batch given to ``minimize`` (None: all)
+    stop_at: float | None = None  # a bounded run: a point found within this norm is done
 
 
 @register("hsj")
@@ -249,10 +251,11 @@ class HopSkipJump(MinNormAttack):
         if batch is None:
             return super().run(model, x, y, target, generator)
         batch.rows = (~batch.broken).nonzero().squeeze(1)
+        batch.stop_at = self.threat.eps if self.threat.bounded else None
         try:
             outcome = super().run(model, x, y, target, generator)
         finally:
-            rows, batch.rows = batch.rows, None
+            rows, batch.rows, batch.stop_at = batch.rows, None, None
         batch.broken[rows] |= outcome.success.cpu()
         return outcome
 
@@ -267,7 +270,8 @@ class HopSkipJump(MinNormAttack):
         if batch is not None and batch.starts is not None:
             starts = batch.starts if batch.rows is None else batch.starts[batch.rows.to(x.device)]
         try:
-            return self._search(oracle, x, starts, generator)
+            return self._search(oracle, x, starts, generator,
+                                stop_at=None if batch is None else batch.stop_at)
         finally:
             spent = oracle.queries.cpu()
             if batch is None:
@@ -278,7 +282,9 @@ class HopSkipJump(MinNormAttack):
                 batch.queries[batch.rows] += spent
 
     def _search(self, oracle: LabelOracle, x: Tensor, starts: Tensor | None,
-                generator: torch.Generator | None) -> Tensor:
+                generator: torch.Generator | None, stop_at: float | None = None) -> Tensor:
+        """The smallest adversarial point found per row; with ``stop_at`` (a bounded run), a
+        row stops querying once it has one within that norm."""
         threat, n = self.threat, len(x)
         x_best = x.clone()
         everyone = torch.arange(n, device=x.device)
@@ -298,6 +304,8 @@ class HopSkipJump(MinNormAttack):
         span = self._span(x)
         for t in range(1, self.steps + 1):
             keep = oracle.left(rows) >= 2  # one gradient query and one step query at least
+            if stop_at is not None:
+                keep &= best_norm[rows] > stop_at
             rows, cur, dist_post = rows[keep], cur[keep], dist_post[keep]
             if len(rows) == 0:
                 break

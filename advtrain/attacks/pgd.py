@@ -31,6 +31,7 @@ from ..errors import AdvtrainError
 from ..losses import attack_objective, check_loss, is_adversarial
 from ..threat import ThreatModel
 from .base import Attack, Outcome, _check_positive_int, compaction_interval
+from .gradient import input_gradient
 from .registry import register
 
 
@@ -110,7 +111,7 @@ class PGD(Attack):
                 best.merge(Outcome(x_adv.detach(), success, score), active)
             if last:
                 break
-            (grad,) = torch.autograd.grad(objective.sum(), x_adv)
+            grad = input_gradient(objective.sum(), x_adv)
             if self.early_stop and (step + 1) % every == 0 and bool(success.any()):
                 keep = ~success
                 active, x_adv, grad = active[keep], x_adv[keep], grad[keep]
@@ -132,7 +133,7 @@ class PGD(Attack):
             x_adv = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():
                 objective = attack_objective(model(x_adv), y, target, self.loss)
-            (grad,) = torch.autograd.grad(objective.sum(), x_adv)
+            grad = input_gradient(objective.sum(), x_adv)
             x_adv = threat.project(x_adv.detach() + self.step_size * threat.ascent_direction(grad), x)
         zeros = torch.zeros(len(x), device=x.device)
         return Outcome(x_adv.detach(), zeros.bool(), zeros)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import APGD, FGSM, PGD
+from ..attacks.gradient import input_gradient
 from ..losses import cross_entropy, cw_margin
 from ..threat import ThreatModel
 from .report import VERDICT, WARNING, Check
@@ -53,13 +54,9 @@ def gradients(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Check, Check]:
         logits = model(x)
         margin = cw_margin(logits, y)
         ce = cross_entropy(logits, y)
-    (g_margin,) = torch.autograd.grad(margin.sum(), x, retain_graph=True, allow_unused=True)
-    (g_ce,) = torch.autograd.grad(ce.sum(), x, allow_unused=True)
+    g_margin = input_gradient(margin.sum(), x, retain_graph=True)
+    g_ce = input_gradient(ce.sum(), x)
     n = len(x)
-    if g_margin is None:
-        g_margin = torch.zeros_like(x)
-    if g_ce is None:
-        g_ce = torch.zeros_like(x)
     flat_m, flat_ce = g_margin.flatten(1), g_ce.flatten(1)
     nan = ~torch.isfinite(flat_m).all(dim=1)
     zero = (flat_m.abs().amax(dim=1) == 0) & ~nan

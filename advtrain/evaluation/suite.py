@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import APGD, APGDT, EOT, PGD, Square
+from ..attacks import APGD, APGDT, EOT, PGD, HopSkipJump, Square
 from ..attacks.adaptive import (
     LogProbabilities, StraightThrough, is_randomized, looks_like_probabilities, majority_vote,
 )
@@ -190,10 +190,16 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
             state.run(Step("square 10k x2", Square(threat, n_queries=10000, restarts=2,
                                                    seed=seed + 23, batch_size=batch_size)),
                       attack_model)
+            # Label-only: for outputs whose scores are flat too (hard labels, one-hot vectors,
+            # probabilities saturated to exact 0 and 1), where Square has nothing to climb.
+            state.run(Step("hopskipjump", HopSkipJump(threat, seed=seed + 25,
+                                                      batch_size=batch_size)), attack_model)
         escalations.append(Escalation(
             ", ".join(sorted(verdicts & set(MASKING_CHECKS))),
             "straight-through (BPDA) gradients for step functions, APGD-CE with restarts, "
-            "APGD-T, and Square with 10,000 queries and 2 restarts",
+            "APGD-T, Square with 10,000 queries and 2 restarts, and HopSkipJump (label-only)"
+            if threat.norm != "l1" else
+            "straight-through (BPDA) gradients for step functions, APGD-CE with restarts",
             before, state.robust_accuracy))
     elif "black-box stronger than white-box" in fired and threat.norm != "l1":
         # A warning only (a few points): a second Square run with fresh randomness on the
