@@ -237,14 +237,22 @@ class ThreatModel:
             delta = g / _per_sample(scale, g) * self.eps
         return self.apply_mask(delta)
 
-    def ascent_direction(self, grad: Tensor, l1_sparsity: float = 0.99) -> Tensor:
+    def ascent_direction(self, grad: Tensor, point: Tensor | None = None,
+                         l1_sparsity: float = 0.99) -> Tensor:
         """The steepest-ascent direction of unit norm for a gradient, on the changeable features.
 
         linf: ``sign(g)``; l2: ``g / ||g||_2``; l1: the sparse step of Croce & Hein (2021,
         "Mind the box"): the sign of the coordinates whose ``|g|`` is at or above the
-        ``l1_sparsity`` quantile, divided by their count.
+        ``l1_sparsity`` quantile, divided by their count. Given the current ``point``, the l1 step
+        leaves out the coordinates the box stops from moving along ``g`` (at the upper bound with
+        ``g > 0``, at the lower with ``g < 0``): otherwise the whole step can go to a pixel the
+        projection puts straight back, and the attack stalls there.
         """
         grad = self.apply_mask(grad)
+        if self.norm == "l1" and point is not None:
+            lower, upper = self._bounds_like(point)
+            blocked = ((grad > 0) & (point >= upper)) | ((grad < 0) & (point <= lower))
+            grad = grad.masked_fill(blocked, 0)
         if self.norm == "linf":
             return grad.sign()
         if self.norm == "l2":

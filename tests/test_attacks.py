@@ -124,6 +124,7 @@ def test_attack_restores_state_even_when_it_fails():
 
 @pytest.mark.parametrize("attack", [FGSM(eps=0.3), PGD(eps=0.3, steps=20, seed=0),
                                     PGD(norm="l2", eps=3.0, steps=20, seed=0),
+                                    PGD(norm="l1", eps=6.0, steps=100, seed=0),
                                     APGD(eps=0.3, steps=20, seed=0), APGDDLR(eps=0.3, steps=20, seed=0),
                                     APGD(norm="l2", eps=3.0, steps=20, seed=0),
                                     APGDT(eps=0.3, steps=10, n_targets=3, seed=0)], ids=repr)

@@ -195,6 +195,20 @@ def test_masking_defences_are_exposed(digits_model, points, defence, expected, m
     assert expected in {c.name for c in report.triggered}, [c.name for c in report.triggered]
 
 
+def test_l1_evaluation_breaks_an_undefended_model_and_exposes_a_step_function(digits_model, points):
+    """l1 has its own cascade (PGD with the sparse l1 step) and escalations (no APGD for l1)."""
+    x, y = points
+    honest = advtrain.evaluate(digits_model, x, y, norm="l1", eps=6.0, suite="quick", seed=0)
+    assert list(honest.per_attack)[:3] == ["pgd-l1-ce", "pgd-l1-cw", "pgd-l1-dlr"]
+    assert honest.robust_accuracy <= 0.05, honest.per_attack
+    assert [c.name for c in honest.triggered if c.severity == VERDICT] == []
+    masked = advtrain.evaluate(Quantized(digits_model), x, y, norm="l1", eps=6.0, suite="quick",
+                               seed=0)
+    assert masked.per_attack["pgd-l1-ce"] > 0.5  # the step function fools plain PGD
+    assert masked.robust_accuracy <= 0.05, masked.per_attack
+    assert "zero or NaN gradients" in {c.name for c in masked.triggered}
+
+
 def test_randomised_defence_is_detected_and_attacked_with_eot(digits_model, digits):
     x, y = digits.test.x[:30], digits.test.y[:30]
     model = Wiggle(digits_model, random=True)

@@ -72,6 +72,19 @@ def test_ascent_direction_has_unit_norm_on_changeable_features(seed, norm, eps, 
         assert bool((direction[~threat.mask.expand_as(x)] == 0).all())
 
 
+def test_l1_ascent_leaves_out_coordinates_the_box_blocks():
+    threat = ThreatModel("l1", 2.0)
+    point = torch.tensor([[1.0, 0.0, 0.5, 0.5]])  # at the upper bound, at the lower, inside, inside
+    grad = torch.tensor([[9.0, -8.0, 0.1, -0.2]])  # the two largest push out of the box
+    free = threat.ascent_direction(grad)
+    boxed = threat.ascent_direction(grad, point)
+    assert free[0, 0] == 1.0  # without the point, the whole step goes where it cannot move
+    assert boxed.tolist() == [[0.0, 0.0, 0.0, -1.0]]  # the largest coordinate that can move
+    # and PGD-l1 then makes progress from a point pinned against the box
+    stuck = threat.project(point + threat.ascent_direction(grad), point)
+    assert torch.equal(stuck, point)
+
+
 def test_contains_rejects_each_kind_of_violation():
     threat = ThreatModel("l2", 0.5, 0.0, 1.0, mask=torch.tensor([True, True, False]))
     x = torch.full((1, 3), 0.5)

@@ -120,7 +120,7 @@ class PGD(Attack):
                 if len(active) == 0:
                     break
             x_adv = threat.project(
-                x_adv.detach() + self.step_size * threat.ascent_direction(grad), x_clean
+                x_adv.detach() + self.step_size * threat.ascent_direction(grad, x_adv.detach()), x_clean
             )
         return best
 
@@ -134,6 +134,7 @@ class PGD(Attack):
             with torch.enable_grad():
                 objective = attack_objective(model(x_adv), y, target, self.loss)
             grad = input_gradient(objective.sum(), x_adv)
-            x_adv = threat.project(x_adv.detach() + self.step_size * threat.ascent_direction(grad), x)
+            x_adv = threat.project(
+                x_adv.detach() + self.step_size * threat.ascent_direction(grad, x_adv.detach()), x)
         zeros = torch.zeros(len(x), device=x.device)
         return Outcome(x_adv.detach(), zeros.bool(), zeros)

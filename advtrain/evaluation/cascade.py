@@ -86,6 +86,22 @@ def suite_attacks(suite: str, threat: ThreatModel, n_classes: int, seed: int,
     return steps
 
 
+def gradient_step(threat: ThreatModel, *, loss: str = "ce", steps: int = 100, restarts: int = 1,
+                  seed: int = 0, batch_size: int | None = None, note: str = "") -> Step:
+    """APGD with ``loss`` (Croce & Hein 2020), or for l1, where APGD is not offered here, PGD
+    with the sparse l1 step: the white-box attack the diagnostics and escalations call on.
+    Named ``apgd-ce``, ``pgd-l1-dlr 400 x3``, ... (with ``note`` appended)."""
+    attack: Attack
+    if threat.norm == "l1":
+        name = f"pgd-l1-{loss}"
+        attack = PGD(threat, steps=steps, loss=loss, restarts=restarts, seed=seed, batch_size=batch_size)
+    else:
+        name = f"apgd-{loss}"
+        attack = APGD(threat, steps=steps, loss=loss, restarts=restarts, seed=seed, batch_size=batch_size)
+    name += (f" {steps}" if steps != 100 else "") + (f" x{restarts}" if restarts > 1 else "")
+    return Step(name + (f" {note}" if note else ""), attack)
+
+
 def margin_attack(threat: ThreatModel, n_classes: int, seed: int,
                   batch_size: int | None = None) -> MinNormAttack:
     """The minimum-norm attack that measures the robust margin of points broken before FAB-T ran:

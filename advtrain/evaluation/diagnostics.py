@@ -20,10 +20,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..attacks import APGD, FGSM, PGD
+from ..attacks import FGSM, PGD
 from ..attacks.gradient import input_gradient
 from ..losses import cross_entropy, cw_margin
 from ..threat import ThreatModel
+from .cascade import gradient_step
 from .report import VERDICT, WARNING, Check
 
 Judge = Callable[[Tensor], Tensor]
@@ -82,14 +83,16 @@ def gradients(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Check, Check]:
 
 
 def single_step(model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y: Tensor,
-                iterative_broken: Tensor, seed: int) -> Check:
-    """FGSM against the cascade's first iterative attack on the same points."""
+                iterative_broken: Tensor, iterative_name: str, seed: int) -> Check:
+    """FGSM against the cascade's first iterative attack (``iterative_name``) on the same
+    points."""
     fgsm_broken = (judge(FGSM(threat, seed=seed)(model, x, y)) != y).cpu()
     extra = fgsm_broken & ~iterative_broken
     fired = _rate(fgsm_broken) > _rate(iterative_broken) and int(extra.sum()) >= 2
     return Check(
         "single step stronger than iterative", fired,
-        f"FGSM breaks {_rate(fgsm_broken):.1%} of {len(x)} points, APGD-CE {_rate(iterative_broken):.1%}; "
+        f"FGSM breaks {_rate(fgsm_broken):.1%} of {len(x)} points, {iterative_name.upper()} "
+        f"{_rate(iterative_broken):.1%}; "
         f"{int(extra.sum())} points fall to FGSM only",
         VERDICT, {"points": len(x), "fgsm": _rate(fgsm_broken), "iterative": _rate(iterative_broken),
                   "fgsm_only": int(extra.sum())})
@@ -142,16 +145,18 @@ def black_box(white_box_survivors: int, broken_by_square: int) -> Check:
 
 def incomplete(model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y: Tensor,
                cascade_broken: Tensor, seed: int) -> Check:
-    """A four-times longer APGD-CE, on the subset: does it break what the cascade missed?"""
+    """A four-times longer APGD-CE (PGD-l1 for l1), on the subset: does it break what the
+    cascade missed?"""
     survivors = ~cascade_broken
     extra = 0
     if bool(survivors.any()):
         xs, ys = x[survivors], y[survivors]
-        attack = APGD(threat, steps=400, seed=seed + 11)
-        extra = int((judge(attack(model, xs, ys)) != ys).sum())
+        step = gradient_step(threat, steps=400, seed=seed + 11)
+        extra = int((judge(step.attack(model, xs, ys)) != ys).sum())
     fired = extra >= 2 and extra >= 0.02 * len(x)
     return Check(
         "loss still improving", fired,
-        f"APGD-CE with 400 iterations breaks {extra} more of {len(x)} points than "
+        f"{'PGD-l1' if threat.norm == 'l1' else 'APGD-CE'} with 400 iterations breaks {extra} "
+        f"more of {len(x)} points than "
         "the cascade" + ("; the optimisation had not converged" if fired else ""),
         WARNING, {"points": len(x), "extra_broken": extra})

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import APGD, APGDT, EOT, PGD, HopSkipJump, Square
+from ..attacks import APGDT, EOT, PGD, HopSkipJump, Square
 from ..attacks.adaptive import (
     LogProbabilities, StraightThrough, is_randomized, looks_like_probabilities, majority_vote,
 )
@@ -32,7 +32,7 @@ from ..errors import AdvtrainError
 from ..threat import ThreatModel
 from . import diagnostics as checks
 from . import metrics
-from .cascade import Cascade, Step, margin_attack, suite_attacks
+from .cascade import Cascade, Step, gradient_step, margin_attack, suite_attacks
 from .report import VERDICT, Check, Escalation, Report, robustness_score
 from .shards import Shards, seeded
 
@@ -144,14 +144,14 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
     if randomized or as_probs:
         naive = Cascade(x, y, threat, lambda p: _argmax(model, p, batch_size), correct.clone(),
                         clean_pred.clone(), shards=shards)
-        naive.run(Step("apgd-ce", APGD(threat, seed=seed, batch_size=batch_size)), model)
+        naive.run(gradient_step(threat, seed=seed, batch_size=batch_size), model)
         reason = "randomness" if randomized else "probabilities instead of logits"
         action = ("EOT gradients and majority-vote judgement" if randomized
                   else "attack through log(p)")
 
     # --- the cascade
     white_box_survivors, square_broke = 0, 0
-    apgd_ce_broken = torch.zeros(n, dtype=torch.bool)
+    first_broken = torch.zeros(n, dtype=torch.bool)  # by the first (iterative) attack
     for step in steps:
         if step.name == "square":
             white_box_survivors = int(state.standing.sum())
@@ -159,8 +159,8 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
         broke = state.run(step, attack_model)
         if step.name == "square":
             square_broke = broke
-        if step.name == "apgd-ce":
-            apgd_ce_broken = ~state.standing & correct & ~broken_before
+        if step is steps[0]:
+            first_broken = ~state.standing & correct & ~broken_before
     if randomized or as_probs:
         escalations.append(Escalation(reason, f"{action}: the whole cascade",
                                       naive.robust_accuracy, state.robust_accuracy))
@@ -170,7 +170,7 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
     if shards.rank == 0:
         with seeded(seed, x.device):
             found = _diagnostics(attack_model, model, judge, threat, state, correct,
-                                 apgd_ce_broken, randomized, as_probs, eot_samples, votes,
+                                 steps[0], first_broken, randomized, as_probs, eot_samples, votes,
                                  diagnostics_points, seed, white_box_survivors, square_broke,
                                  any(s.name == "square" for s in steps))
     found = shards.from_rank_zero(found)
@@ -178,11 +178,12 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
     # --- escalation
     fired = {c.name for c in found if c.triggered}
     verdicts = {c.name for c in found if c.triggered and c.severity == VERDICT}
+    white_box = "PGD with the sparse l1 step" if threat.norm == "l1" else "APGD"
     if verdicts & set(MASKING_CHECKS):
         before = state.robust_accuracy
         repaired = StraightThrough(attack_model)
-        state.run(Step("apgd-ce (straight-through)", APGD(threat, restarts=2, seed=seed + 21,
-                                                          batch_size=batch_size)), repaired)
+        state.run(gradient_step(threat, restarts=2, seed=seed + 21, batch_size=batch_size,
+                                note="(straight-through)"), repaired)
         if threat.norm != "l1":
             state.run(Step("apgd-t (straight-through)",
                            APGDT(threat, n_targets=min(9, n_classes - 1), seed=seed + 22,
@@ -199,7 +200,8 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
             "straight-through (BPDA) gradients for step functions, APGD-CE with restarts, "
             "APGD-T, Square with 10,000 queries and 2 restarts, and HopSkipJump (label-only)"
             if threat.norm != "l1" else
-            "straight-through (BPDA) gradients for step functions, APGD-CE with restarts",
+            "straight-through (BPDA) gradients for step functions, PGD-l1 with restarts; there "
+            "is no gradient-free l1 attack here, so the robust accuracy is only an upper bound",
             before, state.robust_accuracy))
     elif "black-box stronger than white-box" in fired and threat.norm != "l1":
         # A warning only (a few points): a second Square run with fresh randomness on the
@@ -217,20 +219,20 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
             state.robust_accuracy))
     if "saturated softmax" in fired:
         before = state.robust_accuracy
-        state.run(Step("apgd-dlr", APGD(threat, loss="dlr", seed=seed + 31, batch_size=batch_size)),
+        state.run(gradient_step(threat, loss="dlr", seed=seed + 31, batch_size=batch_size),
                   attack_model)
         state.run(Step("pgd-cw", PGD(threat, steps=100, loss="cw", restarts=2, seed=seed + 32,
                                      batch_size=batch_size)), attack_model)
-        escalations.append(Escalation("saturated softmax", "APGD with the DLR loss and PGD with "
-                                      "the CW margin loss", before, state.robust_accuracy))
+        escalations.append(Escalation("saturated softmax", f"{white_box} with the DLR loss and "
+                                      "PGD with the CW margin loss", before, state.robust_accuracy))
     if "loss still improving" in fired:
         before = state.robust_accuracy
-        state.run(Step("apgd-ce 400 x3", APGD(threat, steps=400, restarts=3, seed=seed + 41,
-                                              batch_size=batch_size)), attack_model)
-        state.run(Step("apgd-dlr 400 x3", APGD(threat, loss="dlr", steps=400, restarts=3,
-                                               seed=seed + 42, batch_size=batch_size)), attack_model)
-        escalations.append(Escalation("loss still improving", "APGD-CE and APGD-DLR with 400 "
-                                      "iterations and 3 restarts", before, state.robust_accuracy))
+        for offset, loss in ((41, "ce"), (42, "dlr")):
+            state.run(gradient_step(threat, loss=loss, steps=400, restarts=3, seed=seed + offset,
+                                    batch_size=batch_size), attack_model)
+        escalations.append(Escalation("loss still improving", f"{white_box} with the CE and the "
+                                      "DLR loss, 400 iterations and 3 restarts", before,
+                                      state.robust_accuracy))
 
     # --- robust margins of the points no minimum-norm attack has measured yet
     if threat.norm in ("linf", "l2"):
@@ -306,7 +308,8 @@ def _report(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, state: 
 
 
 def _diagnostics(attack_model: nn.Module, model: nn.Module, judge: Callable[[Tensor], Tensor],
-                 threat: ThreatModel, state: Cascade, correct: Tensor, apgd_ce_broken: Tensor,
+                 threat: ThreatModel, state: Cascade, correct: Tensor, first: Step,
+                 first_broken: Tensor,
                  randomized: bool, as_probs: bool, eot_samples: int, votes: int, points: int,
                  seed: int, white_box_survivors: int, square_broke: int,
                  ran_square: bool) -> list[Check]:
@@ -319,7 +322,8 @@ def _diagnostics(attack_model: nn.Module, model: nn.Module, judge: Callable[[Ten
     masked, saturated = checks.gradients(attack_model if not randomized else model, xs, ys)
     found += [
         masked, saturated,
-        checks.single_step(attack_model, judge, threat, xs, ys, apgd_ce_broken[subset], seed),
+        checks.single_step(attack_model, judge, threat, xs, ys, first_broken[subset], first.name,
+                           seed),
         checks.unbounded(attack_model, judge, threat, xs, ys, seed),
         checks.eps_growth(attack_model, judge, threat, xs, ys, seed),
     ]

@@ -162,7 +162,7 @@ def _ascend(
                 value = objective(model(x_adv)).sum()
             (grad,) = torch.autograd.grad(value, x_adv)
             x_adv = threat.project(
-                x_adv.detach() + step_size * threat.ascent_direction(grad), x
+                x_adv.detach() + step_size * threat.ascent_direction(grad, x_adv.detach()), x
             ).detach()
     return x_adv
 
@@ -259,7 +259,7 @@ def fgsm_rs(threat: ThreatModel, *, steps: int = 10, step_size: float | None = N
             with torch.enable_grad():
                 value = F.cross_entropy(model(start), y, reduction="sum")
             (grad,) = torch.autograd.grad(value, start)
-            x_adv = threat.project(start.detach() + size * threat.ascent_direction(grad), x)
+            x_adv = threat.project(start.detach() + size * threat.ascent_direction(grad, start.detach()), x)
         logits = model(x_adv.detach())
         return F.cross_entropy(logits, y), logits
 
