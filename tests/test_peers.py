@@ -42,3 +42,18 @@ def test_pgd40_on_madry_checkpoint_is_at_least_as_strong_as_torchattacks(mnist_f
     theirs = _accuracy(
         model, torchattacks.PGD(model, eps=0.3, alpha=0.01, steps=40, random_start=True)(x, y), y)
     assert 0.85 < ours <= theirs + 0.01, (ours, theirs)
+
+
+def test_pgd_l1_is_as_strong_as_foolbox_sparse_l1_descent(digits_model, digits):
+    """PGD-l1 with the sparse step on the coordinates the box lets move, against foolbox's SLIDE
+    (Tramèr & Boneh 2019) with the same 100 steps, on the undefended digits CNN. Before the box
+    was taken into account ours stalled at 71.7% robust accuracy at eps 3 (ART's PGD-l1, which
+    does not either, stays at 73.6%); now 9.7%, SLIDE 10.0%."""
+    fb = pytest.importorskip("foolbox")
+    x, y = digits.test.x, digits.test.y
+    eps = 3.0
+    ours = _accuracy(digits_model, PGD(norm="l1", eps=eps, steps=100, seed=0)(digits_model, x, y), y)
+    _, adv, _ = fb.attacks.SparseL1DescentAttack(steps=100)(
+        fb.PyTorchModel(digits_model, bounds=(0, 1)), x, y, epsilons=eps)
+    theirs = _accuracy(digits_model, adv, y)
+    assert ours <= theirs + 0.02, (ours, theirs)
