@@ -115,6 +115,15 @@ def test_attack_restores_model_state_and_leaves_no_gradients():
     assert torch.equal(model[1].running_mean, running_mean)  # attacked in eval mode
 
 
+def test_attack_restores_each_submodule_s_own_mode():
+    inner = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
+    wrapper = nn.Sequential(inner)  # a fresh wrapper is in training mode, its content is not
+    assert wrapper.training and not inner.training
+    PGD(eps=0.1, steps=3)(wrapper, torch.rand(6, 4), torch.randint(0, 3, (6,)))
+    assert wrapper.training
+    assert not any(m.training for m in inner.modules())  # dropout stays off for the user
+
+
 def test_attack_restores_state_even_when_it_fails():
     model = nn.Sequential(nn.Linear(4, 3)).train()
     with pytest.raises(RuntimeError):

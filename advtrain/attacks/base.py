@@ -39,10 +39,14 @@ from .fast_grad import fast_input_gradients
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode with ``requires_grad=False`` parameters; restore both on exit.
 
+    Each submodule gets back its own mode: a wrapper built around an eval-mode model is in
+    training mode (``nn.Module``'s default), and restoring the wrapper's mode recursively would
+    leave the inner model training (dropout and BatchNorm batch statistics on) after the attack.
+
     Inside, input gradients of small-channel CPU convolutions take a faster backward
     (:mod:`~advtrain.attacks.fast_grad`).
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
@@ -53,7 +57,8 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def put_rows(target: Tensor, index: Tensor, chosen: Tensor, values: Tensor) -> None:
