@@ -9,7 +9,7 @@ The order of work:
 3. Run the gradient-masking diagnostics (:mod:`.diagnostics`) on a small subset.
 4. When a check fires, escalate on its own: straight-through gradients for step functions
    (BPDA without knowing the defence), margin and DLR losses, more iterations and restarts, more
-   queries for Square. Each escalation is reported with the robust accuracy before and after.
+   queries for Square, and a label-only attack (HopSkipJump) when the gradients vanish. Each escalation is reported with the robust accuracy before and after.
 5. Measure: robust margins (minimum-norm attack), the accuracy-versus-eps curve and the
    adversarial radius, entropy, defensive margins, precision/recall/F1 clean and attacked.
 """
@@ -181,6 +181,7 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
     white_box = "PGD with the sparse l1 step" if threat.norm == "l1" else "APGD"
     if verdicts & set(MASKING_CHECKS):
         before = state.robust_accuracy
+        flat = "zero or NaN gradients" in verdicts
         repaired = StraightThrough(attack_model)
         state.run(gradient_step(threat, restarts=2, seed=seed + 21, batch_size=batch_size,
                                 note="(straight-through)"), repaired)
@@ -191,14 +192,18 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, suite
             state.run(Step("square 10k x2", Square(threat, n_queries=10000, restarts=2,
                                                    seed=seed + 23, batch_size=batch_size)),
                       attack_model)
-            # Label-only: for outputs whose scores are flat too (hard labels, one-hot vectors,
-            # probabilities saturated to exact 0 and 1), where Square has nothing to climb.
-            state.run(Step("hopskipjump", HopSkipJump(threat, seed=seed + 25,
-                                                      batch_size=batch_size)), attack_model)
+            # Label-only, where the gradients vanish: the scores are then often flat too (hard
+            # labels, one-hot vectors, probabilities saturated to exact 0 and 1) and Square has
+            # nothing to climb. Where only Square beat the gradients, the scores carry the
+            # signal and HopSkipJump's 25,000 queries per survivor would add nothing.
+            if flat:
+                state.run(Step("hopskipjump", HopSkipJump(threat, seed=seed + 25,
+                                                          batch_size=batch_size)), attack_model)
         escalations.append(Escalation(
             ", ".join(sorted(verdicts & set(MASKING_CHECKS))),
             "straight-through (BPDA) gradients for step functions, APGD-CE with restarts, "
-            "APGD-T, Square with 10,000 queries and 2 restarts, and HopSkipJump (label-only)"
+            "APGD-T, Square with 10,000 queries and 2 restarts"
+            + (", and HopSkipJump (label-only)" if flat else "")
             if threat.norm != "l1" else
             "straight-through (BPDA) gradients for step functions, PGD-l1 with restarts; there "
             "is no gradient-free l1 attack here, so the robust accuracy is only an upper bound",
