@@ -132,8 +132,7 @@ class APGD(Attack):
             a = self.momentum if i > 0 else 1.0
             with torch.no_grad():
                 step = s["step"].reshape(per_sample)
-                z = threat.project(s["x_adv"] + step * threat.ascent_direction(s["grad"], s["x_adv"]),
-                                   s["x"])
+                z = threat.project(s["x_adv"] + step * threat.ascent_direction(s["grad"]), s["x"])
                 moved = s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"])
                 s["x_prev"], s["x_adv"] = s["x_adv"], threat.project(moved, s["x"])
             loss, grad, success = evaluate(s["x_adv"], s["y"], s.get("target"), s.get("success_target"))
