@@ -90,25 +90,15 @@ class Outcome:
     loss: Tensor  # per sample, the objective the attack ascends (higher is worse for the model)
 
     def merge(self, other: Outcome, index: Tensor) -> None:
-        """Keep, per sample, the worse of self[index] and ``other`` (success first, then loss).
-
-        On the CPU only the better rows are copied; elsewhere (see
-        :func:`~advtrain.device_sync.compaction_interval`) whole rows are gathered, selected and
-        scattered, so nothing is read back to the host."""
+        """Keep, per sample, the worse of self[index] and ``other`` (success first, then loss),
+        written by :func:`put_rows` (no read-back to the host off the CPU)."""
         have_success, have_loss = self.success[index], self.loss[index]
         better = (other.success & ~have_success) | (
             (other.success == have_success) & (other.loss > have_loss)
         )
-        if compaction_interval(index.device) == 1:
-            chosen = index[better]
-            self.x_adv[chosen] = other.x_adv[better]
-            self.success[chosen] = other.success[better]
-            self.loss[chosen] = other.loss[better]
-            return
-        rows = better.reshape((-1,) + (1,) * (other.x_adv.dim() - 1))
-        self.x_adv[index] = torch.where(rows, other.x_adv, self.x_adv[index])
-        self.success[index] = torch.where(better, other.success, have_success)
-        self.loss[index] = torch.where(better, other.loss, have_loss)
+        for mine, theirs in ((self.x_adv, other.x_adv), (self.success, other.success),
+                             (self.loss, other.loss)):
+            put_rows(mine, index, better, theirs)
 
 
 class Attack(ABC):
