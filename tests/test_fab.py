@@ -8,6 +8,7 @@ from torch import nn
 
 from advtrain.attacks.base import frozen
 from advtrain.attacks.deepfool import DeepFool
+from advtrain.attacks import fab as fab_module
 from advtrain.attacks.fab import FAB, FABT, project_onto_hyperplane_in_box
 from advtrain.attacks.registry import make_attack
 from advtrain.errors import AdvtrainError
@@ -54,6 +55,32 @@ def test_bad_arguments(kwargs, message):
 
 
 # ---------------------------------------------------------------------- the projection
+@pytest.mark.parametrize("newton_steps", [20, 1])
+def test_water_level_by_newton_equals_the_sorted_solution(monkeypatch, newton_steps):
+    """Newton's method (and, with one step allowed, its fallback to sorting on the rows still
+    short) gives the sorted solution: reachable, unreachable and zero-need rows, repeated and
+    zero knees, zero weights."""
+    g = torch.Generator().manual_seed(1)
+    n, features = 200, 300
+    weight = torch.rand(n, features, generator=g, dtype=torch.float64)
+    weight[torch.rand(n, features, generator=g) < 0.3] = 0
+    knee = torch.rand(n, features, generator=g, dtype=torch.float64)
+    knee[torch.rand(n, features, generator=g) < 0.4] = 0  # pixels already at the box
+    knee[:, :50] = knee[:, :1]  # repeated knees
+    total = (weight * knee).sum(dim=1)
+    need = total * torch.rand(n, generator=g, dtype=torch.float64) * 1.3  # some out of reach
+    need[:10] = 0
+    monkeypatch.setattr(fab_module, "NEWTON_STEPS", newton_steps)
+    level = fab_module._water_level(weight, knee, need)
+    expected = fab_module._water_level_sorted(weight, knee, need)
+    assert torch.equal(torch.isinf(level), torch.isinf(expected)) and bool(torch.isinf(level).any())
+    assert bool((level[:10] == 0).all())
+    finite = torch.isfinite(level)
+    torch.testing.assert_close(level[finite], expected[finite], rtol=1e-12, atol=1e-15)
+    reached = (weight * torch.minimum(knee, level[:, None].clamp_max(1e300))).sum(dim=1)
+    torch.testing.assert_close(reached[finite], need[finite], rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_projection_is_the_exact_minimum_norm_point_of_hyperplane_and_box(norm):
     """Against scipy's LP/QP solvers: same norm, on the hyperplane, inside the per-feature box;

@@ -49,17 +49,53 @@ from ..losses import is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
 from .base import MinNormAttack, Outcome, _check_positive_int, put_rows
 from .deepfool import boundary_gradients, dual_norm
+from .fast_grad import suspended
 from .registry import register
 
 
 # ---------------------------------------------------------------------- the projection
-def _water_level(weight: Tensor, knee: Tensor, need: Tensor) -> Tensor:
-    """Per row, the smallest ``lam >= 0`` with ``sum_i weight_i min(lam, knee_i) >= need``.
+#: Newton steps of :func:`_water_level` before the rows still short fall back to sorting.
+NEWTON_STEPS = 20
 
-    ``weight``, ``knee`` (n, D) are >= 0. The sum is piecewise linear, concave and increasing in
-    ``lam``, with its kinks at the knees: sort them and solve on the right piece. ``inf`` where even
-    ``lam = inf`` falls short.
+
+def _water_level(weight: Tensor, knee: Tensor, need: Tensor) -> Tensor:
+    """Per row, the smallest ``lam >= 0`` with ``g(lam) = sum_i weight_i min(lam, knee_i) >= need``.
+
+    ``weight``, ``knee`` (n, D) are >= 0; ``inf`` where even ``lam = inf`` falls short. ``g`` is
+    piecewise linear, concave and increasing, so Newton's method from ``lam = 0`` climbs to the
+    root without overshooting: each step lands on a later linear piece, or on the root itself.
+    On FAB's projections it takes 4 to 7 steps, on fewer rows at each, where sorting the knees
+    (:func:`_water_level_sorted`, used for any row still short after :data:`NEWTON_STEPS`) costs
+    three times as much.
     """
+    total = (weight * knee).sum(dim=1)
+    reachable = total >= need
+    level = torch.where(reachable, 0.0, float("inf")).to(need.dtype)
+    rows = (reachable & (need > 0)).nonzero().squeeze(1)
+    weight, knee, need = weight[rows], knee[rows], need[rows]
+    lam = torch.zeros_like(need)
+    tolerance = 32 * torch.finfo(need.dtype).eps * need
+    for _ in range(NEWTON_STEPS):
+        if len(rows) == 0:
+            return level
+        at = lam[:, None]
+        gap = need - (weight * torch.minimum(knee, at)).sum(dim=1)
+        slope = (weight * (knee > at)).sum(dim=1)
+        going = (gap > tolerance) & (slope > 0)
+        lam = torch.where(going, lam + gap / slope.clamp_min(1e-30), lam)
+        level[rows] = lam
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            rows, weight, knee, need, lam, tolerance = (
+                t[keep] for t in (rows, weight, knee, need, lam, tolerance))
+    if len(rows):
+        level[rows] = _water_level_sorted(weight, knee, need)
+    return level
+
+
+def _water_level_sorted(weight: Tensor, knee: Tensor, need: Tensor) -> Tensor:
+    """:func:`_water_level` by sorting the knees (the kinks of the sum) and solving on the
+    piece where the sum reaches ``need``."""
     knees, order = knee.sort(dim=1)
     weights = weight.gather(1, order)
     before = (weights * knees).cumsum(dim=1) - weights * knees  # full pieces left of each knee
@@ -298,7 +334,7 @@ class FAB(MinNormAttack):
             rows = torch.arange(n, device=x.device)
             f, w = diff[rows, nearest], grads[rows, nearest].flatten(1)
             flat1 = x1.flatten(1)
-            with torch.no_grad():
+            with torch.no_grad(), suspended():  # no gradient here: skip the mode's dispatch
                 # The hyperplane f + w . (z - x1) = 0, from the current point and from x.
                 d1 = project_onto_hyperplane_in_box(flat1, w, f, lower, upper, norm)
                 d0 = project_onto_hyperplane_in_box(

@@ -4,7 +4,11 @@ Attacks need the gradient of the loss with respect to the *input* only (the mode
 For a convolution with few input channels (the first layer of an image model: 1 channel for
 MNIST, 3 for colour) the CPU backend's backward-data kernel is many times slower than its forward
 pass: on the fast-adversarial MNIST CNN it took about 18 ms of a 60 ms PGD step for 1,000 images.
-The same gradient is one matrix product followed by ``fold`` (col2im), about three times faster.
+The same gradient is one matrix product followed by a strided add per kernel tap (col2im):
+that layer's forward and input gradient for 870 images take 6 ms instead of 15 ms (2 threads).
+The adds replace ``F.fold``, which loops over the samples: alone they take 3 ms where it took 5,
+and a whole forward-backward pass of that CNN takes 62 ms instead of 68 on one thread (the same
+on two).
 
 :func:`fast_input_gradients` is a context manager (entered by :func:`~advtrain.attacks.base.frozen`)
 that routes such convolutions through :class:`_ConvInputGrad`: the forward is ``conv2d`` itself,
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-#: Convolutions with at most this many input channels take the matmul + fold backward.
+#: Convolutions with at most this many input channels take the matmul + per-tap add backward.
 MAX_CHANNELS = 4
 
 
@@ -38,7 +42,8 @@ def _pair(value: Any) -> tuple[int, int] | None:
 
 
 class _ConvInputGrad(torch.autograd.Function):
-    """``conv2d`` whose backward gives the input gradient by ``W^T @ grad`` and ``fold``."""
+    """``conv2d`` whose backward gives the input gradient by ``W^T @ grad`` and one strided
+    add per kernel tap."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -52,10 +57,27 @@ class _ConvInputGrad(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         size, stride, padding = ctx.geometry
         n, channels_out, h, w = grad_out.shape
+        channels_in, kh, kw = weight.shape[1:]
         columns = torch.matmul(weight.reshape(channels_out, -1).t(),
                                grad_out.reshape(n, channels_out, h * w))
-        grad_x = F.fold(columns, size, tuple(weight.shape[2:]), padding=padding, stride=stride)
-        return grad_x, None, None, None, None
+        return _scatter_taps(columns.reshape(n, channels_in, kh, kw, h, w), size, stride,
+                             padding), None, None, None, None
+
+
+def _scatter_taps(columns: Tensor, size: tuple[int, int], stride: tuple[int, int],
+                  padding: tuple[int, int]) -> Tensor:
+    """``fold`` (col2im) of ``columns`` (n, C, kh, kw, h, w) onto (n, C, *size): each kernel
+    tap's (n, C, h, w) block added at its strided place in the padded plane. The same sums as
+    ``F.fold``, whose CPU kernel loops over the samples and is about twice as slow here."""
+    n, channels, kh, kw, h, w = columns.shape
+    (sh, sw), (ph, pw) = stride, padding
+    plane = columns.new_zeros(n, channels, max(size[0] + 2 * ph, (h - 1) * sh + kh),
+                              max(size[1] + 2 * pw, (w - 1) * sw + kw))
+    for ky in range(kh):
+        for kx in range(kw):
+            plane[:, :, ky : ky + sh * (h - 1) + 1 : sh, kx : kx + sw * (w - 1) + 1 : sw] += \
+                columns[:, :, ky, kx]
+    return plane[:, :, ph : ph + size[0], pw : pw + size[1]].contiguous()
 
 
 class _FastInputGradMode(TorchFunctionMode):
