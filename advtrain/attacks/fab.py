@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..device_sync import compaction_interval
 from ..errors import AdvtrainError
 from ..losses import is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
@@ -66,8 +67,12 @@ def _water_level(weight: Tensor, knee: Tensor, need: Tensor) -> Tensor:
     root without overshooting: each step lands on a later linear piece, or on the root itself.
     On FAB's projections it takes 4 to 7 steps, on fewer rows at each, where sorting the knees
     (:func:`_water_level_sorted`, used for any row still short after :data:`NEWTON_STEPS`) costs
-    three times as much.
+    three times as much. Newton drops the rows it has solved, which reads their count back to the
+    host: on an accelerator (:func:`~advtrain.device_sync.compaction_interval`) the sort runs
+    instead, with no read-back.
     """
+    if compaction_interval(weight.device) > 1:
+        return _water_level_sorted(weight, knee, need)
     total = (weight * knee).sum(dim=1)
     reachable = total >= need
     level = torch.where(reachable, 0.0, float("inf")).to(need.dtype)
