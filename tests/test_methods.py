@@ -370,6 +370,26 @@ def test_free_respects_l2_ball_bounds_and_mask(digits):
     assert float(delta.flatten(1).norm(dim=1).max()) > 1.0
 
 
+def test_free_l1_step_leaves_out_what_the_box_blocks():
+    """On l1 the sparse step goes to the largest |gradient| the box lets move: pixels at 0 with a
+    negative gradient would take the whole step and be clamped straight back."""
+    threat = ThreatModel(norm="l1", eps=2.0)
+    loss_fn = make_method("free", threat, step_size=1.0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(100, 3))
+    x, y = torch.zeros(2, 1, 10, 10), torch.tensor([0, 1])  # every pixel at the lower bound
+    x[:, :, 5:] = 0.5
+    loss, _ = loss_fn(model, x, y)
+    grad = torch.zeros_like(x)
+    grad[:, :, :5] = -10.0  # blocked: at 0 and pushed down
+    grad[:, 0, 7, 3] = 1.0  # the largest gradient that can move
+    loss_fn.delta.grad = grad
+    loss_fn(model, x, y)
+    delta = loss_fn.delta.detach()
+    assert float(delta[:, 0, 7, 3].min()) == pytest.approx(1.0)
+    assert float(delta.abs().sum()) == pytest.approx(2.0)  # the whole step, on both points
+    assert bool((delta[:, :, :5] == 0).all())
+
+
 def test_free_replays_are_honoured_by_the_loop(digits):
     """With replays m the loop calls the loss m times per minibatch and runs ceil(E / m) epochs."""
     loss_fn = make_method("free", digits.info.threat_model(eps=EPS), replays=4)

@@ -294,8 +294,10 @@ class FreeLoss:
         grad = delta.grad
         delta = delta.detach()
         if grad is not None:  # the ascent step from the previous call's backward pass
+            # (at the current point, so that an l1 step leaves out what the box blocks there)
+            point = self.threat.project(x + delta, x)
             delta = self.threat.project_delta(
-                delta + self.step_size * self.threat.ascent_direction(grad)
+                delta + self.step_size * self.threat.ascent_direction(grad, point)
             )
         return delta
 
