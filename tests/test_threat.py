@@ -80,7 +80,7 @@ def test_l1_ascent_leaves_out_coordinates_the_box_blocks():
     boxed = threat.ascent_direction(grad, point)
     assert free[0, 0] == 1.0  # without the point, the whole step goes where it cannot move
     assert boxed.tolist() == [[0.0, 0.0, 0.0, -1.0]]  # the largest coordinate that can move
-    # and PGD-l1 then makes progress from a point pinned against the box
+    # without the point, a step from a point pinned against the box is projected straight back
     stuck = threat.project(point + threat.ascent_direction(grad), point)
     assert torch.equal(stuck, point)
 
