@@ -26,9 +26,12 @@ call is in :attr:`Square.queries_used`.
 Unlike the authors' code, each point draws its own window (flat indices built by broadcasting,
 not a loop over samples) and a window may sit anywhere in the plane (theirs never covers the last
 row and column). A point leaves the search as soon as it is adversarial, so each iteration is one
-forward pass over the points still standing. Inputs ``(N, D)`` and
-``(N, C, L)`` are searched with 1-D windows (a run of ``round(p * D)`` contiguous features);
-immutable features (the threat model's mask) and per-feature bounds are honoured exactly.
+forward pass over the points still standing. For linf on the CPU, when the model is a
+convolutional ``nn.Sequential``, a query recomputes only the feature-map patches its window
+reaches where that is faster (:mod:`~advtrain.attacks.window_forward`; same points either way).
+Inputs ``(N, D)`` and ``(N, C, L)`` are searched with 1-D windows (a run of ``round(p * D)``
+contiguous features); immutable features (the threat model's mask) and per-feature bounds are
+honoured exactly.
 
 Example:
     >>> x_adv = Square(eps=0.3)(model, x, y)                       # linf, 5000 queries
@@ -48,6 +51,7 @@ from ..threat import ThreatModel
 from .base import Attack, Outcome, _check_positive_int, compaction_interval
 from .fast_grad import suspended
 from .registry import register
+from .window_forward import MAX_MAP_BYTES, Patch, PathChooser, WindowForward
 
 #: Iterations of a 10,000-query run after which ``p`` is halved (Andriushchenko et al. 2020).
 P_MILESTONES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -191,6 +195,9 @@ class Square(Attack):
     """
 
     norms = ("linf", "l2")
+    #: linf on a convolutional ``nn.Sequential`` (CPU): recompute only the feature-map patches a
+    #: proposal's window reaches (:mod:`~advtrain.attacks.window_forward`).
+    _window_forward = True
 
     def __init__(
         self,
@@ -301,25 +308,35 @@ class Square(Attack):
         state = _keep(state, ~best.success & movable)
         if len(state["index"]) == 0:
             return
+        every = compaction_interval(x.device)
+        local = None
+        if linf and every == 1 and self._window_forward and tuple(x.shape) == tuple(shape):
+            local = WindowForward.build(model, tuple(shape[1:]))
+            if local is not None and local.map_bytes(state["x"]) > MAX_MAP_BYTES:
+                local = None
+        chooser = PathChooser()
+        if local is not None:  # the feature maps of the current points (at first, the clean ones)
+            state.update({f"map{k}": m for k, m in enumerate(local.start(state["x"])[1])})
         context = (lower, upper, mutable, generator)
         first = self._start_linf(state, generator) if linf else self._start_l2(state, context)
         state["cur"] = state["x"].clone()
         state["loss"] = torch.full((len(first),), float("-inf"), device=x.device)
         # On an accelerator the points that became adversarial stay in the batch, inactive, and
         # are dropped every few iterations only: no read-back to the host in between.
-        every = compaction_interval(x.device)
         state["active"] = torch.ones(len(first), dtype=torch.bool, device=x.device)
         for i in range(-1, self.n_queries - 2):
             if len(state["index"]) == 0:
                 break
+            window = None
             if i == -1:  # the start is taken whatever its loss, as in the authors' code
                 candidate, changed = first, (first != state["x"]).flatten(1).any(1)
             elif linf:
-                candidate, changed = self._propose_linf(state, i, generator, every > 1)
+                candidate, changed, window = self._propose_linf(state, i, generator, every > 1)
             else:
                 candidate, changed = self._propose_l2(state, i, context)
             if every == 1:
-                state = self._query(model, state, candidate, changed, best, queries, shape)
+                state = self._query(model, state, candidate, changed, best, queries, shape,
+                                    local, chooser, window)
             else:
                 self._query_all(model, state, candidate, changed, best, queries, shape)
                 if (i + 2) % every == 0:
@@ -334,33 +351,68 @@ class Square(Attack):
 
     def _query(
         self, model: nn.Module, state: dict[str, Tensor], candidate: Tensor, changed: Tensor,
-        best: Outcome, queries: Tensor, shape: torch.Size,
+        best: Outcome, queries: Tensor, shape: torch.Size, local: WindowForward | None = None,
+        chooser: PathChooser | None = None,
+        window: tuple[Tensor, Tensor, tuple[int, int]] | None = None,
     ) -> dict[str, Tensor]:
         """Query the model on the candidates that differ from the current points (``changed``);
         keep the improvements; write the points that became adversarial into ``best`` and drop
-        them from the state."""
+        them from the state. With ``local``, the feature maps of the current points are kept in
+        the state, and where ``chooser`` finds it faster the forward pass recomputes only what
+        the proposal's ``window`` reaches."""
         if not bool(changed.any()):
             return state
         target = state.get("target")
-        if bool(changed.all()):
-            logits = model(candidate.reshape(len(candidate), *shape[1:]))
-            loss = self._objective(logits, state["y"], target)
-            success = is_adversarial(logits, state["y"], target)
+        rows = None if bool(changed.all()) else changed.nonzero().squeeze(1)
+        picked = candidate if rows is None else candidate[rows]
+        y = state["y"] if rows is None else state["y"][rows]
+        wanted = target if target is None or rows is None else target[rows]
+        state_maps = [] if local is None else [state[f"map{k}"] for k in range(len(local.stages))]
+        maps = state_maps if rows is None else [m[rows] for m in state_maps]
+        patches: list[Patch] | None = None
+        new_maps: list[Tensor] = []
+        mode = "full"
+        if local is not None and window is not None and not local.reaches_all(window[2]):
+            mode = chooser.mode(window[2])
+        if mode != "full":
+            top, left, size = window
+            if rows is not None:
+                top, left = top[rows], left[rows]
+        if mode == "both":
+            logits, new_maps = chooser.trial(local, picked, maps, top, left, size)
+        elif mode == "local":
+            logits, patches = local(picked, maps, top, left, size)
+            # A decision is never taken on recomputed patches: the points they call adversarial
+            # are judged by the model itself.
+            flagged = is_adversarial(logits, y, wanted)
+            if bool(flagged.any()):
+                flagged = flagged.nonzero().squeeze(1)
+                logits[flagged] = model(picked[flagged].reshape(len(flagged), *shape[1:]))
+        elif local is not None:
+            logits, new_maps = local.start(picked)
         else:
-            rows = changed.nonzero().squeeze(1)
-            picked = candidate[rows]
-            logits = model(picked.reshape(len(rows), *shape[1:]))
-            wanted = None if target is None else target[rows]
+            logits = model(picked.reshape(len(picked), *shape[1:]))
+        if rows is None:
+            loss = self._objective(logits, y, wanted)
+            success = is_adversarial(logits, y, wanted)
+        else:
             loss = torch.full_like(state["loss"], float("-inf"))
             success = torch.zeros_like(changed)
-            loss[rows] = self._objective(logits, state["y"][rows], wanted)
-            success[rows] = is_adversarial(logits, state["y"][rows], wanted)
+            loss[rows] = self._objective(logits, y, wanted)
+            success[rows] = is_adversarial(logits, y, wanted)
         queries[state["index"]] += changed.to(queries.dtype)
         accept = (success | (loss > state["loss"])) & changed
         if bool(accept.any()):
             taken = accept.nonzero().squeeze(1)
             state["cur"][taken] = candidate[taken]
             state["loss"] = torch.where(accept, loss, state["loss"])
+            if local is not None:  # the rows of `picked` taken
+                mine = taken if rows is None else accept[rows].nonzero().squeeze(1)
+                if patches is not None:
+                    local.commit(state_maps, patches, mine, taken)
+                else:
+                    for feature, new in zip(state_maps, new_maps):
+                        feature[taken] = new[mine]
         if bool(success.any()):
             leaving = state["index"][success]
             best.x_adv[leaving] = candidate[success].reshape(len(leaving), *shape[1:])
@@ -403,13 +455,13 @@ class Square(Attack):
     def _propose_linf(
         self, state: dict[str, Tensor], iteration: int, generator: torch.Generator | None,
         dense: bool = False,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, tuple[int, int]]]:
         """Set one random window per point to ``x ± eps`` (a random sign per channel). Where that
         would leave the point unchanged, flip a uniformly drawn non-empty subset of the channels'
         signs instead: the authors' redraw until something changes, in one step. Works on the
         windows only (gather/scatter); returns the candidates and which of them changed.
         ``dense``: draw the flips for every point and pick them where needed, with no read-back
-        to the host."""
+        to the host. Also returns the windows (top rows, left columns, size)."""
         cur = state["cur"]
         n, c, h, w = cur.shape
         size = window_shape(p_selection(self.p_init, iteration, self.n_queries), h, w, "linf")
@@ -433,7 +485,7 @@ class Square(Attack):
             new[rows] = torch.where(signs > 0, plus[rows], minus[rows]).reshape(len(rows), -1)
             changed = (new != old).any(1)
         candidate = cur.reshape(n, -1).scatter(1, index, new).reshape(cur.shape)
-        return candidate, changed
+        return candidate, changed, (top, left, size)
 
     # ------------------------------------------------------------------ l2
     def _start_l2(self, state: dict[str, Tensor], context: tuple) -> Tensor:
