@@ -86,6 +86,9 @@ def test_takes_only_models_it_can_follow():
     assert WindowForward.build(Custom(*model), shape) is None
     assert WindowForward.build(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), shape) is None
     assert WindowForward.build(nn.Sequential(nn.ReLU(), *model), shape) is None
+    replaced = build_model("mnist-small", in_shape=shape, n_classes=10).eval()
+    replaced[0].forward = lambda x: torch.zeros(len(x), 16, 14, 14)
+    assert WindowForward.build(replaced, shape) is None  # the first layer's forward replaced
     handle = model[1].register_forward_hook(lambda *args: None)
     assert WindowForward.build(model, shape) is None
     handle.remove()
