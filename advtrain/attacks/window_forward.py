@@ -28,7 +28,7 @@ therefore times both on the first queries of each window size and keeps the fast
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -109,8 +109,9 @@ def _layers(model: nn.Module) -> list[nn.Module] | None:
 def _has_hooks(model: nn.Module) -> bool:
     from torch.nn.modules import module as module_globals
 
-    if any(getattr(module_globals, name, None) for name in (
-            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called")):
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks",
+             "_global_forward_hooks_always_called")
+    if any(getattr(module_globals, name, None) for name in names):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -138,7 +139,8 @@ def _stage(layer: nn.Module, size_in: tuple[int, int]) -> _Stage | None:
                      for n, p, e, s in zip(size_in, padding, extent, stride))
     if min(size_out) < 1:
         return None
-    return _Stage(layer, (), extent, stride, padding, fill, size_in, size_out)  # type: ignore[arg-type]
+    return _Stage(layer, (), extent, stride, padding, fill,  # type: ignore[arg-type]
+                  size_in, size_out)
 
 
 def _pointwise(module: nn.Module) -> bool:
@@ -202,7 +204,7 @@ class WindowForward:
             while position < len(layers) and _pointwise(layers[position]):
                 after.append(layers[position])
                 position += 1
-            stages.append(_Stage(**{**stage.__dict__, "after": tuple(after)}))
+            stages.append(replace(stage, after=tuple(after)))
             size = stage.size_out
         if not stages:
             return None
@@ -233,7 +235,7 @@ class WindowForward:
     def start(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Logits of ``x`` and its feature maps (the state), by the full forward pass."""
         maps = []
-        for k, stage in enumerate(self.stages):
+        for stage in self.stages:
             x = stage.whole(x)
             maps.append(x)
         return self._run_head(x), maps

@@ -9,7 +9,8 @@ The order of work:
 3. Run the gradient-masking diagnostics (:mod:`.diagnostics`) on a small subset.
 4. When a check fires, escalate on its own: straight-through gradients for step functions
    (BPDA without knowing the defence), margin and DLR losses, more iterations and restarts, more
-   queries for Square, and a label-only attack (HopSkipJump) when the gradients vanish. Each escalation is reported with the robust accuracy before and after.
+   queries for Square, and a label-only attack (HopSkipJump) when the gradients vanish. Each
+   escalation is reported with the robust accuracy before and after.
 5. Measure: robust margins (minimum-norm attack), the accuracy-versus-eps curve and the
    adversarial radius, entropy, defensive margins, precision/recall/F1 clean and attacked.
 """
