@@ -253,6 +253,29 @@ def test_fab_t_aims_at_every_other_class_and_more_targets_never_hurt(digits, dig
     assert bool((every.norm <= one.norm).all())  # the smallest norm over the targets
 
 
+def test_fab_t_follows_the_boundary_of_the_true_class_and_targeted_fab_the_strongest_other(
+        digits, digits_model, monkeypatch):
+    """FAB-T (any misclassification counts) linearises ``f_target - f_true``, as AutoAttack does,
+    even where the current point sits in a third class; FAB asked to reach a class linearises
+    it against the strongest other class at the current point."""
+    x, y, correct = _points(digits, digits_model, 12)
+    seen = []
+    original = fab_module.boundary_gradients
+
+    def spy(model, x1, towards, away=None):
+        seen.append((towards.shape[1], away))
+        return original(model, x1, towards, away)
+
+    monkeypatch.setattr(fab_module, "boundary_gradients", spy)
+    FABT(norm="linf", steps=5, n_targets=2).min_norm(digits_model, x, y)
+    targeted = [away for columns, away in seen if columns == 1]
+    assert len(targeted) == 10  # 2 targets x 5 steps, on the correctly classified points
+    assert all(away is not None and torch.equal(away, y[correct]) for away in targeted)
+    seen.clear()
+    FAB(norm="linf", steps=5).min_norm(digits_model, x, y, target=(y + 3) % 10)
+    assert seen and all(away is None for _, away in seen)
+
+
 # ---------------------------------------------------------------------- the threat model
 @pytest.mark.parametrize("cls, norm, eps",
                          [(FAB, "linf", 0.1), (FAB, "l2", 0.6), (FABT, "linf", 0.1)])

@@ -20,10 +20,11 @@ class) starts at a random point of the sphere around ``x`` of radius half the sm
 so far, capped by ``eps`` (or by the size of the box when unbounded), as in the authors' code.
 
 :class:`FABT` (``"fab-t"``) is AutoAttack's targeted variant: for each point it runs FAB towards
-the boundary of its 2nd, 3rd, ... most likely class (``n_targets`` of them; AutoAttack uses 9),
-with one linearisation per step instead of one per class; any misclassification counts and the
-smallest norm over the targets is kept. With ``target=``, both run targeted FAB towards the given
-classes (the boundary between the target and the strongest other class) and succeed only there.
+the boundary between its true class and its 2nd, 3rd, ... most likely class (``n_targets`` of
+them; AutoAttack uses 9), with one linearisation per step instead of one per class; any
+misclassification counts and the smallest norm over the targets is kept. With ``target=``, both
+run targeted FAB towards the given classes (the boundary between the target and the strongest
+other class) and succeed only there.
 
 Immutable features (``mask``) have zero gradient and the projection never moves them; the box of
 the projection is the threat model's per-feature ``lower``/``upper``.
@@ -321,6 +322,10 @@ class FAB(MinNormAttack):
         x0, y0 = x[index], y[index]
         aim = None if towards is None else towards[index]
         wanted = None if success_target is None else success_target[index]
+        # Towards a class, any misclassification counting (FAB-T): the boundary between it and
+        # the true class, as in AutoAttack. To be classified as it: the boundary between it and
+        # the strongest other class, whichever that is at the current point.
+        away = y0 if wanted is None else None
         others = other_classes(logits[index], y0, logits.shape[1] - 1) if towards is None else None
         x1 = x0.clone() if radius is None else self._random_start(x0, radius[index], generator)
         lower, upper = (b.flatten(1) for b in _box(threat, x0))
@@ -330,7 +335,7 @@ class FAB(MinNormAttack):
             if aim is None:
                 _, diff, grads = boundary_gradients(model, x1, others, y0)
             else:
-                _, diff, grads = boundary_gradients(model, x1, aim[:, None])
+                _, diff, grads = boundary_gradients(model, x1, aim[:, None], away)
             grads = threat.apply_mask(grads)
             if self.nearest == "box" and diff.shape[1] > 1:
                 nearest = _nearest_in_box(x1.flatten(1), diff, grads.flatten(2), lower, upper, norm)
