@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import advtrain.attacks.window_forward as window_forward
@@ -70,6 +72,68 @@ def test_matches_the_full_forward_pass_over_a_search(name):
             current[taken] = candidate[taken]
         # the kept maps are those of the current points
         for kept, fresh in zip(maps, local.start(current)[1]):
+            torch.testing.assert_close(kept, fresh, rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def _stacks(draw):
+    """A random stack of convolutions and max poolings (any kernel, stride, padding, dilation),
+    an input plane it fits, and a window with one corner per sample."""
+    channels = draw(st.integers(1, 3))
+    height, width = draw(st.integers(4, 11)), draw(st.integers(4, 11))
+    layers: list[nn.Module] = []
+    h, w, c = height, width, channels
+    for _ in range(draw(st.integers(1, 3))):
+        if draw(st.booleans()):
+            k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+            d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+            s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+            p = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+            out = draw(st.integers(1, 4))
+            layer = nn.Conv2d(c, out, k, stride=s, padding=p, dilation=d)
+        else:
+            k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+            s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+            p = (draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2)))
+            d, out = (1, 1), c
+            layer = nn.MaxPool2d(k, stride=s, padding=p)
+        extent = [(k[i] - 1) * d[i] + 1 for i in range(2)]
+        h2, w2 = ((n + 2 * p[i] - extent[i]) // s[i] + 1 for i, n in enumerate((h, w)))
+        if h2 < 1 or w2 < 1:
+            break
+        layers += [layer, nn.Tanh()]
+        h, w, c = h2, w2, out
+    if not layers:
+        layers = [nn.Conv2d(c, 2, 1)]
+        c = 2
+    torch.manual_seed(draw(st.integers(0, 100)))
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, 3)).eval()
+    window = (draw(st.integers(1, height)), draw(st.integers(1, width)))
+    n = 4
+    top = torch.tensor([draw(st.integers(0, height - window[0])) for _ in range(n)])
+    left = torch.tensor([draw(st.integers(0, width - window[1])) for _ in range(n)])
+    return model, (channels, height, width), window, top, left
+
+
+@settings(max_examples=60, deadline=None)
+@given(_stacks())
+def test_any_stack_and_window_gives_the_full_forward_pass(case):
+    model, shape, window, top, left = case
+    local = WindowForward.build(model, shape)
+    assert local is not None
+    g = torch.Generator().manual_seed(0)
+    current = torch.rand((len(top), *shape), generator=g)
+    candidate = current.clone()
+    for i in range(len(top)):
+        candidate[i, :, top[i]:top[i] + window[0], left[i]:left[i] + window[1]] = \
+            torch.rand(shape[0], *window, generator=g)
+    with torch.no_grad():
+        _, maps = local.start(current)
+        logits, patches = local(candidate, maps, top, left, window)
+        torch.testing.assert_close(logits, model(candidate), rtol=1e-5, atol=1e-5)
+        rows = torch.arange(len(top))
+        local.commit(maps, patches, rows, rows)
+        for kept, fresh in zip(maps, local.start(candidate)[1]):
             torch.testing.assert_close(kept, fresh, rtol=1e-5, atol=1e-5)
 
 
