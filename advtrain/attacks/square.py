@@ -369,29 +369,8 @@ class Square(Attack):
         wanted = target if target is None or rows is None else target[rows]
         state_maps = [] if local is None else [state[f"map{k}"] for k in range(len(local.stages))]
         maps = state_maps if rows is None else [m[rows] for m in state_maps]
-        patches: list[Patch] | None = None
-        new_maps: list[Tensor] = []
-        mode = "full"
-        if local is not None and window is not None and not local.reaches_all(window[2]):
-            mode = chooser.mode(window[2])
-        if mode != "full":
-            top, left, size = window
-            if rows is not None:
-                top, left = top[rows], left[rows]
-        if mode == "both":
-            logits, new_maps = chooser.trial(local, picked, maps, top, left, size)
-        elif mode == "local":
-            logits, patches = local(picked, maps, top, left, size)
-            # A decision is never taken on recomputed patches: the points they call adversarial
-            # are judged by the model itself.
-            flagged = is_adversarial(logits, y, wanted)
-            if bool(flagged.any()):
-                flagged = flagged.nonzero().squeeze(1)
-                logits[flagged] = model(picked[flagged].reshape(len(flagged), *shape[1:]))
-        elif local is not None:
-            logits, new_maps = local.start(picked)
-        else:
-            logits = model(picked.reshape(len(picked), *shape[1:]))
+        logits, patches, new_maps = self._forward(model, picked, y, wanted, maps, rows, shape,
+                                                  local, chooser, window)
         if rows is None:
             loss = self._objective(logits, y, wanted)
             success = is_adversarial(logits, y, wanted)
@@ -420,6 +399,38 @@ class Square(Attack):
             best.loss[leaving] = loss[success]
             state = _keep(state, ~success)
         return state
+
+    def _forward(
+        self, model: nn.Module, picked: Tensor, y: Tensor, wanted: Tensor | None,
+        maps: list[Tensor], rows: Tensor | None, shape: torch.Size, local: WindowForward | None,
+        chooser: PathChooser | None, window: tuple[Tensor, Tensor, tuple[int, int]] | None,
+    ) -> tuple[Tensor, list[Patch] | None, list[Tensor]]:
+        """Logits of the candidates ``picked`` (the state's ``rows``, None: all), with what
+        :meth:`_query` keeps of their feature maps: the recomputed patches (window pass) or the
+        whole maps (full pass through ``local``); neither without ``local``."""
+        if local is None:
+            return model(picked.reshape(len(picked), *shape[1:])), None, []
+        assert chooser is not None
+        mode = "full"
+        if window is not None and not local.reaches_all(window[2]):
+            mode = chooser.mode(window[2])
+        if mode == "full":
+            logits, new_maps = local.start(picked)
+            return logits, None, new_maps
+        top, left, size = window  # type: ignore[misc]
+        if rows is not None:
+            top, left = top[rows], left[rows]
+        if mode == "both":
+            logits, new_maps = chooser.trial(local, picked, maps, top, left, size)
+            return logits, None, new_maps
+        logits, patches = local(picked, maps, top, left, size)
+        # A decision is never taken on recomputed patches: the points they call adversarial are
+        # judged by the model itself.
+        flagged = is_adversarial(logits, y, wanted)
+        if bool(flagged.any()):
+            flagged = flagged.nonzero().squeeze(1)
+            logits[flagged] = model(picked[flagged].reshape(len(flagged), *shape[1:]))
+        return logits, patches, []
 
     def _query_all(
         self, model: nn.Module, state: dict[str, Tensor], candidate: Tensor, changed: Tensor,
