@@ -1,15 +1,16 @@
 """Square with and without the window forward pass, and torchattacks' Square, on one CNN.
 
 The window pass (``advtrain/attacks/window_forward.py``) recomputes only the feature-map patches
-a proposal's window reaches. It pays on CNNs whose convolutions dominate the forward pass, such as
-the MNIST CNN of Madry et al. (``mnist-large``: 32 and 64 channels of 5x5 kernels at full and
-half resolution); on the two-layer fast-adversarial CNN (``mnist-small``) its gathers cost what it
-saves and Square keeps the full pass. The model is standard-trained here for one epoch on the
-first ``--train`` MNIST training images (seed 0), or loaded with ``--weights`` (mnist-small).
+a proposal's window reaches, and moves the output of the head's first linear layer by the change
+of the last patch. Its logits equal the model's up to float rounding (about 1e-6 relative), so a
+search with it can part from one without it where two losses tie to that precision: the robust
+accuracies are compared, not the points. The model is ``mnist-large`` (Madry et al.'s CNN)
+standard-trained here for one epoch on the first ``--train`` MNIST training images (seed 0), or
+``--model mnist-small --weights FILE`` (a fast-adversarial checkpoint).
 
 Linf ``--eps``, ``--n-queries`` queries, seed 0, first ``--n`` MNIST test images, ``--threads``
 threads, the three runs interleaved ``--repeats`` times in this process. Prints robust accuracy
-and seconds; the window pass must give the same points as the full pass (checked).
+and seconds.
 
     .venv/bin/python bench/square_window.py [--model mnist-large] [--n 200] [--n-queries 1000]
 """
@@ -87,23 +88,18 @@ def main() -> None:
     print(f"Square linf eps={args.eps}, {args.n_queries} queries, {args.model}, first {args.n} "
           f"MNIST test images (clean {clean:.2%}), {args.threads} threads")
     times: dict[str, list[float]] = {name: [] for name in runs}
-    points: dict[str, torch.Tensor] = {}
     for _ in range(args.repeats):
         for name, run in runs.items():
             start = time.perf_counter()
-            points[name] = run()
+            x_adv = run()
             times[name].append(time.perf_counter() - start)
-            robust = float((predict(model, points[name]) == y).float().mean())
+            robust = float((predict(model, x_adv) == y).float().mean())
             print(f"  {name:<24} robust {robust:7.2%}  {times[name][-1]:7.1f} s", flush=True)
     Square._window_forward = True
-    same = torch.equal(points["advtrain, window pass"], points["advtrain, full pass"])
     best = {name: min(t) for name, t in times.items()}
     base = best["advtrain, window pass"]
     print("best of each: " + ", ".join(f"{name} {t:.1f} s ({t / base:.2f}x)"
                                       for name, t in best.items()))
-    print(f"window and full pass give the same points: {same}")
-    if not same:
-        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from torch import nn
 
 import advtrain.attacks.window_forward as window_forward
 from advtrain.attacks.square import Square
-from advtrain.attacks.window_forward import PathChooser, WindowForward
+from advtrain.attacks.window_forward import WindowForward
 from advtrain.evaluation import predict
 from advtrain.models import build_model
 
@@ -59,16 +59,15 @@ def test_matches_the_full_forward_pass_over_a_search(name):
         for _ in range(25):
             window = tuple(int(torch.randint(1, min(shape[1:]) + 1, (), generator=g))
                            for _ in range(2))
-            top = torch.randint(0, shape[1] - window[0] + 1, (n,), generator=g)
-            left = torch.randint(0, shape[2] - window[1] + 1, (n,), generator=g)
+            top = int(torch.randint(0, shape[1] - window[0] + 1, (), generator=g))
+            left = int(torch.randint(0, shape[2] - window[1] + 1, (), generator=g))
             candidate = current.clone()
-            for i in range(n):
-                candidate[i, :, top[i]:top[i] + window[0], left[i]:left[i] + window[1]] = \
-                    torch.rand(shape[0], *window, generator=g)
-            logits, patches = local(candidate, maps, top, left, window)
+            candidate[:, :, top:top + window[0], left:left + window[1]] = \
+                torch.rand(n, shape[0], *window, generator=g)
+            logits, change = local(candidate, maps, top, left, window)
             torch.testing.assert_close(logits, model(candidate), rtol=1e-5, atol=1e-5)
             taken = torch.randperm(n, generator=g)[: n // 2]
-            local.commit(maps, patches, taken, taken)
+            local.commit(maps, change, taken, taken)
             current[taken] = candidate[taken]
         # the kept maps are those of the current points
         for kept, fresh in zip(maps, local.start(current)[1]):
@@ -78,7 +77,7 @@ def test_matches_the_full_forward_pass_over_a_search(name):
 @st.composite
 def _stacks(draw):
     """A random stack of convolutions and max poolings (any kernel, stride, padding, dilation),
-    an input plane it fits, and a window with one corner per sample."""
+    a head, an input plane it fits, and a window."""
     channels = draw(st.integers(1, 3))
     height, width = draw(st.integers(4, 11)), draw(st.integers(4, 11))
     layers: list[nn.Module] = []
@@ -107,11 +106,12 @@ def _stacks(draw):
         layers = [nn.Conv2d(c, 2, 1)]
         c = 2
     torch.manual_seed(draw(st.integers(0, 100)))
-    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, 3)).eval()
+    # a head that starts with a linear layer (kept and moved by differences) or does not
+    head = [nn.Flatten(), nn.Linear(c * h * w, 3)] if draw(st.booleans()) else \
+        [nn.Flatten(), nn.Tanh(), nn.Linear(c * h * w, 3)]
+    model = nn.Sequential(*layers, *head).eval()
     window = (draw(st.integers(1, height)), draw(st.integers(1, width)))
-    n = 4
-    top = torch.tensor([draw(st.integers(0, height - window[0])) for _ in range(n)])
-    left = torch.tensor([draw(st.integers(0, width - window[1])) for _ in range(n)])
+    top, left = draw(st.integers(0, height - window[0])), draw(st.integers(0, width - window[1]))
     return model, (channels, height, width), window, top, left
 
 
@@ -122,17 +122,19 @@ def test_any_stack_and_window_gives_the_full_forward_pass(case):
     local = WindowForward.build(model, shape)
     assert local is not None
     g = torch.Generator().manual_seed(0)
-    current = torch.rand((len(top), *shape), generator=g)
+    n = 4
+    current = torch.rand((n, *shape), generator=g)
     candidate = current.clone()
-    for i in range(len(top)):
-        candidate[i, :, top[i]:top[i] + window[0], left[i]:left[i] + window[1]] = \
-            torch.rand(shape[0], *window, generator=g)
+    candidate[:, :, top:top + window[0], left:left + window[1]] = \
+        torch.rand(n, shape[0], *window, generator=g)
     with torch.no_grad():
         _, maps = local.start(current)
-        logits, patches = local(candidate, maps, top, left, window)
+        logits, change = local(candidate, maps, top, left, window)
         torch.testing.assert_close(logits, model(candidate), rtol=1e-5, atol=1e-5)
-        rows = torch.arange(len(top))
-        local.commit(maps, patches, rows, rows)
+        for kept, fresh in zip(maps, local.start(current)[1]):  # left as they were
+            assert torch.equal(kept, fresh)
+        rows = torch.arange(n)
+        local.commit(maps, change, rows, rows)
         for kept, fresh in zip(maps, local.start(candidate)[1]):
             torch.testing.assert_close(kept, fresh, rtol=1e-5, atol=1e-5)
 
@@ -165,42 +167,72 @@ def test_takes_only_models_it_can_follow():
     assert len(built.stages) == 1 and len(built.head) == 3
 
 
-def test_windows_reaching_the_whole_last_map_are_left_to_the_full_pass():
+def test_the_window_pass_is_taken_where_the_last_patch_is_at_most_half_the_map():
     model, shape = _models()["mnist-small"]
     local = WindowForward.build(model, shape)
-    assert not local.reaches_all((6, 6))
-    assert local.reaches_all((20, 20))
+    assert local.pays((1, 1)) and local.pays((6, 6))  # 2x2 and 4x4 of the 7x7 map
+    assert not local.pays((9, 9)) and not local.pays((20, 20))  # 5x5 and all of it
+
+
+def test_the_linear_head_is_moved_by_differences_and_recomputed_every_reanchor():
+    model, shape = _models()["mnist-small"]
+    local = WindowForward.build(model, shape)
+    assert local.linear is model[5] and local.n_maps == 3
+    g = torch.Generator().manual_seed(2)
+    current = torch.rand((5, *shape), generator=g)
+    rows = torch.arange(5)
+    with torch.no_grad():
+        _, maps = local.start(current)
+        for step in range(window_forward.REANCHOR):
+            candidate = current.clone()
+            top, left = (int(v) for v in torch.randint(0, 26, (2,), generator=g))
+            candidate[:, :, top:top + 3, left:left + 3] = torch.rand(5, 1, 3, 3, generator=g)
+            logits, change = local(candidate, maps, top, left, (3, 3))
+            torch.testing.assert_close(logits, model(candidate), rtol=1e-5, atol=1e-5)
+            local.commit(maps, change, rows, rows)
+            current = candidate
+            moved = torch.equal(maps[-1], model[5](model[4](maps[1])))
+            assert moved == (step == window_forward.REANCHOR - 1)  # exact only once re-anchored
+        torch.testing.assert_close(maps[-1], local.start(current)[1][-1], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- in the Square attack
 @pytest.fixture()
 def forced(monkeypatch):
-    """Force the chooser's answer: ``forced("local")`` after the call."""
-    def force(mode: str) -> None:
-        monkeypatch.setattr(PathChooser, "mode", lambda self, window: mode)
+    """Force whether the window pass is taken: ``forced(True)``."""
+    def force(taken: bool) -> None:
+        monkeypatch.setattr(WindowForward, "pays", lambda self, window: taken)
     return force
 
 
-@pytest.mark.parametrize("mode", ["local", "both"])
-def test_square_gives_the_same_points_whichever_pass_it_takes(digits_model, digits, forced,
-                                                              monkeypatch, mode):
+def test_square_takes_the_window_pass_and_its_logits_are_the_models(digits_model, digits, forced,
+                                                                    monkeypatch):
+    """Over a whole search (commits, points leaving, re-anchoring), every logit the window pass
+    gives is the model's, and Square breaks as many points as with the full pass."""
     x, y = digits.test.x[:40], digits.test.y[:40]
+    monkeypatch.setattr(window_forward, "REANCHOR", 7)
 
-    def attack() -> tuple[torch.Tensor, torch.Tensor]:
-        square = Square(eps=0.1, n_queries=150, seed=0)
-        return square(digits_model, x, y), square.queries_used
+    def broken() -> int:
+        x_adv = Square(eps=0.1, n_queries=150, seed=0)(digits_model, x, y)
+        return int((predict(digits_model, x_adv) != y).sum())
 
     monkeypatch.setattr(Square, "_window_forward", False)
-    plain, plain_queries = attack()
+    plain = broken()
     monkeypatch.setattr(Square, "_window_forward", True)
     calls = []
     original = WindowForward.__call__
-    monkeypatch.setattr(WindowForward, "__call__",
-                        lambda self, *a: calls.append(1) or original(self, *a))
-    forced(mode)
-    ours, queries = attack()
-    assert calls, "the window pass was never taken"
-    assert torch.equal(ours, plain) and torch.equal(queries, plain_queries)
+
+    def checked(self, candidate, *args):
+        logits, change = original(self, candidate, *args)
+        torch.testing.assert_close(logits, digits_model(candidate), rtol=1e-5, atol=1e-5)
+        calls.append(1)
+        return logits, change
+
+    monkeypatch.setattr(WindowForward, "__call__", checked)
+    forced(True)
+    ours = broken()
+    assert len(calls) > 100, "the window pass was not taken"
+    assert abs(ours - plain) <= 2 and plain > 5
 
 
 def test_square_confirms_what_the_window_pass_calls_adversarial(digits_model, digits, forced,
@@ -211,11 +243,11 @@ def test_square_confirms_what_the_window_pass_calls_adversarial(digits_model, di
     original = WindowForward.__call__
 
     def lying(self, *args):
-        logits, patches = original(self, *args)
-        return logits + 100.0 * torch.nn.functional.one_hot(logits.argmin(1), 10), patches
+        logits, change = original(self, *args)
+        return logits + 100.0 * torch.nn.functional.one_hot(logits.argmin(1), 10), change
 
     monkeypatch.setattr(WindowForward, "__call__", lying)
-    forced("local")
+    forced(True)
     square = Square(eps=0.02, n_queries=60, seed=0)
     x_adv = square(digits_model, x, y)
     standing = (predict(digits_model, x_adv) == y) & (predict(digits_model, x) == y)
@@ -223,29 +255,8 @@ def test_square_confirms_what_the_window_pass_calls_adversarial(digits_model, di
     assert bool((square.queries_used[standing] == 60).all())
 
 
-def test_chooser_times_both_then_keeps_the_faster_and_gives_up_on_any_difference(monkeypatch):
-    chooser = PathChooser()
-    for _ in range(window_forward.TRIALS):
-        assert chooser.mode((3, 3)) == "both"
-        chooser.timings.setdefault((3, 3), []).append((1.0, 2.0))
-        chooser.timings.setdefault((5, 5), []).append((2.0, 1.0))
-    assert chooser.mode((3, 3)) == "local" and chooser.mode((5, 5)) == "full"
-    model, shape = _models()["mnist-small"]
-    local = WindowForward.build(model, shape)
-    x = torch.rand(4, *shape)
-    with torch.no_grad():
-        _, maps = local.start(x)
-        top = left = torch.zeros(4, dtype=torch.int64)
-        logits, _ = chooser.trial(local, x, maps, top, left, (2, 2))
-        assert torch.equal(logits, model(x)) and chooser.exact
-        original = WindowForward.__call__
-        monkeypatch.setattr(WindowForward, "__call__",
-                            lambda self, *a: (original(self, *a)[0] + 1e-6, None))
-        chooser.trial(local, x, maps, top, left, (2, 2))
-    assert not chooser.exact and chooser.mode((3, 3)) == "full"
-
-
-def test_feature_maps_are_counted_and_capped_in_square(digits_model, digits, monkeypatch):
+def test_feature_maps_are_counted_and_capped_in_square(digits_model, digits, forced,
+                                                       monkeypatch):
     model, shape = _models()["mnist-small"]
     local = WindowForward.build(model, shape)
     x = torch.rand(3, *shape)
@@ -258,6 +269,6 @@ def test_feature_maps_are_counted_and_capped_in_square(digits_model, digits, mon
                         classmethod(lambda cls, *a: built.append(1) or original(cls, *a)))
     monkeypatch.setattr("advtrain.attacks.square.MAX_MAP_BYTES", 0)
     monkeypatch.setattr(WindowForward, "__call__", lambda *a: pytest.fail("window pass taken"))
-    monkeypatch.setattr(PathChooser, "mode", lambda self, window: "local")
+    forced(True)
     Square(eps=0.1, n_queries=30, seed=0)(digits_model, digits.test.x[:10], digits.test.y[:10])
     assert built

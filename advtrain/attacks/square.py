@@ -23,12 +23,14 @@ cross-entropy of the target, as AutoAttack does. Every forward pass counts as a 
 the clean point included, so no point uses more than ``n_queries`` per run; the count of the last
 call is in :attr:`Square.queries_used`.
 
-Unlike the authors' code, each point draws its own window (flat indices built by broadcasting,
-not a loop over samples) and a window may sit anywhere in the plane (theirs never covers the last
-row and column). A point leaves the search as soon as it is adversarial, so each iteration is one
+Unlike the authors' code, a linf query puts its window at the same random place in every point
+(theirs draws one place per point in a loop; for each point on its own the windows are uniform
+and independent either way, and nothing a point does depends on the others), the l2 windows are
+drawn per point, and a window may sit anywhere in the plane (theirs never covers the last row
+and column). A point leaves the search as soon as it is adversarial, so each iteration is one
 forward pass over the points still standing. For linf on the CPU, when the model is a
 convolutional ``nn.Sequential``, a query recomputes only the feature-map patches its window
-reaches where that is faster (:mod:`~advtrain.attacks.window_forward`; same points either way).
+reaches (:mod:`~advtrain.attacks.window_forward`) where they cover at most half of the last map.
 Inputs ``(N, D)`` and ``(N, C, L)`` are searched with 1-D windows (a run of ``round(p * D)``
 contiguous features); immutable features (the threat model's mask) and per-feature bounds are
 honoured exactly.
@@ -51,7 +53,7 @@ from ..threat import ThreatModel
 from .base import Attack, Outcome, _check_positive_int, compaction_interval
 from .fast_grad import suspended
 from .registry import register
-from .window_forward import MAX_MAP_BYTES, Patch, PathChooser, WindowForward
+from .window_forward import MAX_MAP_BYTES, Change, WindowForward
 
 #: Iterations of a 10,000-query run after which ``p`` is halved (Andriushchenko et al. 2020).
 P_MILESTONES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -314,7 +316,6 @@ class Square(Attack):
             local = WindowForward.build(model, tuple(shape[1:]))
             if local is not None and local.map_bytes(state["x"]) > MAX_MAP_BYTES:
                 local = None
-        chooser = PathChooser()
         if local is not None:  # the feature maps of the current points (at first, the clean ones)
             state.update({f"map{k}": m for k, m in enumerate(local.start(state["x"])[1])})
         context = (lower, upper, mutable, generator)
@@ -336,7 +337,7 @@ class Square(Attack):
                 candidate, changed = self._propose_l2(state, i, context)
             if every == 1:
                 state = self._query(model, state, candidate, changed, best, queries, shape,
-                                    local, chooser, window)
+                                    local, window)
             else:
                 self._query_all(model, state, candidate, changed, best, queries, shape)
                 if (i + 2) % every == 0:
@@ -352,14 +353,13 @@ class Square(Attack):
     def _query(
         self, model: nn.Module, state: dict[str, Tensor], candidate: Tensor, changed: Tensor,
         best: Outcome, queries: Tensor, shape: torch.Size, local: WindowForward | None = None,
-        chooser: PathChooser | None = None,
         window: tuple[Tensor, Tensor, tuple[int, int]] | None = None,
     ) -> dict[str, Tensor]:
         """Query the model on the candidates that differ from the current points (``changed``);
         keep the improvements; write the points that became adversarial into ``best`` and drop
         them from the state. With ``local``, the feature maps of the current points are kept in
-        the state, and where ``chooser`` finds it faster the forward pass recomputes only what
-        the proposal's ``window`` reaches."""
+        the state, and where it pays the forward pass recomputes only what the proposal's
+        ``window`` reaches."""
         if not bool(changed.any()):
             return state
         target = state.get("target")
@@ -367,10 +367,10 @@ class Square(Attack):
         picked = candidate if rows is None else candidate[rows]
         y = state["y"] if rows is None else state["y"][rows]
         wanted = target if target is None or rows is None else target[rows]
-        state_maps = [] if local is None else [state[f"map{k}"] for k in range(len(local.stages))]
+        state_maps = [] if local is None else [state[f"map{k}"] for k in range(local.n_maps)]
         maps = state_maps if rows is None else [m[rows] for m in state_maps]
-        logits, patches, new_maps = self._forward(model, picked, y, wanted, maps, rows, shape,
-                                                  local, chooser, window)
+        logits, change, new_maps = self._forward(model, picked, y, wanted, maps, shape, local,
+                                                 window)
         if rows is None:
             loss = self._objective(logits, y, wanted)
             success = is_adversarial(logits, y, wanted)
@@ -387,8 +387,8 @@ class Square(Attack):
             state["loss"] = torch.where(accept, loss, state["loss"])
             if local is not None:  # the rows of `picked` taken
                 mine = taken if rows is None else accept[rows].nonzero().squeeze(1)
-                if patches is not None:
-                    local.commit(state_maps, patches, mine, taken)
+                if change is not None:
+                    local.commit(state_maps, change, mine, taken)
                 else:
                     for feature, new in zip(state_maps, new_maps):
                         feature[taken] = new[mine]
@@ -402,35 +402,25 @@ class Square(Attack):
 
     def _forward(
         self, model: nn.Module, picked: Tensor, y: Tensor, wanted: Tensor | None,
-        maps: list[Tensor], rows: Tensor | None, shape: torch.Size, local: WindowForward | None,
-        chooser: PathChooser | None, window: tuple[Tensor, Tensor, tuple[int, int]] | None,
-    ) -> tuple[Tensor, list[Patch] | None, list[Tensor]]:
-        """Logits of the candidates ``picked`` (the state's ``rows``, None: all), with what
-        :meth:`_query` keeps of their feature maps: the recomputed patches (window pass) or the
-        whole maps (full pass through ``local``); neither without ``local``."""
+        maps: list[Tensor], shape: torch.Size, local: WindowForward | None,
+        window: tuple[Tensor, Tensor, tuple[int, int]] | None,
+    ) -> tuple[Tensor, Change | None, list[Tensor]]:
+        """Logits of the candidates ``picked``, with what :meth:`_query` keeps of their state:
+        the change (window pass) or the whole state (full pass through ``local``); neither
+        without ``local``."""
         if local is None:
             return model(picked.reshape(len(picked), *shape[1:])), None, []
-        assert chooser is not None
-        mode = "full"
-        if window is not None and not local.reaches_all(window[2]):
-            mode = chooser.mode(window[2])
-        if mode == "full":
+        if window is None or not local.pays(window[2]):
             logits, new_maps = local.start(picked)
             return logits, None, new_maps
-        top, left, size = window  # type: ignore[misc]
-        if rows is not None:
-            top, left = top[rows], left[rows]
-        if mode == "both":
-            logits, new_maps = chooser.trial(local, picked, maps, top, left, size)
-            return logits, None, new_maps
-        logits, patches = local(picked, maps, top, left, size)
+        logits, change = local(picked, maps, int(window[0]), int(window[1]), window[2])
         # A decision is never taken on recomputed patches: the points they call adversarial are
         # judged by the model itself.
         flagged = is_adversarial(logits, y, wanted)
         if bool(flagged.any()):
             flagged = flagged.nonzero().squeeze(1)
             logits[flagged] = model(picked[flagged].reshape(len(flagged), *shape[1:]))
-        return logits, patches, []
+        return logits, change, []
 
     def _query_all(
         self, model: nn.Module, state: dict[str, Tensor], candidate: Tensor, changed: Tensor,
@@ -467,17 +457,19 @@ class Square(Attack):
         self, state: dict[str, Tensor], iteration: int, generator: torch.Generator | None,
         dense: bool = False,
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, tuple[int, int]]]:
-        """Set one random window per point to ``x ± eps`` (a random sign per channel). Where that
+        """Set a random window to ``x ± eps`` (a random sign per point and channel). Where that
         would leave the point unchanged, flip a uniformly drawn non-empty subset of the channels'
         signs instead: the authors' redraw until something changes, in one step. Works on the
         windows only (gather/scatter); returns the candidates and which of them changed.
         ``dense``: draw the flips for every point and pick them where needed, with no read-back
-        to the host. Also returns the windows (top rows, left columns, size)."""
+        to the host. Also returns the window (top row, left column, size). The window sits at
+        the same place in every point: each point's sequence of windows is still uniform and
+        independent, as in the paper, and the window pass works on slices."""
         cur = state["cur"]
         n, c, h, w = cur.shape
         size = window_shape(p_selection(self.p_init, iteration, self.n_queries), h, w, "linf")
-        top, left = random_corners(n, h, w, size, generator, cur.device)
-        index = window_indices(top, left, (c, h, w), size)
+        top, left = random_corners(1, h, w, size, generator, cur.device)  # one for all points
+        index = window_indices(top, left, (c, h, w), size).expand(n, -1)
         old = cur.reshape(n, -1).gather(1, index)
         plus = state["plus"].reshape(n, -1).gather(1, index).reshape(n, c, -1)
         minus = state["minus"].reshape(n, -1).gather(1, index).reshape(n, c, -1)
