@@ -167,11 +167,12 @@ def test_takes_only_models_it_can_follow():
     assert len(built.stages) == 1 and len(built.head) == 3
 
 
-def test_the_window_pass_is_taken_where_the_last_patch_is_at_most_half_the_map():
+def test_the_window_pass_is_taken_where_it_saves_a_third_of_the_multiply_adds():
     model, shape = _models()["mnist-small"]
     local = WindowForward.build(model, shape)
-    assert local.pays((1, 1)) and local.pays((6, 6))  # 2x2 and 4x4 of the 7x7 map
-    assert not local.pays((9, 9)) and not local.pays((20, 20))  # 5x5 and all of it
+    # 9x9: 6x6 of conv1's 14x14 outputs, 5x5 of conv2's and of the head's 7x7 inputs
+    assert local.pays((1, 1)) and local.pays((9, 9))
+    assert not local.pays((12, 12)) and not local.pays((20, 20))
 
 
 def test_the_linear_head_is_moved_by_differences_and_recomputed_every_reanchor():

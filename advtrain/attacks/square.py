@@ -30,7 +30,7 @@ drawn per point, and a window may sit anywhere in the plane (theirs never covers
 and column). A point leaves the search as soon as it is adversarial, so each iteration is one
 forward pass over the points still standing. For linf on the CPU, when the model is a
 convolutional ``nn.Sequential``, a query recomputes only the feature-map patches its window
-reaches (:mod:`~advtrain.attacks.window_forward`) where they cover at most half of the last map.
+reaches (:mod:`~advtrain.attacks.window_forward`) where that saves a third of the work.
 Inputs ``(N, D)`` and ``(N, C, L)`` are searched with 1-D windows (a run of ``round(p * D)``
 contiguous features); immutable features (the threat model's mask) and per-feature bounds are
 honoured exactly.
