@@ -414,8 +414,8 @@ class Square(Attack):
             logits, new_maps = local.start(picked)
             return logits, None, new_maps
         logits, change = local(picked, maps, int(window[0]), int(window[1]), window[2])
-        # A decision is never taken on recomputed patches: the points they call adversarial are
-        # judged by the model itself.
+        # A decision is never taken on the window pass's logits: the points they call
+        # adversarial are judged by the model itself.
         flagged = is_adversarial(logits, y, wanted)
         if bool(flagged.any()):
             flagged = flagged.nonzero().squeeze(1)

@@ -165,12 +165,10 @@ class Patch:
     left: int
     values: Tensor  # (n, C, h, w)
 
-    def cells(self, feature: Tensor, margin: tuple[int, int] = (0, 0)) -> Tensor:
-        """The patch's place in ``feature`` (a view), whose first ``margin`` rows and columns
-        are padding."""
+    def cells(self, feature: Tensor) -> Tensor:
+        """The patch's place in ``feature`` (an unpadded map), a view."""
         h, w = self.values.shape[2:]
-        top, left = self.top + margin[0], self.left + margin[1]
-        return feature[:, :, top:top + h, left:left + w]
+        return feature[:, :, self.top:self.top + h, self.left:self.left + w]
 
 
 @dataclass
