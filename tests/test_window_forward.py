@@ -192,8 +192,8 @@ def test_the_linear_head_is_moved_by_differences_and_recomputed_every_reanchor()
             torch.testing.assert_close(logits, model(candidate), rtol=1e-5, atol=1e-5)
             local.commit(maps, change, rows, rows)
             current = candidate
-            moved = torch.equal(maps[-1], model[5](model[4](maps[1])))
-            assert moved == (step == window_forward.REANCHOR - 1)  # exact only once re-anchored
+            exact = torch.equal(maps[-1], model[5](model[4](maps[1])))
+            assert exact == (step == window_forward.REANCHOR - 1)  # only once re-anchored
         torch.testing.assert_close(maps[-1], local.start(current)[1][-1], rtol=1e-5, atol=1e-5)
 
 
