@@ -68,9 +68,9 @@ def _water_level(weight: Tensor, knee: Tensor, need: Tensor) -> Tensor:
     root without overshooting: each step lands on a later linear piece, or on the root itself.
     On FAB's projections it typically takes 4 to 7 steps, on fewer rows at each, where sorting
     the knees (:func:`_water_level_sorted`, used for any row still short after
-    :data:`NEWTON_STEPS`) costs three times as much. Newton drops the rows it has solved, which reads their count back to the
-    host: on an accelerator (:func:`~advtrain.device_sync.compaction_interval`) the sort runs
-    instead, with no read-back.
+    :data:`NEWTON_STEPS`) costs three times as much. Newton drops the rows it has solved, which
+    reads their count back to the host: on an accelerator
+    (:func:`~advtrain.device_sync.compaction_interval`) the sort runs instead, with no read-back.
     """
     if compaction_interval(weight.device) > 1:
         return _water_level_sorted(weight, knee, need)
