@@ -69,7 +69,7 @@ def cli() -> None:
 @click.option("--schedule", help="Learning rate per batch: constant (default), piecewise, cosine, "
               "onecycle.")
 @click.option("--warmup-epochs", type=int, help="Ramp eps linearly from 0 over this many epochs "
-              "(default 0).")
+              "(default: a tenth of --epochs for fgsm and fgsm-rs, else 0).")
 @click.option("--augment", help="Comma-separated: crop, flip (images; not digits/mnist), noise.")
 @click.option("--noise-std", type=float, help="Standard deviation of --augment noise (default 0.05).")
 @click.option("--early-stop", type=int, metavar="PATIENCE",

@@ -426,10 +426,21 @@ def test_trainer_options_reject_bad_values_in_one_line(overrides, needle):
 
 def test_trainer_options_defaults_keep_the_default_job():
     config = TrainConfig()
-    assert (config.schedule, config.warmup_epochs, config.augment, config.adv_ratio) == \
+    assert (config.schedule, config.eps_warmup_epochs, config.augment, config.adv_ratio) == \
         ("constant", 0, (), 1.0)
     assert (config.early_stop, config.checkpoint_every, config.tensorboard) == (None, 0, False)
     assert config.method_options == {} and config.amp == "auto" and config.channels_last == "auto"
+
+
+def test_eps_warmup_defaults_to_a_tenth_of_the_run_for_fgsm_type_methods_only():
+    assert TrainConfig(method="fgsm-rs", epochs=10).eps_warmup_epochs == 1
+    assert TrainConfig(method="fgsm", epochs=25).eps_warmup_epochs == 2
+    assert TrainConfig(method="fgsm-rs", epochs=9).eps_warmup_epochs == 0
+    assert TrainConfig(method="pgd", epochs=10).eps_warmup_epochs == 0
+    assert TrainConfig(method="trades", epochs=30).eps_warmup_epochs == 0
+    # an explicit value, 0 included, is kept
+    assert TrainConfig(method="fgsm-rs", epochs=10, warmup_epochs=0).eps_warmup_epochs == 0
+    assert TrainConfig(method="pgd", epochs=10, warmup_epochs=3).eps_warmup_epochs == 3
 
 
 def test_trainer_options_from_toml_and_overrides(tmp_path):
@@ -541,6 +552,27 @@ def test_eps_warmup_ramps_per_batch_and_is_recorded(data, tmp_path):
     # validation and test always attack at the full radius
     assert trainer.validation_attack().threat.eps == pytest.approx(0.2)
     assert result.extra["eps"] == pytest.approx(0.2)
+
+
+def test_fgsm_rs_ramps_eps_over_the_first_tenth_of_the_run_by_default(data):
+    config = TrainConfig(method="fgsm-rs", epochs=10, batch_size=256, eval_steps=1, device="cpu")
+    trainer = Trainer(fresh_model(data), data, config)
+    built: list[float] = []
+    build = trainer._build_method
+
+    def recording_build(threat):
+        built.append(threat.eps)
+        return build(threat)
+
+    def stop_after_the_first_epoch(epoch):
+        trainer.stop_reason = "enough: the ramp is the first epoch"
+
+    trainer._build_method = recording_build
+    trainer._check_stop = stop_after_the_first_epoch
+    result = trainer.fit()
+    batches = trainer.batches_per_epoch
+    assert len(result.history) == 1
+    assert built == pytest.approx([0.2 * k / batches for k in range(1, batches + 1)])
 
 
 def test_warmup_eps_counts_replays_as_epochs():

@@ -34,7 +34,9 @@ class TrainConfig:
     ``replays``, ...); ``adv_ratio`` blends the method's loss with clean cross-entropy
     (``r * method + (1 - r) * clean``, 1 = the method alone); ``schedule`` shapes the learning
     rate per batch (see :mod:`advtrain.training.schedules`); ``warmup_epochs`` ramps eps
-    linearly from 0 over the first epochs, per batch; ``augment`` lists ``crop``, ``flip``,
+    linearly from 0 over the first epochs, per batch (``None``: a tenth of the epochs, rounded
+    down, for FGSM-type methods, which without it often overfit catastrophically at a large eps;
+    none for the others; see :attr:`eps_warmup_epochs`); ``augment`` lists ``crop``, ``flip``,
     ``noise`` (``noise_std``); ``early_stop`` is a patience in epochs without a better
     validation figure; ``catastrophic`` watches for catastrophic overfitting (``auto``: ``stop``
     for FGSM-type methods, else ``off``; or ``stop``, ``warn``, ``off``) with ``co_threshold``;
@@ -70,7 +72,7 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     adv_ratio: float = 1.0
     schedule: str = "constant"
-    warmup_epochs: int = 0
+    warmup_epochs: int | None = None
     augment: tuple[str, ...] = ()
     noise_std: float = 0.05
     early_stop: int | None = None
@@ -115,6 +117,18 @@ class TrainConfig:
             )
         self._check_training_options()
 
+    @property
+    def eps_warmup_epochs(self) -> int:
+        """The epochs over which eps ramps up: ``warmup_epochs``, or when it is ``None``,
+        ``epochs // 10`` for FGSM-type methods and 0 for the others.
+
+        Wong et al.'s MNIST recipe (``fgsm-rs``, eps 0.3, 10 epochs) starts at full eps; in this
+        trainer two of four seeds overfit catastrophically that way, none with one epoch of ramp.
+        """
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return self.epochs // 10 if self.method in FGSM_TYPE else 0
+
     def _check_training_options(self) -> None:
         object.__setattr__(self, "method_options", _method_options(self.method_options))
         object.__setattr__(self, "augment", _augment_names(self.augment))
@@ -127,9 +141,11 @@ class TrainConfig:
                 raise AdvtrainError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
         for name in ("warmup_epochs", "checkpoint_every"):
             value = getattr(self, name)
+            if name == "warmup_epochs" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise AdvtrainError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.warmup_epochs > self.epochs:
+        if self.warmup_epochs is not None and self.warmup_epochs > self.epochs:
             raise AdvtrainError(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs "
                                 f"({self.epochs}): eps would never reach its full value")
         if self.early_stop is not None and (
@@ -165,6 +181,8 @@ class TrainConfig:
 
 
 OPTIMIZERS = ("adam", "sgd")
+#: Single-step methods: watched for catastrophic overfitting and given an eps warm-up by default.
+FGSM_TYPE = ("fgsm", "fgsm-rs")
 CATASTROPHIC = ("auto", "stop", "warn", "off")
 AMP = ("auto", "off", "bf16", "fp16")
 #: ``off`` or a ``torch.compile`` backend.

@@ -47,7 +47,7 @@ from ..errors import AdvtrainError, CheckpointError
 from ..evaluation import clean_and_robust_accuracy
 from ..threat import ThreatModel
 from .augment import make_augment
-from .config import TrainConfig
+from .config import FGSM_TYPE, TrainConfig
 from .methods import make_method
 from .schedules import get_schedule
 
@@ -60,8 +60,6 @@ CURVES = "curves.png"
 #: figure is always drawn): at most a tenth of a run goes into figures.
 CURVES_BUDGET = 9.0
 
-#: Methods watched for catastrophic overfitting when ``catastrophic = "auto"``.
-FGSM_TYPE = ("fgsm", "fgsm-rs")
 #: Clean accuracy "holds" when it stays at least this fraction of the best epoch's.
 CLEAN_HOLDS = 0.9
 
@@ -433,7 +431,7 @@ class Trainer:
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 self._set_eps(warmup_eps(self.threat.eps, epoch, batch, batches,
-                                         cfg.warmup_epochs, self.replays))
+                                         cfg.eps_warmup_epochs, self.replays))
                 for _ in range(self.replays):
                     multiplier = self.schedule(self.global_step + 0.5, self.total_steps)
                     for group in self.optimizer.param_groups:
