@@ -31,7 +31,7 @@ from advtrain.data import load_dataset  # noqa: E402
 from advtrain.evaluation import clean_and_robust_accuracy  # noqa: E402
 from advtrain.models import build_model  # noqa: E402
 from advtrain.training import Trainer, load_config  # noqa: E402
-from advtrain.training.config import parse_method_options  # noqa: E402
+from advtrain.training.config import parse_option_value  # noqa: E402
 
 RECIPE = dict(dataset="mnist", model="mnist-small", method="fgsm-rs", eps=0.3, epochs=10,
               batch_size=100, lr=5e-3, schedule="onecycle")
@@ -56,7 +56,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = parse_method_options(args.set)
+    overrides = {}
+    for item in args.set:
+        key, sign, text = item.partition("=")
+        if not sign:
+            parser.error(f"--set {item!r} must look like key=value, e.g. warmup_epochs=0")
+        overrides[key.strip().replace("-", "_")] = parse_option_value(text)
     data_dir = str(SHARED / "data" / "mnist")
     attack = PGD(eps=0.3, steps=50, step_size=0.01, restarts=10, seed=0)
 
