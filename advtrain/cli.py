@@ -70,6 +70,9 @@ def cli() -> None:
               "onecycle.")
 @click.option("--warmup-epochs", type=int, help="Ramp eps linearly from 0 over this many epochs "
               "(default: a tenth of --epochs for fgsm and fgsm-rs, else 0).")
+@click.option("--ema-decay", type=float, help="Validate, keep and save an exponential moving "
+              "average of the weights with this decay (default: 0.995 for fgsm and fgsm-rs, "
+              "else 0 = off).")
 @click.option("--augment", help="Comma-separated: crop, flip (images; not digits/mnist), noise.")
 @click.option("--noise-std", type=float, help="Standard deviation of --augment noise (default 0.05).")
 @click.option("--early-stop", type=int, metavar="PATIENCE",
@@ -131,7 +134,9 @@ def train(config_path: str | None, quiet: bool, resume: str | None,
     if not quiet:
         _echo(f"training {config.model} on {config.dataset} ({len(data.train)} images) with "
               f"{config.method}, {trainer.threat.norm} eps={trainer.threat.eps:g}, "
-              f"{config.epochs} epochs, device {trainer.device}")
+              f"{config.epochs} epochs, device {trainer.device}"
+              + (f"; keeping the weight average (decay {config.weight_averaging_decay:g})"
+                 if config.weight_averaging_decay else ""))
     result = trainer.fit(resume=resume is not None)
     if quiet:  # otherwise already said after the epoch concerned
         for line in [*result.extra["warnings"], result.extra["stop_reason"]]:

@@ -9,6 +9,7 @@ seed on a 2-core CPU.
 
     .venv/bin/python bench/fgsm_rs_epochs.py --seeds 0 1 2 3                      # defaults
     .venv/bin/python bench/fgsm_rs_epochs.py --seeds 0 1 2 3 --set warmup_epochs=0
+    .venv/bin/python bench/fgsm_rs_epochs.py --seeds 0 1 2 3 --set ema_decay=0
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ RECIPE = dict(dataset="mnist", model="mnist-small", method="fgsm-rs", eps=0.3, e
 
 
 class SnapshotTrainer(Trainer):
-    """A trainer that keeps a copy of the weights at the end of every epoch."""
+    """A trainer that keeps a copy of the weights it validated at the end of every epoch (their
+    average when the run keeps one)."""
 
     snapshots: list[dict[str, torch.Tensor]]
 
     def _finish_epoch(self, record, writer) -> None:  # type: ignore[no-untyped-def]
-        self.snapshots.append(copy.deepcopy(self.model.state_dict()))
+        self.snapshots.append(copy.deepcopy(self.kept_model.state_dict()))
         super()._finish_epoch(record, writer)
 
 
@@ -87,7 +89,8 @@ def main() -> None:
         start = time.perf_counter()
         result = trainer.fit()
         seconds = time.perf_counter() - start
-        print(f"seed {seed} (eps warm-up {config.eps_warmup_epochs} epoch(s)): kept epoch "
+        print(f"seed {seed} (eps warm-up {config.eps_warmup_epochs} epoch(s), weight average "
+              f"{config.weight_averaging_decay or 'off'}): kept epoch "
               f"{result.best_epoch} of {len(result.history)}, {seconds:.0f} s"
               f"{'; ' + result.extra['stop_reason'] if result.extra['stop_reason'] else ''}",
               flush=True)

@@ -10,8 +10,9 @@
 #
 # The recipe of the paper's MNIST script: batch 100, Adam with the one-cycle ("cyclic") learning
 # rate peaking at 5e-3, FGSM step 1.25 * eps from a uniform random start (fgsm-rs's default).
-# advtrain adds its default eps ramp over the first tenth of the epochs for fgsm-rs; pass
-# --warmup-epochs 0 for the script's recipe exactly.
+# advtrain adds two defaults for fgsm-rs: an eps ramp over the first tenth of the epochs and a
+# weight average (decay 0.995) as the model it validates and keeps; pass --warmup-epochs 0
+# --ema-decay 0 for the script's recipe exactly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD=${1:-fgsm-rs}

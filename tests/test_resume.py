@@ -186,6 +186,7 @@ def stateful_method(threat, *, steps=10, step_size=None):
     ("test-stateful", {}),
     ("free", {"replays": 2}),
     ("distillation", {"temperature": 5.0}),
+    ("fgsm-rs", {}),  # its state: the weight average it keeps by default
 ])
 def test_methods_with_state_resume_exactly(data, tmp_path, monkeypatch, method, options):
     monkeypatch.setitem(METHODS, "test-stateful", stateful_method)
@@ -339,8 +340,8 @@ def test_train_flags_reach_the_config(tmp_path):
                      "--method", "standard", "--adv-ratio", "0.5", "--schedule", "piecewise",
                      "--warmup-epochs", "1", "--augment", "crop", "--early-stop", "4",
                      "--catastrophic", "warn", "--co-threshold", "0.3", "--noise-std", "0.1",
-                     "--amp", "off", "--channels-last", "off", "--no-tensorboard", "--out", out,
-                     "--quiet")
+                     "--amp", "off", "--channels-last", "off", "--no-tensorboard",
+                     "--ema-decay", "0.9", "--out", out, "--quiet")
     assert rc == 0, err
     saved = json.loads((out / "config.json").read_text())
     assert saved["adv_ratio"] == 0.5 and saved["schedule"] == "piecewise"
@@ -348,8 +349,10 @@ def test_train_flags_reach_the_config(tmp_path):
     assert saved["early_stop"] == 4 and saved["catastrophic"] == "warn"
     assert saved["co_threshold"] == 0.3 and saved["noise_std"] == 0.1
     assert saved["tensorboard"] is False and saved["amp"] == "off"
+    assert saved["ema_decay"] == 0.9
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["eps"] for line in lines] == pytest.approx([0.2, 0.2])
     assert lines[1]["lr"] == pytest.approx(3e-5)  # piecewise: 0.01 x lr in the last quarter
     one_line_error(*cli("train", "--augment", "flip", "--out", tmp_path / "x")[::2], "mirror")
     one_line_error(*cli("train", "--schedule", "linear", "--out", tmp_path / "x")[::2], "linear")
+    one_line_error(*cli("train", "--ema-decay", "1", "--out", tmp_path / "x")[::2], "ema_decay")

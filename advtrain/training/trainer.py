@@ -47,6 +47,7 @@ from ..errors import AdvtrainError, CheckpointError
 from ..evaluation import clean_and_robust_accuracy
 from ..threat import ThreatModel
 from .augment import make_augment
+from .averaging import WeightAverage
 from .config import FGSM_TYPE, TrainConfig
 from .methods import make_method
 from .schedules import get_schedule
@@ -348,8 +349,10 @@ class Trainer:
                 writer.close()
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        elif self.average is not None:
+            self.model.load_state_dict(self.average.state_dict())
         test_attack = self.test_attack()
-        test_clean, test_robust = self._measure(self.data.test, test_attack)
+        test_clean, test_robust = self._measure(self.data.test, test_attack, self.model)
         result = TrainResult(
             best_epoch=self.best_epoch, history=list(self.history),
             test_clean_accuracy=test_clean, test_robust_accuracy=test_robust,
@@ -482,6 +485,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
         return loss, logits
 
     def _reduce(self) -> None:
@@ -495,17 +500,22 @@ class Trainer:
             x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    @property
+    def kept_model(self) -> nn.Module:
+        """The weights a run validates, keeps and saves: the average when there is one."""
+        return self.model if self.average is None else self.average.module
+
     def _validate(self) -> tuple[float, float]:
         """Clean and PGD accuracy on the validation split."""
-        return self._measure(self.data.val, self.validation_attack())
+        return self._measure(self.data.val, self.validation_attack(), self.kept_model)
 
-    def _measure(self, split: Split, attack: PGD) -> tuple[float, float]:
-        """Clean and robust accuracy of the model on ``split``, measured by rank 0 and shared
+    def _measure(self, split: Split, attack: PGD, model: nn.Module) -> tuple[float, float]:
+        """Clean and robust accuracy of ``model`` on ``split``, measured by rank 0 and shared
         with the other ranks (which hold the same weights)."""
         clean = robust = 0.0
         if self.rank == 0:
             found = clean_and_robust_accuracy(
-                self.model, split.x.to(self.device), split.y.to(self.device), attack,
+                model, split.x.to(self.device), split.y.to(self.device), attack,
                 batch_size=self.config.eval_batch_size,
             )
             clean, robust = found.clean_accuracy, found.robust_accuracy
@@ -521,7 +531,7 @@ class Trainer:
         key = self._selection_key(record)
         if self.best_key is None or key > self.best_key:
             self.best_key, self.best_epoch = key, epoch
-            self.best_state = _state_copy(self.model)
+            self.best_state = _state_copy(self.kept_model)
             self._save(BEST, record)
         self._save(LAST, record)
         self._append_metrics(record)
@@ -579,6 +589,8 @@ class Trainer:
         self._partial: tuple[Tensor, int, float, int, int] | None = None
         self._serial = 0
         self._curves_due = 0.0
+        decay = self.config.weight_averaging_decay
+        self.average = WeightAverage(self.model, decay) if decay else None
 
     def _start_fresh(self) -> None:
         self._reset_state()
@@ -607,7 +619,7 @@ class Trainer:
             "n_classes": info.n_classes, "norm": self.threat.norm, "eps": self.threat.eps,
             "method": self.config.method, **record.to_dict(),
         }
-        save_checkpoint(self.run_dir / name, self.model.state_dict(), meta)
+        save_checkpoint(self.run_dir / name, self.kept_model.state_dict(), meta)
 
     def _append_metrics(self, record: EpochRecord) -> None:
         if self.run_dir is None:
@@ -649,6 +661,8 @@ class Trainer:
         tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.best_state is not None:
             tensors.update({f"best.{k}": v for k, v in self.best_state.items()})
+        if self.average is not None:
+            tensors.update({f"average.{k}": v for k, v in self.average.state_dict().items()})
         optimizer = self.optimizer.state_dict()
         scalars: dict[str, dict[str, Any]] = {}
         for index, state in optimizer["state"].items():
@@ -672,6 +686,7 @@ class Trainer:
             "next_epoch": next_epoch, "next_batch": next_batch,
             "epoch_totals": list(totals) if totals is not None else None,
             "global_step": self.global_step, "cuda_rng_states": len(cuda_states),
+            "average_updates": self.average.updates if self.average is not None else None,
             "history": [r.to_dict() for r in self.history],
             "best_epoch": self.best_epoch,
             "best_key": list(self.best_key) if self.best_key is not None else None,
@@ -734,6 +749,8 @@ class Trainer:
             self.model.load_state_dict(take("model."))
             best = take("best.")
             self.best_state = {k: v.to(self.device) for k, v in best.items()} if best else None
+            if self.average is not None:
+                self.average.load_state_dict(take("average."), meta["average_updates"])
             self.optimizer.load_state_dict(self._optimizer_state(take("optim."), meta["optimizer"]))
             if self.scaler is not None and meta.get("scaler"):
                 self.scaler.load_state_dict(meta["scaler"])
