@@ -31,24 +31,24 @@ class TrainConfig:
     validation split after each epoch.
 
     Beyond the method: ``method_options`` go to the method's factory (``beta``, ``temperature``,
-    ``replays``, ...); ``adv_ratio`` blends the method's loss with clean cross-entropy
-    (``r * method + (1 - r) * clean``, 1 = the method alone); ``schedule`` shapes the learning
-    rate per batch (see :mod:`advtrain.training.schedules`); ``warmup_epochs`` ramps eps
-    linearly from 0 over the first epochs, per batch (``None``: a tenth of the epochs, rounded
-    down, for FGSM-type methods, which without it often overfit catastrophically at a large eps;
-    none for the others; see :attr:`eps_warmup_epochs`); ``ema_decay`` validates, keeps and
-    saves an exponential moving average of the weights instead of the weights themselves
-    (``None``: 0.995 for FGSM-type methods, off for the others; 0: off; see
-    :attr:`weight_averaging_decay` and :mod:`advtrain.training.averaging`); ``augment`` lists ``crop``, ``flip``,
-    ``noise`` (``noise_std``); ``early_stop`` is a patience in epochs without a better
-    validation figure; ``catastrophic`` watches for catastrophic overfitting (``auto``: ``stop``
-    for FGSM-type methods, else ``off``; or ``stop``, ``warn``, ``off``) with ``co_threshold``;
-    ``checkpoint_every`` also saves a resumable checkpoint every so many batches (0: at the end
-    of each epoch only); ``amp`` is ``auto`` (bf16, else fp16, autocast on CUDA; off on the
-    CPU), ``off``, ``bf16`` or ``fp16``; ``channels_last`` is ``auto`` (on CUDA for images),
-    ``on`` or ``off``; ``compile`` is ``off`` or a ``torch.compile`` backend (``inductor``,
-    ...) for the model inside the training loss; ``sync_batchnorm`` computes BatchNorm
-    statistics over the global batch when several processes train (torchrun).
+    ``replays``, ...); ``adv_ratio`` blends the method's loss with clean cross-entropy (``r * method
+    + (1 - r) * clean``, 1 = the method alone); ``schedule`` shapes the learning rate per batch (see
+    :mod:`advtrain.training.schedules`); ``warmup_epochs`` ramps eps linearly from 0 over the first
+    epochs, per batch (``None``: a tenth of the epochs, rounded down, for FGSM-type methods, which
+    without it often overfit catastrophically at a large eps; none for the others; see
+    :attr:`eps_warmup_epochs`); ``ema_decay`` validates, keeps and saves an exponential moving
+    average of the weights instead of the weights themselves (``None``: 0.995 for FGSM-type methods,
+    off for the others; 0: off; see :attr:`weight_averaging_decay` and
+    :mod:`advtrain.training.averaging`); ``augment`` lists ``crop``, ``flip``, ``noise``
+    (``noise_std``); ``early_stop`` is a patience in epochs without a better validation figure;
+    ``catastrophic`` watches for catastrophic overfitting (``auto``: ``stop`` for FGSM-type methods,
+    else ``off``; or ``stop``, ``warn``, ``off``) with ``co_threshold``; ``checkpoint_every`` also
+    saves a resumable checkpoint every so many batches (0: at the end of each epoch only); ``amp``
+    is ``auto`` (bf16, else fp16, autocast on CUDA; off on the CPU), ``off``, ``bf16`` or ``fp16``;
+    ``channels_last`` is ``auto`` (on CUDA for images), ``on`` or ``off``; ``compile`` is ``off`` or
+    a ``torch.compile`` backend (``inductor``, ...) for the model inside the training loss;
+    ``sync_batchnorm`` computes BatchNorm statistics over the global batch when several processes
+    train (torchrun).
     """
 
     dataset: str = "digits"
