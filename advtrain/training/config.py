@@ -203,7 +203,8 @@ class TrainConfig:
 
 
 OPTIMIZERS = ("adam", "sgd")
-#: Single-step methods: watched for catastrophic overfitting and given an eps warm-up by default.
+#: Single-step methods: watched for catastrophic overfitting, given an eps warm-up and a weight
+#: average by default.
 FGSM_TYPE = ("fgsm", "fgsm-rs")
 #: The weight-average decay FGSM-type methods get by default (measured against 0.999, see
 #: :attr:`TrainConfig.weight_averaging_decay`).
