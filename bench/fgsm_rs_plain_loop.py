@@ -4,8 +4,10 @@ watch, no best-epoch selection, the last weights kept.
 The recipe of Wong, Rice & Kolter (ICLR 2020) for MNIST: all 60,000 training images, batch 100,
 10 epochs, Adam with a triangular learning rate (0 -> 5e-3 at epoch 4 -> 0, set per batch), a
 uniform start in the eps-ball, one signed-gradient step of 0.375 taken from the *unclamped* start,
-the result clamped to the ball and into [0, 1]. Each seed's model is then measured like
-``bench/mnist_fgsm_rs.sh`` measures ours: PGD-50 with 10 restarts, step 0.01, full test set.
+the result clamped to the ball and into [0, 1]. Each seed's model is then measured exactly as
+``bench/mnist_fgsm_rs.sh`` measures ours (``advtrain evaluate --suite pgd``: PGD-50 with 10
+restarts, step 0.01, seed 0, full test set in chunks of 1,000), so the figures compare one to one
+with ``advtrain train --seed S`` runs of the same recipe.
 
 It exists to tell seed luck from a trainer difference: the one adversarial batch this loop and
 ``advtrain``'s ``fgsm-rs`` build from the same start are identical (checked to 6e-8), yet the
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from advtrain.attacks import PGD  # noqa: E402
 from advtrain.data import load_dataset  # noqa: E402
-from advtrain.evaluation import predict  # noqa: E402
+from advtrain.evaluation import clean_and_robust_accuracy  # noqa: E402
 from advtrain.models import build_model  # noqa: E402
 
 EPS, STEP, EPOCHS, BATCH, LR = 0.3, 0.375, 10, 100, 5e-3
@@ -80,10 +82,9 @@ def main() -> None:
         start = time.perf_counter()
         model = train(seed, x, y)
         seconds = time.perf_counter() - start
-        clean = float((predict(model, data.test.x) == data.test.y).float().mean())
-        x_adv = attack(model, data.test.x, data.test.y)
-        robust = float((predict(model, x_adv) == data.test.y).float().mean())
-        print(f"seed {seed}: clean {clean:.2%}, PGD-50 x 10 {robust:.2%} "
+        found = clean_and_robust_accuracy(model, data.test.x, data.test.y, attack, batch_size=1000)
+        print(f"seed {seed}: clean {found.clean_accuracy:.2%}, "
+              f"PGD-50 x 10 {found.robust_accuracy:.2%} "
               f"(training {seconds:.0f} s)", flush=True)
 
 
