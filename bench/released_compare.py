@@ -8,7 +8,8 @@ test images, linf eps 0.3, each attack with its paper's settings, one restart, f
   PGD with its cross-entropy swapped for the same margin loss, as it has no such option);
 - Square: 5,000 queries, p_init 0.8, margin loss.
 
-Prints robust accuracy (lower is a stronger attack) and time, per seed and averaged.
+Prints robust accuracy (lower is a stronger attack) and time, per seed and averaged, and the
+number of images that one library breaks and the other does not (``differ``).
 
     .venv/bin/python bench/released_compare.py [--n 1000] [--seeds 0 1 2] [--attacks apgd-ce square]
 """
@@ -86,7 +87,8 @@ def main() -> None:
     data = load_dataset("mnist", data_dir=SHARED / "data" / "mnist", download=False)
     x, y = data.test.x[: args.n], data.test.y[: args.n]
     print(f"linf eps={EPS}, first {args.n} MNIST test images, seeds {args.seeds}")
-    print(f"{'model':<15}{'attack':<9}{'seed':>5}{'advtrain':>10}{'s':>8}{'torchattacks':>14}{'s':>8}")
+    print(f"{'model':<15}{'attack':<9}{'seed':>5}{'advtrain':>10}{'s':>8}{'torchattacks':>14}{'s':>8}"
+          f"{'differ':>8}")
     for name in args.models:
         model = build_model("mnist-small", in_shape=(1, 28, 28), n_classes=10)
         load_weights_into(model, SHARED / "models" / "fast-adversarial-mnist" / name)
@@ -95,21 +97,23 @@ def main() -> None:
             rows = []
             for seed in args.seeds:
                 ours, theirs = attacks(seed)[attack]
-                row = []
+                row, standing = [], []
                 for make in (ours, theirs):
                     torch.manual_seed(seed)
                     run = make(model)
                     start = time.perf_counter()
                     x_adv = run(model, x, y) if make is ours else run(x, y)
                     seconds = time.perf_counter() - start
-                    row += [float((predict(model, x_adv) == y).float().mean()), seconds]
+                    standing.append(predict(model, x_adv) == y)
+                    row += [float(standing[-1].float().mean()), seconds]
+                row.append(int((standing[0] != standing[1]).sum()))
                 rows.append(row)
                 print(f"{name:<15}{attack:<9}{seed:>5}{row[0]:>10.2%}{row[1]:>8.1f}"
-                      f"{row[2]:>14.2%}{row[3]:>8.1f}", flush=True)
+                      f"{row[2]:>14.2%}{row[3]:>8.1f}{row[4]:>8d}", flush=True)
             if len(rows) > 1:
                 avg = [mean(column) for column in zip(*rows)]
                 print(f"{name:<15}{attack:<9}{'mean':>5}{avg[0]:>10.2%}{avg[1]:>8.1f}"
-                      f"{avg[2]:>14.2%}{avg[3]:>8.1f}", flush=True)
+                      f"{avg[2]:>14.2%}{avg[3]:>8.1f}{avg[4]:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

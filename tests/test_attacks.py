@@ -36,6 +36,15 @@ def _tiny_model(seed: int, features: int, classes: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, classes))
 
 
+def _labels_mostly_right(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own predictions, except the first point's (so it is misclassified): the
+    attacks run on every other point, and leave the first one alone."""
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % model[-1].out_features
+    return y
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     name=st.sampled_from(ATTACK_NAMES),
@@ -60,10 +69,10 @@ def test_every_attack_stays_inside_its_threat_model(
     threat = ThreatModel(norm, eps, lower, upper, mask)
     lo, hi = torch.as_tensor(lower), torch.as_tensor(upper)
     x = lo + (hi - lo) * torch.rand((5, *shape), generator=g)
-    y = torch.randint(0, 3, (5,), generator=g)
-    target = (y + 1) % 3 if targeted else None
     features = int(torch.tensor(shape).prod())
     model = _tiny_model(seed, features, 3)
+    y = _labels_mostly_right(model, x)
+    target = (y + 1) % 3 if targeted else None
     extra = {}
     if name == "transfer":  # crafted on another small model, judged on this one
         extra = {"surrogate": _tiny_model(seed + 1, features, 3), "attack_options": {"steps": 3}}
@@ -90,8 +99,9 @@ class _Detached(nn.Module):
 @pytest.mark.parametrize("name", ATTACK_NAMES)
 def test_every_attack_runs_on_a_model_without_input_gradients(name):
     threat = ThreatModel("linf" if "linf" in ATTACKS[name].norms else ATTACKS[name].norms[0], 0.3)
-    x, y = torch.rand(6, 1, 4, 4), torch.randint(0, 3, (6,))
+    x = torch.rand(6, 1, 4, 4)
     model = _Detached(_tiny_model(0, 16, 3))
+    y = _labels_mostly_right(model.model, x)
     extra = {}
     if name == "transfer":
         extra = {"surrogate": _tiny_model(1, 16, 3), "attack_options": {"steps": 3}}
@@ -165,12 +175,34 @@ def test_pgd_is_stronger_than_fgsm_and_restarts_never_hurt(digits_model, digits)
     assert pgd3 <= pgd1
 
 
-def test_survivor_loop_leaves_misclassified_points_alone(digits_model, digits):
+@pytest.mark.parametrize("name", [n for n in ATTACK_NAMES if n != "transfer"])
+def test_points_already_misclassified_are_left_alone(name):
+    """As in AutoAttack: a point the model gets wrong is returned as it is (Square and
+    HopSkipJump find that with their first, counted, query). The random attacks but PGD (which
+    draws every point's start, as Madry et al.'s code) draw nothing for it, so the other points
+    get what they get when attacked on their own."""
+    threat = ThreatModel("linf" if "linf" in ATTACKS[name].norms else ATTACKS[name].norms[0], 0.3)
+    model = _tiny_model(0, 16, 3)
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = _labels_mostly_right(model, x)
+    y[3] = (y[3] + 2) % 3
+    wrong = torch.zeros(8, dtype=torch.bool)
+    wrong[[0, 3]] = True
+    attack = make_attack(name, threat=threat, seed=0, **small_budget(ATTACKS[name]))
+    x_adv = attack(model, x, y)
+    assert torch.equal(x_adv[wrong], x[wrong])
+    assert attack.screens_clean_points == (name not in ("square", "hsj", "pgd", "fgsm"))
+    if attack.screens_clean_points:
+        alone = make_attack(name, threat=threat, seed=0, **small_budget(ATTACKS[name]))
+        assert torch.equal(x_adv[~wrong], alone(model, x[~wrong], y[~wrong]))
+
+
+def test_training_pgd_perturbs_points_already_misclassified(digits_model, digits):
     x, y = digits.test.x, digits.test.y
     wrong = predict(digits_model, x) != y
     assert bool(wrong.any())
-    x_adv = FGSM(eps=0.2)(digits_model, x, y)
-    assert torch.equal(x_adv[wrong], x[wrong])
+    x_adv = PGD(eps=0.2, steps=2, early_stop=False)(digits_model, x, y)
+    assert not torch.equal(x_adv[wrong], x[wrong])
 
 
 def test_training_mode_returns_the_last_iterate_for_every_point(digits_model, digits):
@@ -275,7 +307,9 @@ def test_apgdt_aims_at_every_other_class_by_default(monkeypatch):
     never the true class, and only the points still standing are attacked again."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8))
-    x, y = torch.rand(6, 5), torch.randint(0, 8, (6,))
+    x = torch.rand(6, 5)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every point classified correctly, so every point is attacked
     seen: list[torch.Tensor] = []
     original = APGD.descend
 

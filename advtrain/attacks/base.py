@@ -7,6 +7,7 @@ An attack is configured once (threat model, hyperparameters) and called as
 - the model put in eval mode with its parameters frozen, and both restored afterwards, so no
   parameter gradient is ever left behind;
 - batching, and moving inputs to the model's device and back;
+- points the model already gets wrong returned as they are, never attacked;
 - restarts that keep the worst case *per sample* (a success beats any failure; among failures
   the higher loss wins), run only on the points that are still standing;
 - an optional progress bar (``progress=True``) over batches and restarts.
@@ -195,14 +196,49 @@ class Attack(ABC):
         with frozen(model), _progress_bar(self.progress, self.name or type(self).__name__,
                                           len(starts)) as advance:
             for i in starts:
-                pieces.append(runner(model, x[i : i + size], y[i : i + size],
-                                     None if target is None else target[i : i + size], generator))
+                batch = (x[i : i + size], y[i : i + size],
+                         None if target is None else target[i : i + size])
+                if self.screens_clean_points:
+                    pieces.append(self._unbroken(runner, model, *batch, generator))
+                else:
+                    pieces.append(runner(model, *batch, generator))
                 advance()
         if not pieces:
             empty = torch.zeros(0, device=home)
             return Outcome(x.clone().to(home), empty.bool(), empty)
         return Outcome(*(torch.cat([getattr(p, f) for p in pieces]).detach().to(home)
                          for f in ("x_adv", "success", "loss")))
+
+    @property
+    def screens_clean_points(self) -> bool:
+        """Whether points already adversarial before the attack are returned untouched, without
+        running it on them. False where an attack must perturb every point (PGD crafting training
+        inputs) or checks the clean point itself as a counted query (Square, HopSkipJump)."""
+        return True
+
+    @staticmethod
+    def _unbroken(
+        runner: Callable[..., Outcome], model: nn.Module, x: Tensor, y: Tensor,
+        target: Tensor | None, generator: torch.Generator | None,
+    ) -> Outcome:
+        """``runner`` on the points the model gets right (with ``target``: does not yet put in
+        the target class). The others are already adversarial: they come back unchanged, as
+        successes at distance 0, and draw nothing from ``generator`` (as in AutoAttack)."""
+        with torch.no_grad():
+            done = is_adversarial(model(x), y, target) if len(x) else \
+                torch.zeros(0, dtype=torch.bool, device=x.device)
+        if not bool(done.any()):
+            return runner(model, x, y, target, generator)
+        zero = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+        outcome = Outcome(x.clone(), done.clone(), zero)
+        index = (~done).nonzero().squeeze(1)
+        if len(index):
+            found = runner(model, x[index], y[index], None if target is None else target[index],
+                           generator)
+            outcome.x_adv[index] = found.x_adv
+            outcome.success[index] = found.success
+            outcome.loss[index] = found.loss.to(outcome.loss.dtype)
+        return outcome
 
     def _restarts(
         self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,

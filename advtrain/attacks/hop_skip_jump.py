@@ -192,6 +192,10 @@ class HopSkipJump(MinNormAttack):
         with self._session(x, starting_points):
             return super().min_norm(model, x, y, target=target)
 
+    @property
+    def screens_clean_points(self) -> bool:
+        return False  # the clean point is the search's first query, counted in its budget
+
     @contextlib.contextmanager
     def _session(self, x: Tensor, starting_points: Tensor | None) -> Iterator[None]:
         if starting_points is not None:

@@ -12,9 +12,10 @@ We keep the rule because it is the stronger attack: on an undefended digits CNN 
 PGD-40 leaves 55.8% robust accuracy with it and 61.1% with eps/30 steps, which is weaker than
 FGSM's 58.9%.
 
-In evaluation mode (``early_stop=True``, the default) a point leaves the batch as soon as it is
-misclassified, and each point returns its first misclassified iterate, or else its highest-loss
-iterate after the start. In training mode (``early_stop=False``) every point takes every step
+In evaluation mode (``early_stop=True``, the default) a point the model already gets wrong is
+returned as it is, a point leaves the batch as soon as it is misclassified, and each point
+returns its first misclassified iterate, or else its highest-loss iterate after the start. Every
+point of a batch draws its random start, as in Madry et al.'s code. In training mode (``early_stop=False``) every point takes every step
 and the last iterate is returned, as in Madry et al.'s adversarial training.
 
 Example:
@@ -81,6 +82,10 @@ class PGD(Attack):
             "random_start": self.random_start, "loss": self.loss, "early_stop": self.early_stop,
         }
 
+    @property
+    def screens_clean_points(self) -> bool:
+        return False  # :meth:`run` does, after drawing every point's start (as Madry et al.)
+
     def run(
         self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
         generator: torch.Generator | None,
@@ -96,6 +101,16 @@ class PGD(Attack):
         )
         active = torch.arange(len(x), device=x.device)  # rows of `best` still being attacked
         x_clean, labels, targets = x, y, target
+        if self.early_stop and self.random_start:  # (without one, the first iterate is x)
+            with torch.no_grad():
+                done = is_adversarial(model(x), y, target)
+            if bool(done.any()):  # already adversarial: returned as it is, not attacked
+                best.merge(Outcome(x, done, torch.full_like(best.loss, float("inf"))), active)
+                keep = ~done
+                active, x_adv, x_clean, labels = active[keep], x_adv[keep], x[keep], y[keep]
+                targets = None if target is None else target[keep]
+                if len(active) == 0:
+                    return best
         every = compaction_interval(x.device)
         for step in range(self.steps + 1):
             last = step == self.steps

@@ -226,6 +226,10 @@ class Square(Attack):
                 "loss": self.loss}
 
     # ------------------------------------------------------------------ query bookkeeping
+    @property
+    def screens_clean_points(self) -> bool:
+        return False  # the clean point is the search's first query, counted in its budget
+
     def __call__(
         self, model: nn.Module, x: Tensor, y: Tensor, *, target: Tensor | None = None
     ) -> Tensor:
