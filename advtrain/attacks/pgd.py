@@ -15,8 +15,9 @@ FGSM's 58.9%.
 In evaluation mode (``early_stop=True``, the default) a point the model already gets wrong is
 returned as it is, a point leaves the batch as soon as it is misclassified, and each point
 returns its first misclassified iterate, or else its highest-loss iterate after the start. Every
-point of a batch draws its random start, as in Madry et al.'s code. In training mode (``early_stop=False``) every point takes every step
-and the last iterate is returned, as in Madry et al.'s adversarial training.
+point of a batch draws its random start, as in Madry et al.'s code. In training mode
+(``early_stop=False``) every point takes every step and the last iterate is returned, as in
+Madry et al.'s adversarial training.
 
 Example:
     >>> attack = PGD(eps=0.3, steps=40, step_size=0.01)
