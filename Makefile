@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test dev bench clean
+.PHONY: demo test lint dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ demo: dev
 	$(BIN)/advtrain train --out runs/demo
 	$(BIN)/advtrain evaluate runs/demo --html runs/demo/report.html --json runs/demo/report.json
 
-test: dev
+# ruff (lint and format check) on the whole tree, mypy on the package: zero findings.
+lint: dev
+	$(BIN)/ruff check advtrain tests bench
+	$(BIN)/ruff format --check advtrain tests bench
+	$(BIN)/mypy
+
+test: lint
 	@if [ "$$CI" = true ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

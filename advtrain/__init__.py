@@ -1,10 +1,10 @@
 """advtrain: attack, harden and honestly measure the adversarial robustness of PyTorch models.
 
-    >>> import advtrain
-    >>> data = advtrain.load_dataset("digits")
-    >>> model = advtrain.build_model("digits-cnn", in_shape=data.info.shape, n_classes=10)
-    >>> advtrain.Trainer(model, data, advtrain.TrainConfig(method="pgd")).fit()
-    >>> x_adv = advtrain.PGD(data.info.threat_model())(model, data.test.x, data.test.y)
+>>> import advtrain
+>>> data = advtrain.load_dataset("digits")
+>>> model = advtrain.build_model("digits-cnn", in_shape=data.info.shape, n_classes=10)
+>>> advtrain.Trainer(model, data, advtrain.TrainConfig(method="pgd")).fit()
+>>> x_adv = advtrain.PGD(data.info.threat_model())(model, data.test.x, data.test.y)
 """
 
 from .attacks import FGSM, PGD, Attack, make_attack
@@ -17,7 +17,20 @@ from .training import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdvtrainError", "Attack", "FGSM", "PGD", "ThreatModel", "TrainConfig", "Trainer",
-    "Report", "__version__", "build_model", "clean_and_robust_accuracy", "evaluate", "load_dataset", "load_user_model",
-    "make_attack", "predict",
+    "FGSM",
+    "PGD",
+    "AdvtrainError",
+    "Attack",
+    "Report",
+    "ThreatModel",
+    "TrainConfig",
+    "Trainer",
+    "__version__",
+    "build_model",
+    "clean_and_robust_accuracy",
+    "evaluate",
+    "load_dataset",
+    "load_user_model",
+    "make_attack",
+    "predict",
 ]

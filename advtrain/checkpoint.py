@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .errors import AdvtrainError, CheckpointError
+from .errors import CheckpointError
+from .util import atomic_write_bytes, atomic_write_json, atomic_write_text, one_line
 
 __all__ = [
     "FORMAT",
@@ -45,87 +44,6 @@ VERSION = 1
 SUFFIX = ".safetensors"
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 MAX_LISTED = 4  # keys named in a mismatch message
-
-
-def one_line(text: object, limit: int = 200) -> str:
-    """``text`` (or an exception's message) on one line, whitespace collapsed, at most ``limit`` chars."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _new_file_mode() -> int:
-    """The permission bits a plain ``open(path, "w")`` would give a new file (0o666 less umask)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` all at once: readers see the old file or the new one, never a part.
-
-    The bytes go to a temporary file in the same directory, which is flushed, fsynced and then
-    renamed over ``path``; on any failure the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode & 0o777 if path.exists() else _new_file_mode()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise AdvtrainError(f"cannot write {path}: {one_line(exc)}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise AdvtrainError(f"cannot write {path}: {one_line(exc)}") from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically, like :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_text(obj: Any, what: str) -> str:
-    try:
-        return json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    except (TypeError, ValueError) as exc:
-        raise AdvtrainError(f"cannot write {what} as JSON: {one_line(exc)}") from None
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON (indent 2, sorted keys, trailing newline) to ``path`` atomically."""
-    atomic_write_text(path, _json_text(obj, str(path)))
 
 
 # --------------------------------------------------------------------------- our checkpoints
@@ -161,7 +79,9 @@ def _cpu_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def save_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+def save_checkpoint(
+    path: str | Path, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> None:
     """Save ``state_dict`` to ``path`` (a ``.safetensors`` file) and ``meta`` to its JSON sidecar.
 
     The sidecar holds ``{"format": "advtrain-checkpoint", "version": 1, "sha256": ..., **meta}``;
@@ -206,15 +126,21 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint sidecar {side} is not valid JSON ({one_line(exc)})") from None
+        raise CheckpointError(
+            f"checkpoint sidecar {side} is not valid JSON ({one_line(exc)})"
+        ) from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint sidecar {side} must hold a JSON object, not {type(meta).__name__}")
+        raise CheckpointError(
+            f"checkpoint sidecar {side} must hold a JSON object, not {type(meta).__name__}"
+        )
     fmt = meta.get("format", FORMAT)
     if fmt != FORMAT:
         raise CheckpointError(f"checkpoint sidecar {side} has format {fmt!r}, expected {FORMAT!r}")
     version = meta.get("version", VERSION)
     if not isinstance(version, int) or version > VERSION:
-        raise CheckpointError(f"checkpoint sidecar {side} has version {version!r}; this advtrain reads {VERSION}")
+        raise CheckpointError(
+            f"checkpoint sidecar {side} has version {version!r}; this advtrain reads {VERSION}"
+        )
     return meta
 
 
@@ -238,7 +164,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError (and others on odd input)
-        raise CheckpointError(f"corrupt checkpoint {path}: not a valid safetensors file ({one_line(exc)})") from None
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: not a valid safetensors file ({one_line(exc)})"
+        ) from None
     return dict(tensors), meta
 
 
@@ -268,15 +196,21 @@ def _non_tensor(obj: Mapping[Any, Any]) -> str | None:
 
 def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} is not a plain state dict (it holds a {type(obj).__name__}, not a mapping of tensors)")
+        raise CheckpointError(
+            f"{path} is not a plain state dict (it holds a {type(obj).__name__}, not a mapping of tensors)"
+        )
     problem = _non_tensor(obj)
     if problem is None:
         return dict(obj)
-    wrapped = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping) and _non_tensor(obj[k]) is None]
+    wrapped = [
+        k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping) and _non_tensor(obj[k]) is None
+    ]
     if len(wrapped) == 1:
         return dict(obj[wrapped[0]])
     if len(wrapped) > 1:
-        raise CheckpointError(f"{path} is not a plain state dict (it holds several: {', '.join(wrapped)})")
+        raise CheckpointError(
+            f"{path} is not a plain state dict (it holds several: {', '.join(wrapped)})"
+        )
     raise CheckpointError(f"{path} is not a plain state dict ({one_line(problem, 120)})")
 
 
@@ -305,12 +239,18 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is not a plain state dict ({_refusal(exc)})") from None
     except RuntimeError as exc:
         if "TorchScript" in str(exc):
-            raise CheckpointError(f"{path} is not a plain state dict (a TorchScript archive)") from None
+            raise CheckpointError(
+                f"{path} is not a plain state dict (a TorchScript archive)"
+            ) from None
         first = str(exc).split(". ")[0]  # torch appends paragraphs of advice
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({one_line(first, 120)})") from None
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch checkpoint ({one_line(first, 120)})"
+        ) from None
     except Exception as exc:  # garbage bytes surface as KeyError, EOFError, ValueError, ...
         reason = one_line(exc, 120) or "empty or truncated file"
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {reason})") from None
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {reason})"
+        ) from None
     return _strip_prefix(_as_state_dict(obj, path))
 
 
@@ -347,5 +287,7 @@ def load_weights_into(model: nn.Module, path: str | Path, strict: bool = True) -
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {one_line(exc)}") from None
+        raise CheckpointError(
+            f"{path} does not fit {type(model).__name__}: {one_line(exc)}"
+        ) from None
     return model

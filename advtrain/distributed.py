@@ -81,7 +81,7 @@ def sum_gradients(model: nn.Module) -> None:
     dist.all_reduce(flat)
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -154,11 +154,18 @@ class AllRanksBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = sums[:channels] / n
         centred = x - mean.reshape(shape)
         var = _SumOverRanks.apply((centred * centred).sum(dims)) / n
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+        if (
+            self.track_running_stats
+            and self.running_mean is not None
+            and self.running_var is not None
+        ):
             with torch.no_grad():
                 self.num_batches_tracked += 1  # type: ignore[operator]
-                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                          else self.momentum)
+                factor = (
+                    1.0 / float(self.num_batches_tracked)
+                    if self.momentum is None
+                    else self.momentum
+                )
                 self.running_mean.lerp_(mean.detach(), factor)
                 self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), factor)
         out = centred * torch.rsqrt(var + self.eps).reshape(shape)
@@ -176,9 +183,16 @@ def synchronise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _convert(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, AllRanksBatchNorm):
-        synced = AllRanksBatchNorm(module.num_features, module.eps, module.momentum,
-                                   module.affine, module.track_running_stats)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, AllRanksBatchNorm
+    ):
+        synced = AllRanksBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         synced.load_state_dict(module.state_dict())
         synced.train(module.training)
         return synced.to(next(iter(module.state_dict().values()), torch.zeros(())).device)

@@ -36,7 +36,8 @@ def dlr(logits: Tensor, y: Tensor) -> Tensor:
     """
     ordered = logits.sort(dim=1, descending=True).values
     margin = logits.gather(1, y[:, None]).squeeze(1) - logits.scatter(
-        1, y[:, None], float("-inf")).amax(dim=1)
+        1, y[:, None], float("-inf")
+    ).amax(dim=1)
     return -margin / (ordered[:, 0] - ordered[:, min(2, logits.shape[1] - 1)] + 1e-12)
 
 
@@ -87,4 +88,15 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else float("nan")
 
 
-__all__ = ["cross_entropy", "cw_margin", "dlr", "dlr_targeted", "attack_objective", "check_loss", "is_adversarial", "accuracy", "other_classes", "LOSSES"]
+__all__ = [
+    "LOSSES",
+    "accuracy",
+    "attack_objective",
+    "check_loss",
+    "cross_entropy",
+    "cw_margin",
+    "dlr",
+    "dlr_targeted",
+    "is_adversarial",
+    "other_classes",
+]

@@ -94,9 +94,7 @@ class ThreatModel:
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
-            raise ThreatModelError(
-                f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}"
-            )
+            raise ThreatModelError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
         try:
             eps = float(self.eps)
         except (TypeError, ValueError):
@@ -237,8 +235,9 @@ class ThreatModel:
             delta = g / _per_sample(scale, g) * self.eps
         return self.apply_mask(delta)
 
-    def ascent_direction(self, grad: Tensor, point: Tensor | None = None,
-                         l1_sparsity: float = 0.99) -> Tensor:
+    def ascent_direction(
+        self, grad: Tensor, point: Tensor | None = None, l1_sparsity: float = 0.99
+    ) -> Tensor:
         """The steepest-ascent direction of unit norm for a gradient, on the changeable features.
 
         linf: ``sign(g)``; l2: ``g / ||g||_2``; l1: the sparse step of Croce & Hein (2021,

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import atomic_write_bytes
 from .errors import AdvtrainError
+from .util import atomic_write_bytes
 
 __all__ = ["adversarial_grid"]
 
@@ -54,8 +54,10 @@ def adversarial_grid(
         raise AdvtrainError(f"x has shape {x.shape} but x_adv has shape {x_adv.shape}")
     if x.ndim < 2:
         raise AdvtrainError(f"x must be a batch (N, ...), got shape {x.shape}")
-    labels = {name: _array(value, name, np.int64)
-              for name, value in (("y", y), ("pred_clean", pred_clean), ("pred_adv", pred_adv))}
+    labels = {
+        name: _array(value, name, np.int64)
+        for name, value in (("y", y), ("pred_clean", pred_clean), ("pred_adv", pred_adv))
+    }
     for name, value in labels.items():
         if value.shape != (len(x),):
             raise AdvtrainError(f"{name} must have shape ({len(x)},), got {value.shape}")
@@ -65,9 +67,7 @@ def adversarial_grid(
     if n == 0:
         raise AdvtrainError("nothing to draw: no samples")
     if feature_names is not None and x.ndim == 2 and len(feature_names) != x.shape[1]:
-        raise AdvtrainError(
-            f"{len(feature_names)} feature names given for {x.shape[1]} features"
-        )
+        raise AdvtrainError(f"{len(feature_names)} feature names given for {x.shape[1]} features")
 
     namer = _Namer(class_names)
     y_, clean_, adv_ = (labels[k][:n] for k in ("y", "pred_clean", "pred_adv"))
@@ -135,8 +135,14 @@ def _show(ax: Any, image: np.ndarray, low: float, high: float) -> None:
     ax.set_yticks([])
 
 
-def _images(x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, clean: np.ndarray,
-            adv: np.ndarray, name: _Namer) -> Any:
+def _images(
+    x: np.ndarray,
+    x_adv: np.ndarray,
+    y: np.ndarray,
+    clean: np.ndarray,
+    adv: np.ndarray,
+    name: _Namer,
+) -> Any:
     from matplotlib.figure import Figure
 
     x, x_adv = _as_hwc(x), _as_hwc(x_adv)
@@ -151,35 +157,54 @@ def _images(x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, clean: np.ndarray,
     for i in range(n):
         label = int(y[i])
         _show(axes[i, 0], x[i], low, high)
-        axes[i, 0].set_title(f"label {name(label)}, pred {name(int(clean[i]))}", fontsize=9,
-                             color=RIGHT if clean[i] == label else WRONG)
+        axes[i, 0].set_title(
+            f"label {name(label)}, pred {name(int(clean[i]))}",
+            fontsize=9,
+            color=RIGHT if clean[i] == label else WRONG,
+        )
         # grey is 0; the largest absolute change shown reaches black or white
         _show(axes[i, 1], delta[i], -spread, spread)
         axes[i, 1].set_title(f"\u00b1{largest:.3g}", fontsize=9)
         _show(axes[i, 2], x_adv[i], low, high)
-        axes[i, 2].set_title(f"pred {name(int(adv[i]))}", fontsize=9,
-                             color=RIGHT if adv[i] == label else WRONG)
+        axes[i, 2].set_title(
+            f"pred {name(int(adv[i]))}", fontsize=9, color=RIGHT if adv[i] == label else WRONG
+        )
     for ax, header in zip(axes[0], ("clean", "perturbation", "adversarial")):
         ax.set_title(f"{header}\n{ax.get_title()}", fontsize=9, color=ax.title.get_color())
     figure.tight_layout()
     return figure
 
 
-def _tabular(x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, clean: np.ndarray,
-             adv: np.ndarray, name: _Namer, feature_names: Sequence[str] | None) -> Any:
+def _tabular(
+    x: np.ndarray,
+    x_adv: np.ndarray,
+    y: np.ndarray,
+    clean: np.ndarray,
+    adv: np.ndarray,
+    name: _Namer,
+    feature_names: Sequence[str] | None,
+) -> Any:
     from matplotlib.figure import Figure
 
     delta = x_adv - x
     n, d = delta.shape
     largest = float(np.abs(delta).max()) or 1.0
-    label_room = 0.09 * max((len(str(f)) for f in feature_names), default=0) if feature_names else 0.4
+    label_room = (
+        0.09 * max((len(str(f)) for f in feature_names), default=0) if feature_names else 0.4
+    )
     figure = Figure(figsize=(max(6.0, 0.28 * d + 3.5), 0.4 * n + 1.2 + label_room))
     ax = figure.subplots()
-    image = ax.imshow(delta, cmap="RdBu_r", vmin=-largest, vmax=largest, aspect="auto",
-                      interpolation="nearest")
+    image = ax.imshow(
+        delta, cmap="RdBu_r", vmin=-largest, vmax=largest, aspect="auto", interpolation="nearest"
+    )
     ax.set_yticks(range(n))
-    ax.set_yticklabels([f"#{i}: label {name(int(y[i]))}, pred {name(int(clean[i]))} \u2192 "
-                        f"{name(int(adv[i]))}" for i in range(n)], fontsize=8)
+    ax.set_yticklabels(
+        [
+            f"#{i}: label {name(int(y[i]))}, pred {name(int(clean[i]))} \u2192 {name(int(adv[i]))}"
+            for i in range(n)
+        ],
+        fontsize=8,
+    )
     for tick, changed in zip(ax.get_yticklabels(), adv != y):
         tick.set_color(WRONG if changed else RIGHT)
     if feature_names:

@@ -38,12 +38,18 @@ def main() -> None:
     data = load_dataset("mnist", data_dir=SHARED / "data" / "mnist", download=False)
     x, y = data.test.x[: args.n], data.test.y[: args.n]
     pairs = {
-        "APGD-CE": (lambda: APGD(eps=EPS, steps=STEPS, seed=0),
-                    lambda m: torchattacks.APGD(m, eps=EPS, steps=STEPS, loss="ce", seed=0)),
-        "APGD-DLR": (lambda: APGDDLR(eps=EPS, steps=STEPS, seed=0),
-                     lambda m: torchattacks.APGD(m, eps=EPS, steps=STEPS, loss="dlr", seed=0)),
-        "APGD-T": (lambda: APGDT(eps=EPS, steps=STEPS, seed=0),
-                   lambda m: torchattacks.APGDT(m, eps=EPS, steps=STEPS, n_classes=10, seed=0)),
+        "APGD-CE": (
+            lambda: APGD(eps=EPS, steps=STEPS, seed=0),
+            lambda m: torchattacks.APGD(m, eps=EPS, steps=STEPS, loss="ce", seed=0),
+        ),
+        "APGD-DLR": (
+            lambda: APGDDLR(eps=EPS, steps=STEPS, seed=0),
+            lambda m: torchattacks.APGD(m, eps=EPS, steps=STEPS, loss="dlr", seed=0),
+        ),
+        "APGD-T": (
+            lambda: APGDT(eps=EPS, steps=STEPS, seed=0),
+            lambda m: torchattacks.APGDT(m, eps=EPS, steps=STEPS, n_classes=10, seed=0),
+        ),
     }
     if args.skip_targeted:
         del pairs["APGD-T"]
@@ -55,13 +61,15 @@ def main() -> None:
         model.eval()
         for attack, (ours, theirs) in pairs.items():
             row = []
-            for make in (ours, lambda: (lambda m, a, b: theirs(m)(a, b))):
+            for make in (ours, lambda: lambda m, a, b: theirs(m)(a, b)):
                 torch.manual_seed(0)
                 start = time.perf_counter()
                 x_adv = make()(model, x, y)
                 seconds = time.perf_counter() - start
                 row += [float((predict(model, x_adv) == y).float().mean()), seconds]
-            print(f"{name:<16}{attack:<10}{row[0]:>10.2%}{row[1]:>7.1f}{row[2]:>14.2%}{row[3]:>7.1f}")
+            print(
+                f"{name:<16}{attack:<10}{row[0]:>10.2%}{row[1]:>7.1f}{row[2]:>14.2%}{row[3]:>7.1f}"
+            )
 
 
 if __name__ == "__main__":

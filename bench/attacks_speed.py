@@ -46,8 +46,14 @@ Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def _art_classifier(model):
     from art.estimators.classification import PyTorchClassifier
 
-    return PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
-                             nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
+    return PyTorchClassifier(
+        model=model,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=(1, 28, 28),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
 
 
 def _art(attack) -> Runner:
@@ -70,8 +76,12 @@ def contenders(model, args) -> dict[str, dict[str, Runner]]:
     """attack family -> {library: function (x, y) -> x_adv}, all with the same budget."""
     import foolbox
     import torchattacks
-    from art.attacks.evasion import AutoProjectedGradientDescent, CarliniL2Method, ProjectedGradientDescent
-    from art.attacks.evasion import SquareAttack
+    from art.attacks.evasion import (
+        AutoProjectedGradientDescent,
+        CarliniL2Method,
+        ProjectedGradientDescent,
+        SquareAttack,
+    )
 
     classifier = _art_classifier(model)
 
@@ -87,40 +97,93 @@ def contenders(model, args) -> dict[str, dict[str, Runner]]:
         "PGD": {
             "advtrain": ours("pgd", eps=EPS, steps=40, step_size=0.01, seed=0),
             "torchattacks": ta(torchattacks.PGD(model, eps=EPS, alpha=0.01, steps=40)),
-            "ART": _art(ProjectedGradientDescent(classifier, eps=EPS, eps_step=0.01, max_iter=40,
-                                                 num_random_init=1, batch_size=len_or(args),
-                                                 verbose=False)),
+            "ART": _art(
+                ProjectedGradientDescent(
+                    classifier,
+                    eps=EPS,
+                    eps_step=0.01,
+                    max_iter=40,
+                    num_random_init=1,
+                    batch_size=len_or(args),
+                    verbose=False,
+                )
+            ),
             "foolbox": _foolbox(model, foolbox.attacks.LinfPGD(abs_stepsize=0.01, steps=40), EPS),
         },
         "APGD-CE": {
             "advtrain": ours("apgd-ce", eps=EPS, steps=100, seed=0),
             "torchattacks": ta(torchattacks.APGD(model, eps=EPS, steps=100, loss="ce", seed=0)),
-            "ART": _art(AutoProjectedGradientDescent(classifier, eps=EPS, eps_step=2 * EPS,
-                                                     max_iter=100, nb_random_init=1,
-                                                     batch_size=len_or(args), loss_type="cross_entropy",
-                                                     verbose=False)),
+            "ART": _art(
+                AutoProjectedGradientDescent(
+                    classifier,
+                    eps=EPS,
+                    eps_step=2 * EPS,
+                    max_iter=100,
+                    nb_random_init=1,
+                    batch_size=len_or(args),
+                    loss_type="cross_entropy",
+                    verbose=False,
+                )
+            ),
         },
         f"CW-L2 ({search}x{steps})": {
             "advtrain": ours("cw-l2", binary_search_steps=search, steps=steps, seed=0),
-            "ART": _art(CarliniL2Method(classifier, confidence=0.0, learning_rate=0.01,
-                                        binary_search_steps=search, max_iter=steps,
-                                        initial_const=1e-3, batch_size=len_or(args), verbose=False)),
-            "foolbox": _foolbox(model, foolbox.attacks.L2CarliniWagnerAttack(
-                binary_search_steps=search, steps=steps, stepsize=0.01, initial_const=1e-3,
-                abort_early=True), None),
+            "ART": _art(
+                CarliniL2Method(
+                    classifier,
+                    confidence=0.0,
+                    learning_rate=0.01,
+                    binary_search_steps=search,
+                    max_iter=steps,
+                    initial_const=1e-3,
+                    batch_size=len_or(args),
+                    verbose=False,
+                )
+            ),
+            "foolbox": _foolbox(
+                model,
+                foolbox.attacks.L2CarliniWagnerAttack(
+                    binary_search_steps=search,
+                    steps=steps,
+                    stepsize=0.01,
+                    initial_const=1e-3,
+                    abort_early=True,
+                ),
+                None,
+            ),
         },
         f"CW-L2 (c=1, {steps})": {
-            "advtrain": ours("cw-l2", binary_search_steps=1, steps=steps, initial_const=1.0, seed=0),
+            "advtrain": ours(
+                "cw-l2", binary_search_steps=1, steps=steps, initial_const=1.0, seed=0
+            ),
             "torchattacks": ta(torchattacks.CW(model, c=1, kappa=0, steps=steps, lr=0.01)),
         },
         "Square": {
             "advtrain": ours("square", eps=EPS, n_queries=args.square_queries, p_init=0.8, seed=0),
-            "torchattacks": ta(torchattacks.Square(model, norm="Linf", eps=EPS,
-                                                   n_queries=args.square_queries, p_init=0.8,
-                                                   n_restarts=1, loss="margin", seed=0)),
-            "ART": _art(SquareAttack(classifier, norm="inf", eps=EPS, max_iter=args.square_queries,
-                                     p_init=0.8, nb_restarts=1, batch_size=len_or(args),
-                                     verbose=False)),
+            "torchattacks": ta(
+                torchattacks.Square(
+                    model,
+                    norm="Linf",
+                    eps=EPS,
+                    n_queries=args.square_queries,
+                    p_init=0.8,
+                    n_restarts=1,
+                    loss="margin",
+                    seed=0,
+                )
+            ),
+            "ART": _art(
+                SquareAttack(
+                    classifier,
+                    norm="inf",
+                    eps=EPS,
+                    max_iter=args.square_queries,
+                    p_init=0.8,
+                    nb_restarts=1,
+                    batch_size=len_or(args),
+                    verbose=False,
+                )
+            ),
         },
     }
 
@@ -160,8 +223,10 @@ def main() -> None:
     x, y = data.test.x[: args.n], data.test.y[: args.n]
     keep = predict(model, x) == y  # attack the points the model gets right, like every library
     x, y = x[keep], y[keep]
-    print(f"{args.model}: {len(x)} correctly classified of the first {args.n} MNIST test images; "
-          f"{torch.get_num_threads()} threads; median of {args.repeats}; ratio = peer / advtrain")
+    print(
+        f"{args.model}: {len(x)} correctly classified of the first {args.n} MNIST test images; "
+        f"{torch.get_num_threads()} threads; median of {args.repeats}; ratio = peer / advtrain"
+    )
     families = contenders(model, args)
     wanted = {"pgd": "PGD", "apgd": "APGD", "cw": "CW", "square": "Square"}
     for family, runners in families.items():
@@ -179,8 +244,11 @@ def main() -> None:
         print(f"\n{family}")
         for name in runners:
             seconds = statistics.median(times[name])
-            print(f"  {name:<13}{seconds:>8.2f} s  {seconds / ours:>5.2f}x   "
-                  f"{quality(family, model, x, y, outputs[name])}", flush=True)
+            print(
+                f"  {name:<13}{seconds:>8.2f} s  {seconds / ours:>5.2f}x   "
+                f"{quality(family, model, x, y, outputs[name])}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -48,14 +48,29 @@ def autoattack_standard(model, seed: int):
     import torchattacks
     from torchattacks.wrappers.multiattack import MultiAttack
 
-    return MultiAttack([
-        torchattacks.APGD(model, norm="Linf", eps=EPS, steps=100, n_restarts=1, loss="ce", seed=seed),
-        torchattacks.APGDT(model, norm="Linf", eps=EPS, steps=100, n_restarts=1, n_classes=10,
-                           seed=seed),
-        torchattacks.FAB(model, norm="Linf", eps=EPS, steps=100, n_restarts=1, multi_targeted=True,
-                         n_classes=10, seed=seed),
-        torchattacks.Square(model, norm="Linf", eps=EPS, n_queries=5000, n_restarts=1, seed=seed),
-    ])
+    return MultiAttack(
+        [
+            torchattacks.APGD(
+                model, norm="Linf", eps=EPS, steps=100, n_restarts=1, loss="ce", seed=seed
+            ),
+            torchattacks.APGDT(
+                model, norm="Linf", eps=EPS, steps=100, n_restarts=1, n_classes=10, seed=seed
+            ),
+            torchattacks.FAB(
+                model,
+                norm="Linf",
+                eps=EPS,
+                steps=100,
+                n_restarts=1,
+                multi_targeted=True,
+                n_classes=10,
+                seed=seed,
+            ),
+            torchattacks.Square(
+                model, norm="Linf", eps=EPS, n_queries=5000, n_restarts=1, seed=seed
+            ),
+        ]
+    )
 
 
 def load(model_name: str, n: int):
@@ -74,14 +89,20 @@ def run_ours(model, x, y, seed: int, batch_size: int, label: str) -> tuple[float
     if dist.is_initialized():
         dist.barrier()
     start = time.perf_counter()
-    report = advtrain.evaluate(model, x, y, eps=EPS, suite="standard", seed=seed,
-                               batch_size=batch_size)
+    report = advtrain.evaluate(
+        model, x, y, eps=EPS, suite="standard", seed=seed, batch_size=batch_size
+    )
     ours = time.perf_counter() - start
     if rank == 0:
-        print(f"advtrain standard suite{label}: robust accuracy {report.robust_accuracy:.2%}, "
-              f"{ours:.1f} s", flush=True)
-        print("  after each attack: " + ", ".join(f"{k} {v:.2%}" for k, v in
-                                                 report.per_attack.items()))
+        print(
+            f"advtrain standard suite{label}: robust accuracy {report.robust_accuracy:.2%}, "
+            f"{ours:.1f} s",
+            flush=True,
+        )
+        print(
+            "  after each attack: "
+            + ", ".join(f"{k} {v:.2%}" for k, v in report.per_attack.items())
+        )
         print("  checks fired: " + (", ".join(c.name for c in report.triggered) or "none"))
         print(f"RESULT {report.robust_accuracy} {ours}", flush=True)
     return report.robust_accuracy, ours
@@ -94,8 +115,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="points per chunk (default n / nproc)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="points per chunk (default n / nproc)"
+    )
     parser.add_argument("--skip-autoattack", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,19 +134,44 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, x, y = load(args.model, args.n)
-    print(f"{args.model}, first {args.n} MNIST test images, linf eps {EPS}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{args.model}, first {args.n} MNIST test images, linf eps {EPS}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     if args.nproc > 1:
         threads = args.threads or torch.get_num_threads()
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={args.nproc}", "--", __file__, "--worker",
-                   "--n", str(args.n), "--model", args.model, "--seed", str(args.seed),
-                   "--threads", str(threads), "--nproc", str(args.nproc),
-                   "--batch-size", str(batch_size)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "--",
+            __file__,
+            "--worker",
+            "--n",
+            str(args.n),
+            "--model",
+            args.model,
+            "--seed",
+            str(args.seed),
+            "--threads",
+            str(threads),
+            "--nproc",
+            str(args.nproc),
+            "--batch-size",
+            str(batch_size),
+        ]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=False,
-                              env={**os.environ, "OMP_NUM_THREADS": str(max(threads // args.nproc, 1))})
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "OMP_NUM_THREADS": str(max(threads // args.nproc, 1))},
+        )
         wall = time.perf_counter() - start
         if done.returncode != 0:
             sys.exit(done.stderr[-3000:])
@@ -143,10 +190,15 @@ def main() -> None:
     x_adv = attack(x, y)
     theirs = time.perf_counter() - start
     robust = float((predict(model, x_adv) == y).float().mean())
-    print(f"torchattacks AutoAttack (standard, 100 iterations): robust accuracy {robust:.2%}, "
-          f"{theirs:.1f} s", flush=True)
-    print(f"time ratio AutoAttack / advtrain: {theirs / ours:.2f}x; robust accuracy "
-          f"advtrain - AutoAttack: {100 * (robust_ours - robust):+.2f} points")
+    print(
+        f"torchattacks AutoAttack (standard, 100 iterations): robust accuracy {robust:.2%}, "
+        f"{theirs:.1f} s",
+        flush=True,
+    )
+    print(
+        f"time ratio AutoAttack / advtrain: {theirs / ours:.2f}x; robust accuracy "
+        f"advtrain - AutoAttack: {100 * (robust_ours - robust):+.2f} points"
+    )
 
 
 if __name__ == "__main__":

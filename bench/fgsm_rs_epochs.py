@@ -34,8 +34,16 @@ from advtrain.models import build_model  # noqa: E402
 from advtrain.training import Trainer, load_config  # noqa: E402
 from advtrain.training.config import parse_option_value  # noqa: E402
 
-RECIPE = dict(dataset="mnist", model="mnist-small", method="fgsm-rs", eps=0.3, epochs=10,
-              batch_size=100, lr=5e-3, schedule="onecycle")
+RECIPE = dict(
+    dataset="mnist",
+    model="mnist-small",
+    method="fgsm-rs",
+    eps=0.3,
+    epochs=10,
+    batch_size=100,
+    lr=5e-3,
+    schedule="onecycle",
+)
 
 
 class SnapshotTrainer(Trainer):
@@ -53,8 +61,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="training options over the recipe, e.g. warmup_epochs=0")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training options over the recipe, e.g. warmup_epochs=0",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,12 +89,20 @@ def main() -> None:
     test = load_dataset("mnist", data_dir=data_dir, download=False).test
     x, y = test.x[: args.n], test.y[: args.n]
     clean, robust = measure(released, x, y)
-    print(f"released fgsm.pth, first {args.n} test images: clean {clean:.2%}, "
-          f"PGD-50 x 10 {robust:.2%}", flush=True)
+    print(
+        f"released fgsm.pth, first {args.n} test images: clean {clean:.2%}, "
+        f"PGD-50 x 10 {robust:.2%}",
+        flush=True,
+    )
     for seed in args.seeds:
         config = load_config(None, **{**RECIPE, "data_dir": data_dir, "seed": seed, **overrides})
-        data = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
-                            val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+        data = load_dataset(
+            config.dataset,
+            data_dir=config.data_dir,
+            seed=config.seed,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+        )
         torch.manual_seed(config.seed)
         model = build_model(config.model, in_shape=data.info.shape, n_classes=data.info.n_classes)
         trainer = SnapshotTrainer(model, data, config)
@@ -89,18 +110,23 @@ def main() -> None:
         start = time.perf_counter()
         result = trainer.fit()
         seconds = time.perf_counter() - start
-        print(f"seed {seed} (eps warm-up {config.eps_warmup_epochs} epoch(s), weight average "
-              f"{config.weight_averaging_decay or 'off'}): kept epoch "
-              f"{result.best_epoch} of {len(result.history)}, {seconds:.0f} s"
-              f"{'; ' + result.extra['stop_reason'] if result.extra['stop_reason'] else ''}",
-              flush=True)
+        print(
+            f"seed {seed} (eps warm-up {config.eps_warmup_epochs} epoch(s), weight average "
+            f"{config.weight_averaging_decay or 'off'}): kept epoch "
+            f"{result.best_epoch} of {len(result.history)}, {seconds:.0f} s"
+            f"{'; ' + result.extra['stop_reason'] if result.extra['stop_reason'] else ''}",
+            flush=True,
+        )
         for record, weights in zip(result.history, trainer.snapshots):
             model.load_state_dict(weights)
             clean, robust = measure(model, x, y)
             mark = " <- kept" if record.epoch == result.best_epoch else ""
-            print(f"  epoch {record.epoch:>2}: validation clean {record.val_clean_accuracy:.2%} "
-                  f"PGD-{config.eval_steps} {record.val_robust_accuracy:.2%} | test clean "
-                  f"{clean:.2%} PGD-50 x 10 {robust:.2%}{mark}", flush=True)
+            print(
+                f"  epoch {record.epoch:>2}: validation clean {record.val_clean_accuracy:.2%} "
+                f"PGD-{config.eval_steps} {record.val_robust_accuracy:.2%} | test clean "
+                f"{clean:.2%} PGD-50 x 10 {robust:.2%}{mark}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

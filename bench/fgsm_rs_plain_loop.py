@@ -52,7 +52,7 @@ def train(seed: int, x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
     for epoch in range(EPOCHS):
         order = torch.randperm(len(x))
         for b in range(batches):
-            rows = order[b * BATCH:(b + 1) * BATCH]
+            rows = order[b * BATCH : (b + 1) * BATCH]
             xb, yb = x[rows], y[rows]
             for group in optimizer.param_groups:
                 group["lr"] = triangle(epoch + (b + 1) / batches)
@@ -83,9 +83,12 @@ def main() -> None:
         model = train(seed, x, y)
         seconds = time.perf_counter() - start
         found = clean_and_robust_accuracy(model, data.test.x, data.test.y, attack, batch_size=1000)
-        print(f"seed {seed}: clean {found.clean_accuracy:.2%}, "
-              f"PGD-50 x 10 {found.robust_accuracy:.2%} "
-              f"(training {seconds:.0f} s)", flush=True)
+        print(
+            f"seed {seed}: clean {found.clean_accuracy:.2%}, "
+            f"PGD-50 x 10 {found.robust_accuracy:.2%} "
+            f"(training {seconds:.0f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -49,12 +49,22 @@ def art_pgd(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     from art.estimators.classification import PyTorchClassifier
 
     classifier = PyTorchClassifier(
-        model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=10,
-        clip_values=(0.0, 1.0), device_type="gpu" if x.is_cuda else "cpu",
+        model=model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if x.is_cuda else "cpu",
     )
     attack = ProjectedGradientDescentPyTorch(
-        classifier, norm=np.inf, eps=EPS, eps_step=STEP, max_iter=STEPS, num_random_init=1,
-        batch_size=len(x), verbose=False,
+        classifier,
+        norm=np.inf,
+        eps=EPS,
+        eps_step=STEP,
+        max_iter=STEPS,
+        num_random_init=1,
+        batch_size=len(x),
+        verbose=False,
     )
     adv = attack.generate(x.cpu().numpy(), y.cpu().numpy())
     return torch.from_numpy(adv).to(x.device)
@@ -70,7 +80,10 @@ def foolbox_pgd(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 RUNNERS: dict[str, Runner] = {
-    "advtrain": advtrain_pgd, "torchattacks": torchattacks_pgd, "ART": art_pgd, "foolbox": foolbox_pgd,
+    "advtrain": advtrain_pgd,
+    "torchattacks": torchattacks_pgd,
+    "ART": art_pgd,
+    "foolbox": foolbox_pgd,
 }
 
 
@@ -112,15 +125,21 @@ def main() -> None:
                 accuracy[name].append(float((model(x_adv).argmax(1) == y).float().mean()))
 
     ours = statistics.median(times["advtrain"])
-    print(f"PGD-{STEPS} linf eps={EPS} step={STEP}, {args.n} MNIST test images, pgd_madry.pth, "
-          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"PGD-{STEPS} linf eps={EPS} step={STEP}, {args.n} MNIST test images, pgd_madry.pth, "
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
+    )
     print(f"{'library':<14}{'seconds':>9}{'time / advtrain':>17}{'robust acc':>12}")
     for name in available:
         median = statistics.median(times[name])
-        print(f"{name:<14}{median:>9.3f}{median / ours:>16.2f}x{statistics.mean(accuracy[name]):>12.2%}")
+        print(
+            f"{name:<14}{median:>9.3f}{median / ours:>16.2f}x{statistics.mean(accuracy[name]):>12.2%}"
+        )
     fastest_peer = min((statistics.median(t), n) for n, t in times.items() if n != "advtrain")
-    print(f"advtrain is {fastest_peer[0] / ours:.2f}x the speed of the fastest peer ({fastest_peer[1]})")
+    print(
+        f"advtrain is {fastest_peer[0] / ours:.2f}x the speed of the fastest peer ({fastest_peer[1]})"
+    )
 
 
 if __name__ == "__main__":

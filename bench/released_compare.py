@@ -60,17 +60,31 @@ def attacks(seed: int):
     import torchattacks
 
     return {
-        "apgd-ce": (lambda m: make_attack("apgd-ce", eps=EPS, steps=100, seed=seed),
-                    lambda m: torchattacks.APGD(m, eps=EPS, steps=100, loss="ce", seed=seed)),
-        "apgd-t": (lambda m: make_attack("apgd-t", eps=EPS, steps=100, n_targets=9, seed=seed),
-                   lambda m: torchattacks.APGDT(m, eps=EPS, steps=100, n_classes=10, seed=seed)),
-        "cw-pgd": (lambda m: make_attack("pgd", eps=EPS, steps=40, step_size=0.01, loss="cw",
-                                         seed=seed),
-                   lambda m: _torchattacks_cw_pgd(m, seed)),
-        "square": (lambda m: make_attack("square", eps=EPS, n_queries=5000, p_init=0.8, seed=seed),
-                   lambda m: torchattacks.Square(m, norm="Linf", eps=EPS, n_queries=5000,
-                                                 p_init=0.8, n_restarts=1, loss="margin",
-                                                 seed=seed)),
+        "apgd-ce": (
+            lambda m: make_attack("apgd-ce", eps=EPS, steps=100, seed=seed),
+            lambda m: torchattacks.APGD(m, eps=EPS, steps=100, loss="ce", seed=seed),
+        ),
+        "apgd-t": (
+            lambda m: make_attack("apgd-t", eps=EPS, steps=100, n_targets=9, seed=seed),
+            lambda m: torchattacks.APGDT(m, eps=EPS, steps=100, n_classes=10, seed=seed),
+        ),
+        "cw-pgd": (
+            lambda m: make_attack("pgd", eps=EPS, steps=40, step_size=0.01, loss="cw", seed=seed),
+            lambda m: _torchattacks_cw_pgd(m, seed),
+        ),
+        "square": (
+            lambda m: make_attack("square", eps=EPS, n_queries=5000, p_init=0.8, seed=seed),
+            lambda m: torchattacks.Square(
+                m,
+                norm="Linf",
+                eps=EPS,
+                n_queries=5000,
+                p_init=0.8,
+                n_restarts=1,
+                loss="margin",
+                seed=seed,
+            ),
+        ),
     }
 
 
@@ -87,8 +101,10 @@ def main() -> None:
     data = load_dataset("mnist", data_dir=SHARED / "data" / "mnist", download=False)
     x, y = data.test.x[: args.n], data.test.y[: args.n]
     print(f"linf eps={EPS}, first {args.n} MNIST test images, seeds {args.seeds}")
-    print(f"{'model':<15}{'attack':<9}{'seed':>5}{'advtrain':>10}{'s':>8}{'torchattacks':>14}{'s':>8}"
-          f"{'differ':>8}")
+    print(
+        f"{'model':<15}{'attack':<9}{'seed':>5}{'advtrain':>10}{'s':>8}{'torchattacks':>14}{'s':>8}"
+        f"{'differ':>8}"
+    )
     for name in args.models:
         model = build_model("mnist-small", in_shape=(1, 28, 28), n_classes=10)
         load_weights_into(model, SHARED / "models" / "fast-adversarial-mnist" / name)
@@ -108,12 +124,18 @@ def main() -> None:
                     row += [float(standing[-1].float().mean()), seconds]
                 row.append(int((standing[0] != standing[1]).sum()))
                 rows.append(row)
-                print(f"{name:<15}{attack:<9}{seed:>5}{row[0]:>10.2%}{row[1]:>8.1f}"
-                      f"{row[2]:>14.2%}{row[3]:>8.1f}{row[4]:>8d}", flush=True)
+                print(
+                    f"{name:<15}{attack:<9}{seed:>5}{row[0]:>10.2%}{row[1]:>8.1f}"
+                    f"{row[2]:>14.2%}{row[3]:>8.1f}{row[4]:>8d}",
+                    flush=True,
+                )
             if len(rows) > 1:
                 avg = [mean(column) for column in zip(*rows)]
-                print(f"{name:<15}{attack:<9}{'mean':>5}{avg[0]:>10.2%}{avg[1]:>8.1f}"
-                      f"{avg[2]:>14.2%}{avg[3]:>8.1f}{avg[4]:>8.1f}", flush=True)
+                print(
+                    f"{name:<15}{attack:<9}{'mean':>5}{avg[0]:>10.2%}{avg[1]:>8.1f}"
+                    f"{avg[2]:>14.2%}{avg[3]:>8.1f}{avg[4]:>8.1f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

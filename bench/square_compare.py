@@ -39,8 +39,16 @@ def ours(model, x, y, n_queries):
 def torchattacks_square(model, x, y, n_queries):
     import torchattacks
 
-    attack = torchattacks.Square(model, norm="Linf", eps=EPS, n_queries=n_queries, p_init=P_INIT,
-                                 n_restarts=1, loss="margin", seed=0)
+    attack = torchattacks.Square(
+        model,
+        norm="Linf",
+        eps=EPS,
+        n_queries=n_queries,
+        p_init=P_INIT,
+        n_restarts=1,
+        loss="margin",
+        seed=0,
+    )
     return attack(x, y), ""
 
 
@@ -50,10 +58,24 @@ def art_square(model, x, y, n_queries):
     from art.estimators.classification import PyTorchClassifier
 
     np.random.seed(0)
-    classifier = PyTorchClassifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
-                                   nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
-    attack = SquareAttack(classifier, norm=np.inf, max_iter=n_queries, eps=EPS, p_init=P_INIT,
-                          nb_restarts=1, batch_size=1024, verbose=False)
+    classifier = PyTorchClassifier(
+        model,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=(1, 28, 28),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
+    attack = SquareAttack(
+        classifier,
+        norm=np.inf,
+        max_iter=n_queries,
+        eps=EPS,
+        p_init=P_INIT,
+        nb_restarts=1,
+        batch_size=1024,
+        verbose=False,
+    )
     return torch.from_numpy(attack.generate(x.numpy(), y.numpy())), ""
 
 
@@ -61,8 +83,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--n-queries", type=int, default=5000)
-    parser.add_argument("--skip-art", action="store_true",
-                        help="skip ART, which queries every point twice an iteration")
+    parser.add_argument(
+        "--skip-art",
+        action="store_true",
+        help="skip ART, which queries every point twice an iteration",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_dataset("mnist", data_dir=SHARED / "data" / "mnist", download=False)
@@ -70,10 +95,14 @@ def main() -> None:
     runners = {"advtrain": ours, "torchattacks": torchattacks_square}
     if not args.skip_art:
         runners["ART"] = art_square
-    print(f"Square linf eps={EPS}, {args.n_queries} queries, p_init={P_INIT}, margin loss, "
-          f"first {args.n} MNIST test images, seed 0, 1 thread")
-    print(f"{'model':<15}{'attack':<14}{'clean':>8}{'robust':>9}{'wall s':>9}{'cpu s':>9}"
-          f"{'cpu/ours':>10}  note")
+    print(
+        f"Square linf eps={EPS}, {args.n_queries} queries, p_init={P_INIT}, margin loss, "
+        f"first {args.n} MNIST test images, seed 0, 1 thread"
+    )
+    print(
+        f"{'model':<15}{'attack':<14}{'clean':>8}{'robust':>9}{'wall s':>9}{'cpu s':>9}"
+        f"{'cpu/ours':>10}  note"
+    )
     for name in ("pgd_madry.pth", "fgsm.pth"):
         model = build_model("mnist-small", in_shape=(1, 28, 28), n_classes=10)
         load_weights_into(model, SHARED / "models" / "fast-adversarial-mnist" / name)
@@ -88,8 +117,11 @@ def main() -> None:
             base = cpu if base is None else base
             robust = float((predict(model, x_adv) == y).float().mean())
             linf = float((x_adv - x).abs().amax()) if len(x) else 0.0
-            print(f"{name:<15}{label:<14}{clean:>8.2%}{robust:>9.2%}{seconds:>9.1f}{cpu:>9.1f}"
-                  f"{cpu / base:>10.2f}  max |delta| {linf:.3f} {note}", flush=True)
+            print(
+                f"{name:<15}{label:<14}{clean:>8.2%}{robust:>9.2%}{seconds:>9.1f}{cpu:>9.1f}"
+                f"{cpu / base:>10.2f}  max |delta| {linf:.3f} {note}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

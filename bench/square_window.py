@@ -77,16 +77,21 @@ def main() -> None:
     def torchattacks_square() -> torch.Tensor:
         import torchattacks
 
-        return torchattacks.Square(model, norm="Linf", eps=args.eps, n_queries=args.n_queries,
-                                   n_restarts=1, seed=0)(x, y)
+        return torchattacks.Square(
+            model, norm="Linf", eps=args.eps, n_queries=args.n_queries, n_restarts=1, seed=0
+        )(x, y)
 
-    runs = {"advtrain, window pass": lambda: advtrain_square(True),
-            "advtrain, full pass": lambda: advtrain_square(False)}
+    runs = {
+        "advtrain, window pass": lambda: advtrain_square(True),
+        "advtrain, full pass": lambda: advtrain_square(False),
+    }
     if not args.skip_peer:
         runs["torchattacks"] = torchattacks_square
     clean = float((predict(model, x) == y).float().mean())
-    print(f"Square linf eps={args.eps}, {args.n_queries} queries, {args.model}, first {args.n} "
-          f"MNIST test images (clean {clean:.2%}), {args.threads} threads")
+    print(
+        f"Square linf eps={args.eps}, {args.n_queries} queries, {args.model}, first {args.n} "
+        f"MNIST test images (clean {clean:.2%}), {args.threads} threads"
+    )
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, run in runs.items():
@@ -98,8 +103,10 @@ def main() -> None:
     Square._window_forward = True
     best = {name: min(t) for name, t in times.items()}
     base = best["advtrain, window pass"]
-    print("best of each: " + ", ".join(f"{name} {t:.1f} s ({t / base:.2f}x)"
-                                      for name, t in best.items()))
+    print(
+        "best of each: "
+        + ", ".join(f"{name} {t:.1f} s ({t / base:.2f}x)" for name, t in best.items())
+    )
 
 
 if __name__ == "__main__":

@@ -86,7 +86,9 @@ def main() -> None:
     cuda = device.type == "cuda"
     batch = args.batch or (256 if cuda else 16)
     batches = args.batches or (20 if cuda else 3)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    )
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(batch, *SHAPE, generator=generator).to(device)
     y = torch.randint(0, CLASSES, (batch,), generator=generator).to(device)
@@ -105,9 +107,13 @@ def main() -> None:
 
     base = _time(plain, batches, args.warmup, device)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"PreAct ResNet-18, batch {batch}, {name}; plain forward+backward loop: "
-          f"{batch / base:.1f} images/s ({base * 1000:.0f} ms per batch)")
-    print(f"{'method':10} {'images/s':>9} {'ms/batch':>9} {'passes':>7} {'predicted':>9} {'ratio':>6}")
+    print(
+        f"PreAct ResNet-18, batch {batch}, {name}; plain forward+backward loop: "
+        f"{batch / base:.1f} images/s ({base * 1000:.0f} ms per batch)"
+    )
+    print(
+        f"{'method':10} {'images/s':>9} {'ms/batch':>9} {'passes':>7} {'predicted':>9} {'ratio':>6}"
+    )
     for method in args.methods:
         options, predicted = METHODS[method]
         model, optimizer = _setup(device, cuda, 0)
@@ -122,8 +128,11 @@ def main() -> None:
 
         seconds = _time(step, batches, args.warmup, device)
         passes = seconds / base
-        print(f"{method:10} {batch / seconds:9.1f} {seconds * 1000:9.0f} {passes:7.2f} "
-              f"{predicted:9.2f} {passes / predicted:6.2f}", flush=True)
+        print(
+            f"{method:10} {batch / seconds:9.1f} {seconds * 1000:9.0f} {passes:7.2f} "
+            f"{predicted:9.2f} {passes / predicted:6.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ class Quantized(nn.Module):
         return self.model(quantize(x))
 
 
-def test_eot_averages_log_probabilities_and_keeps_deterministic_models_unchanged(digits_model, digits):
+def test_eot_averages_log_probabilities_and_keeps_deterministic_models_unchanged(
+    digits_model, digits
+):
     x = digits.test.x[:8]
     with torch.no_grad():
         wrapped = EOT(digits_model, samples=4)(x)
@@ -57,7 +59,9 @@ def test_is_randomized_and_majority_vote(digits_model, digits):
     assert not is_randomized(digits_model, x)
     torch.manual_seed(0)
     votes = majority_vote(noisy, x, samples=16)
-    assert votes.shape == y.shape and float((votes == predict(digits_model, x)).float().mean()) > 0.9
+    assert (
+        votes.shape == y.shape and float((votes == predict(digits_model, x)).float().mean()) > 0.9
+    )
     assert torch.equal(majority_vote(digits_model, x, samples=3), predict(digits_model, x))
 
 
@@ -70,8 +74,9 @@ def test_eot_breaks_a_randomised_defence_better_than_plain_pgd(digits_model, dig
     torch.manual_seed(0)
     naive = float((majority_vote(noisy, attack(noisy, x, y), samples=32) == y).float().mean())
     torch.manual_seed(0)
-    adaptive = float((majority_vote(noisy, attack(EOT(noisy, samples=16), x, y), samples=32)
-                      == y).float().mean())
+    adaptive = float(
+        (majority_vote(noisy, attack(EOT(noisy, samples=16), x, y), samples=32) == y).float().mean()
+    )
     assert clean > 0.5
     assert adaptive < naive, (clean, naive, adaptive)
 
@@ -81,8 +86,9 @@ def test_bpda_breaks_input_quantisation(digits_model, digits):
     defended = Quantized(digits_model)
     attack = PGD(eps=0.3, steps=20, seed=0)
     naive = float((predict(defended, attack(defended, x, y)) == y).float().mean())
-    adaptive = float((predict(defended, attack(BPDA(quantize, digits_model), x, y)) == y)
-                     .float().mean())
+    adaptive = float(
+        (predict(defended, attack(BPDA(quantize, digits_model), x, y)) == y).float().mean()
+    )
     assert naive > 0.5, naive  # zero gradients: the naive attack is stuck at its random start
     assert adaptive < 0.05, adaptive
 
@@ -110,6 +116,7 @@ def test_bad_arguments(digits_model):
         BPDA("round", digits_model)
     with pytest.raises(AdvtrainError, match="approximation gives shape"):
         BPDA(quantize, digits_model, approximation=lambda t: t.flatten(1))(
-            torch.rand(2, 1, 8, 8, requires_grad=True))
+            torch.rand(2, 1, 8, 8, requires_grad=True)
+        )
     with pytest.raises(AdvtrainError, match="trials must be an integer >= 2"):
         is_randomized(digits_model, torch.rand(2, 1, 8, 8), trials=1)

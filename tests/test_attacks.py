@@ -76,8 +76,9 @@ def test_every_attack_stays_inside_its_threat_model(
     extra = {}
     if name == "transfer":  # crafted on another small model, judged on this one
         extra = {"surrogate": _tiny_model(seed + 1, features, 3), "attack_options": {"steps": 3}}
-    attack = make_attack(name, threat=threat, restarts=restarts, seed=seed, **small_budget(ATTACKS[name]),
-                         **extra)
+    attack = make_attack(
+        name, threat=threat, restarts=restarts, seed=seed, **small_budget(ATTACKS[name]), **extra
+    )
     with compact_every(7 if accelerator_path else 1):  # the loops' GPU schedule, on the CPU
         x_adv = attack(model, x, y, target=target)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
@@ -141,12 +142,20 @@ def test_attack_restores_state_even_when_it_fails():
     assert model.training and all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("attack", [FGSM(eps=0.3), PGD(eps=0.3, steps=20, seed=0),
-                                    PGD(norm="l2", eps=3.0, steps=20, seed=0),
-                                    PGD(norm="l1", eps=6.0, steps=100, seed=0),
-                                    APGD(eps=0.3, steps=20, seed=0), APGDDLR(eps=0.3, steps=20, seed=0),
-                                    APGD(norm="l2", eps=3.0, steps=20, seed=0),
-                                    APGDT(eps=0.3, steps=10, n_targets=3, seed=0)], ids=repr)
+@pytest.mark.parametrize(
+    "attack",
+    [
+        FGSM(eps=0.3),
+        PGD(eps=0.3, steps=20, seed=0),
+        PGD(norm="l2", eps=3.0, steps=20, seed=0),
+        PGD(norm="l1", eps=6.0, steps=100, seed=0),
+        APGD(eps=0.3, steps=20, seed=0),
+        APGDDLR(eps=0.3, steps=20, seed=0),
+        APGD(norm="l2", eps=3.0, steps=20, seed=0),
+        APGDT(eps=0.3, steps=10, n_targets=3, seed=0),
+    ],
+    ids=repr,
+)
 def test_attacks_break_an_undefended_model(digits_model, digits, attack):
     x, y = digits.test.x, digits.test.y
     clean = float((predict(digits_model, x) == y).float().mean())
@@ -169,8 +178,11 @@ def test_pgd_is_stronger_than_fgsm_and_restarts_never_hurt(digits_model, digits)
     def robust(attack: Attack) -> float:
         return float((predict(digits_model, attack(digits_model, x, y)) == y).float().mean())
 
-    fgsm, pgd1, pgd3 = robust(FGSM(eps=eps)), robust(PGD(eps=eps, seed=1)), robust(
-        PGD(eps=eps, restarts=3, seed=1))
+    fgsm, pgd1, pgd3 = (
+        robust(FGSM(eps=eps)),
+        robust(PGD(eps=eps, seed=1)),
+        robust(PGD(eps=eps, restarts=3, seed=1)),
+    )
     assert pgd1 < fgsm
     assert pgd3 <= pgd1
 
@@ -217,16 +229,23 @@ def test_batching_and_seeds_are_deterministic(digits_model, digits):
     whole = PGD(eps=0.1, steps=5, seed=3)(digits_model, x, y)
     assert torch.equal(whole, PGD(eps=0.1, steps=5, seed=3)(digits_model, x, y))
     no_start = PGD(eps=0.1, steps=5, random_start=False)
-    assert torch.allclose(no_start(digits_model, x, y),
-                          PGD(eps=0.1, steps=5, random_start=False, batch_size=7)(digits_model, x, y),
-                          atol=1e-6)
+    assert torch.allclose(
+        no_start(digits_model, x, y),
+        PGD(eps=0.1, steps=5, random_start=False, batch_size=7)(digits_model, x, y),
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("every", [1, 20], ids=["cpu-path", "accelerator-path"])
 def test_outcome_merge_keeps_the_worst_case_per_sample(every):
-    best = Outcome(torch.zeros(4, 1), torch.tensor([False, False, True, False]),
-                   torch.tensor([1.0, 5.0, 0.0, 2.0]))
-    new = Outcome(torch.ones(3, 1), torch.tensor([True, False, False]), torch.tensor([0.0, 9.0, 1.0]))
+    best = Outcome(
+        torch.zeros(4, 1),
+        torch.tensor([False, False, True, False]),
+        torch.tensor([1.0, 5.0, 0.0, 2.0]),
+    )
+    new = Outcome(
+        torch.ones(3, 1), torch.tensor([True, False, False]), torch.tensor([0.0, 9.0, 1.0])
+    )
     with compact_every(every):
         best.merge(new, torch.tensor([0, 1, 3]))
     assert best.x_adv.squeeze(1).tolist() == [1.0, 1.0, 0.0, 0.0]  # success wins; higher loss wins
@@ -273,7 +292,10 @@ def test_bad_attack_inputs():
         attack(model, torch.ones(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(AdvtrainError, match="outside the threat model's bounds"):
         attack(model, torch.full((3, 4), 3.0), torch.zeros(3, dtype=torch.int64))
-    with pytest.raises(UnknownNameError, match="choose one of: apgd-ce, apgd-dlr, apgd-t, cw-l2, deepfool, fab, fab-t, fgsm, hsj, pgd, square"):
+    with pytest.raises(
+        UnknownNameError,
+        match="choose one of: apgd-ce, apgd-dlr, apgd-t, cw-l2, deepfool, fab, fab-t, fgsm, hsj, pgd, square",
+    ):
         make_attack("deepfool-9000", eps=0.1)
 
 

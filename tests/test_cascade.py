@@ -18,7 +18,9 @@ def _cascade(model, x, y, threat):
     return Cascade(x, y, threat, lambda p: _argmax(model, p, 100), (pred == y).cpu(), pred.clone())
 
 
-def test_minimum_norm_step_measures_every_correct_point_but_breaks_only_survivors(digits, digits_model):
+def test_minimum_norm_step_measures_every_correct_point_but_breaks_only_survivors(
+    digits, digits_model
+):
     x, y = digits.test.x[:60], digits.test.y[:60]
     threat = ThreatModel(norm="linf", eps=EPS)
     state = _cascade(digits_model, x, y, threat)
@@ -54,13 +56,15 @@ def test_a_run_among_chosen_points_attacks_only_those(digits, digits_model):
     state.run(Step("pgd", PGD(threat, steps=20, seed=0)), digits_model, among=chosen)
     broken = (~state.standing & state.correct).nonzero().squeeze(1)
     assert len(broken) > 0 and bool(torch.isin(broken, chosen).all())
-    assert len(state.closest_standing(0.25, least=10 ** 6)) == int(state.standing.sum())
+    assert len(state.closest_standing(0.25, least=10**6)) == int(state.standing.sum())
 
 
 def test_standard_suite_runs_fab_t_over_three_targets_and_thorough_over_nine():
     threat = ThreatModel(norm="linf", eps=0.3)
-    fab = {suite: next(s for s in suite_attacks(suite, threat, 10, 0) if s.name == "fab-t")
-           for suite in ("standard", "thorough")}
+    fab = {
+        suite: next(s for s in suite_attacks(suite, threat, 10, 0) if s.name == "fab-t")
+        for suite in ("standard", "thorough")
+    }
     assert fab["standard"].min_norm and fab["standard"].attack.n_targets == 3
     assert fab["thorough"].attack.n_targets == 9
     assert not fab["standard"].attack.threat.bounded

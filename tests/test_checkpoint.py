@@ -164,7 +164,11 @@ def test_pickled_arbitrary_object_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "obj, why",
-    [([torch.zeros(2)], "list"), ({"w": 3}, "int"), ({"state_dict": {"w": "x"}}, "not a plain state dict")],
+    [
+        ([torch.zeros(2)], "list"),
+        ({"w": 3}, "int"),
+        ({"state_dict": {"w": "x"}}, "not a plain state dict"),
+    ],
 )
 def test_non_state_dict_pickles_are_refused(tmp_path: Path, obj: object, why: str) -> None:
     path = tmp_path / "x.bin"
@@ -245,7 +249,9 @@ def test_many_missing_keys_are_abbreviated(tmp_path: Path) -> None:
     assert_one_line(exc)
 
 
-def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_write_keeps_old_file_when_replace_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "report.json"
     atomic_write_json(path, {"old": True})
 
@@ -260,7 +266,9 @@ def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path: Path, monkeypa
     assert no_temp_files(tmp_path)
 
 
-def test_atomic_write_cleans_up_when_write_fails_midway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_write_cleans_up_when_write_fails_midway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "data.bin"
     atomic_write_bytes(path, b"old")
 
@@ -274,7 +282,9 @@ def test_atomic_write_cleans_up_when_write_fails_midway(tmp_path: Path, monkeypa
     assert no_temp_files(tmp_path)
 
 
-def test_checkpoint_save_failure_keeps_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_save_failure_keeps_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, small_net().state_dict(), {"run": 1})
     before = path.read_bytes(), sidecar_path(path).read_bytes()
@@ -292,7 +302,9 @@ def test_atomic_writes_content_and_mode(tmp_path: Path) -> None:
     assert (tmp_path / "b.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
     umask = os.umask(0o022)
     os.umask(umask)
-    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would, not mkstemp's 0600
+    assert (
+        tmp_path / "a.txt"
+    ).stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would, not mkstemp's 0600
     os.chmod(tmp_path / "a.txt", 0o640)
     atomic_write_text(tmp_path / "a.txt", "again")
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640

@@ -78,8 +78,12 @@ def assert_one_line_error(rc: int, out: str, err: str, *needles: str) -> str:
 
 
 def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "ADVTRAIN_MNIST_MIRROR": "http://127.0.0.1:9/"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "ADVTRAIN_MNIST_MIRROR": "http://127.0.0.1:9/",
+    }
 
 
 def console_script() -> str:
@@ -131,8 +135,14 @@ def test_train_writes_a_complete_run_directory(trained_run):
     assert rc == 0, err
     assert "Traceback" not in err
     names = {p.name for p in run_dir.iterdir()}
-    assert {"config.json", "metrics.jsonl", "model.safetensors", "model.json",
-            "last.safetensors", "summary.json"} <= names
+    assert {
+        "config.json",
+        "metrics.jsonl",
+        "model.safetensors",
+        "model.json",
+        "last.safetensors",
+        "summary.json",
+    } <= names
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset"] == "digits" and config["model"] == "digits-cnn"
@@ -149,7 +159,10 @@ def test_train_writes_a_complete_run_directory(trained_run):
 
     sidecar = json.loads((run_dir / "model.json").read_text())
     assert sidecar["model"] == "digits-cnn"
-    assert sidecar["sha256"] == hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert (
+        sidecar["sha256"]
+        == hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    )
     assert sidecar["eps"] == pytest.approx(0.2) and sidecar["norm"] == "linf"
     state, meta = load_checkpoint(run_dir / "last.safetensors")
     assert meta["epoch"] == 1 and state
@@ -166,11 +179,14 @@ def test_train_writes_a_complete_run_directory(trained_run):
 
 def test_train_reads_toml_config_and_flags_override_it(capsys, tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('[train]\nepochs = 1\nmethod = "standard"\neval-steps = 2\n'
-                      'batch_size = 128\nseed = 3\neps = 0.15\n')
+    config.write_text(
+        '[train]\nepochs = 1\nmethod = "standard"\neval-steps = 2\n'
+        "batch_size = 128\nseed = 3\neps = 0.15\n"
+    )
     out_dir = tmp_path / "toml-run"
-    rc, out, err = cli(capsys, "train", "--config", config, "--seed", "7", "--out", out_dir,
-                       "--quiet")
+    rc, out, err = cli(
+        capsys, "train", "--config", config, "--seed", "7", "--out", out_dir, "--quiet"
+    )
     assert rc == 0, err
     saved = json.loads((out_dir / "config.json").read_text())
     assert saved["method"] == "standard"  # from the file
@@ -181,15 +197,38 @@ def test_train_reads_toml_config_and_flags_override_it(capsys, tmp_path):
     assert json.loads((out_dir / "model.json").read_text())["method"] == "standard"
     assert json.loads((out_dir / "model.json").read_text())["eps"] == pytest.approx(0.15)
     # evaluate takes the run's eps (not the dataset's 0.2) unless told otherwise
-    rc, _, err = cli(capsys, "evaluate", out_dir, "--n", "20", "--suite", "pgd", "--steps", "1",
-                     "--json", tmp_path / "e.json")
+    rc, _, err = cli(
+        capsys,
+        "evaluate",
+        out_dir,
+        "--n",
+        "20",
+        "--suite",
+        "pgd",
+        "--steps",
+        "1",
+        "--json",
+        tmp_path / "e.json",
+    )
     assert rc == 0, err
     assert "eps=0.15" in json.loads((tmp_path / "e.json").read_text())["attack"]
 
 
 def test_train_without_quiet_logs_each_epoch(capsys, tmp_path):
-    rc, out, err = cli(capsys, "train", "--method", "standard", "--epochs", "2", "--eval-steps",
-                       "1", "--batch-size", "256", "--out", tmp_path / "loud")
+    rc, out, err = cli(
+        capsys,
+        "train",
+        "--method",
+        "standard",
+        "--epochs",
+        "2",
+        "--eval-steps",
+        "1",
+        "--batch-size",
+        "256",
+        "--out",
+        tmp_path / "loud",
+    )
     assert rc == 0, err
     assert "training digits-cnn on digits" in out
     assert len(re.findall(r"^epoch +\d/2 ", out, flags=re.M)) == 2
@@ -200,8 +239,9 @@ def test_train_without_quiet_logs_each_epoch(capsys, tmp_path):
 
 def test_evaluate_run_dir_writes_json(capsys, run_dir, tmp_path):
     target = tmp_path / "out.json"
-    rc, out, err = cli(capsys, "evaluate", run_dir, "--n", "50", "--suite", "pgd", "--steps", "3",
-                       "--json", target)
+    rc, out, err = cli(
+        capsys, "evaluate", run_dir, "--n", "50", "--suite", "pgd", "--steps", "3", "--json", target
+    )
     assert rc == 0, err
     figures = json.loads(target.read_text())
     assert figures["n"] == 50
@@ -229,9 +269,26 @@ def test_evaluate_released_mnist_checkpoint(capsys, tmp_path):
     weights = require(MODELS_DIR / "pgd_madry.pth")
     data_dir = require(MNIST_DIR)
     target = tmp_path / "madry.json"
-    rc, out, err = cli(capsys, "evaluate", "--model", "mnist-small", "--weights", weights,
-                       "--dataset", "mnist", "--data-dir", data_dir, "--n", "100", "--suite", "pgd", "--steps", "5",
-                       "--json", target)
+    rc, out, err = cli(
+        capsys,
+        "evaluate",
+        "--model",
+        "mnist-small",
+        "--weights",
+        weights,
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        data_dir,
+        "--n",
+        "100",
+        "--suite",
+        "pgd",
+        "--steps",
+        "5",
+        "--json",
+        target,
+    )
     assert rc == 0, err
     figures = json.loads(target.read_text())
     assert figures["n"] == 100 and figures["dataset"] == "mnist"
@@ -263,12 +320,29 @@ def test_evaluate_user_model_file(capsys, tmp_path):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors"
+    )
 
     target = tmp_path / "user.json"
-    rc, out, err = cli(capsys, "evaluate", "--model-file", f"{tmp_path / 'net.py'}:make",
-                       "--weights", tmp_path / "w.safetensors", "--dataset", "digits",
-                       "--n", "50", "--suite", "pgd", "--steps", "2", "--json", target)
+    rc, out, err = cli(
+        capsys,
+        "evaluate",
+        "--model-file",
+        f"{tmp_path / 'net.py'}:make",
+        "--weights",
+        tmp_path / "w.safetensors",
+        "--dataset",
+        "digits",
+        "--n",
+        "50",
+        "--suite",
+        "pgd",
+        "--steps",
+        "2",
+        "--json",
+        target,
+    )
     assert rc == 0, err
     figures = json.loads(target.read_text())
     assert figures["n"] == 50
@@ -289,71 +363,118 @@ def test_help_and_version_in_process(capsys):
 # ---------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["train", "--dataset", "nope"],
-     ["unknown dataset", "'nope'", "breast-cancer", "digits", "fraud", "mnist"]),
-    (["train", "--model", "nope"],
-     ["unknown model", "'nope'", "digits-cnn", "mlp", "mnist-large", "mnist-small", "preact-resnet18"]),
-    (["train", "--method", "nope", "--epochs", "1"], ["unknown method", "'nope'", "pgd", "standard"]),
-    (["train", "--norm", "l7"], ["unknown norm", "'l7'", "linf", "l2", "l1"]),
-    (["train", "--optimizer", "rmsprop"], ["optimizer", "rmsprop", "adam", "sgd"]),
-    (["evaluate", "--model", "nope", "--weights", "w.pth", "--dataset", "digits"],
-     ["unknown model", "'nope'", "mnist-small"]),
-    (["evaluate", "--model", "digits-cnn", "--weights", "w.pth", "--dataset", "nope"],
-     ["unknown dataset", "'nope'", "digits"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (
+            ["train", "--dataset", "nope"],
+            ["unknown dataset", "'nope'", "breast-cancer", "digits", "fraud", "mnist"],
+        ),
+        (
+            ["train", "--model", "nope"],
+            [
+                "unknown model",
+                "'nope'",
+                "digits-cnn",
+                "mlp",
+                "mnist-large",
+                "mnist-small",
+                "preact-resnet18",
+            ],
+        ),
+        (
+            ["train", "--method", "nope", "--epochs", "1"],
+            ["unknown method", "'nope'", "pgd", "standard"],
+        ),
+        (["train", "--norm", "l7"], ["unknown norm", "'l7'", "linf", "l2", "l1"]),
+        (["train", "--optimizer", "rmsprop"], ["optimizer", "rmsprop", "adam", "sgd"]),
+        (
+            ["evaluate", "--model", "nope", "--weights", "w.pth", "--dataset", "digits"],
+            ["unknown model", "'nope'", "mnist-small"],
+        ),
+        (
+            ["evaluate", "--model", "digits-cnn", "--weights", "w.pth", "--dataset", "nope"],
+            ["unknown dataset", "'nope'", "digits"],
+        ),
+    ],
+)
 def test_unknown_names(capsys, args, needles):
     assert_one_line_error(*cli(capsys, *args), *needles)
 
 
-@pytest.mark.parametrize("value, needles", [
-    ("-0.1", ["eps", "-0.1"]),
-    ("nan", ["eps", "nan"]),
-    ("inf", ["eps", "inf"]),
-    ("abc", ["--eps", "abc"]),
-])
+@pytest.mark.parametrize(
+    "value, needles",
+    [
+        ("-0.1", ["eps", "-0.1"]),
+        ("nan", ["eps", "nan"]),
+        ("inf", ["eps", "inf"]),
+        ("abc", ["--eps", "abc"]),
+    ],
+)
 def test_bad_eps_for_train(capsys, value, needles):
     assert_one_line_error(*cli(capsys, "train", "--eps", value, *TINY), *needles)
 
 
-@pytest.mark.parametrize("value, needles", [("nan", ["eps", "nan"]), ("-1", ["eps", "-1"]),
-                                            ("1e-3x", ["--eps", "1e-3x"])])
+@pytest.mark.parametrize(
+    "value, needles",
+    [("nan", ["eps", "nan"]), ("-1", ["eps", "-1"]), ("1e-3x", ["--eps", "1e-3x"])],
+)
 def test_bad_eps_for_evaluate(capsys, run_dir, value, needles):
     assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--eps", value, "--n", "5"), *needles)
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["train", "--epochs", "0"], ["epochs", "0"]),
-    (["train", "--epochs", "two"], ["--epochs", "two"]),
-    (["train", "--lr", "-1"], ["lr"]),
-    (["train", "--batch-size", "0"], ["batch_size"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["train", "--epochs", "0"], ["epochs", "0"]),
+        (["train", "--epochs", "two"], ["--epochs", "two"]),
+        (["train", "--lr", "-1"], ["lr"]),
+        (["train", "--batch-size", "0"], ["batch_size"]),
+    ],
+)
 def test_bad_numbers_for_train(capsys, args, needles):
     assert_one_line_error(*cli(capsys, *args), *needles)
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--steps", "0"], ["--steps", "0"]),
-    (["--n", "0"], ["--n", "0"]),
-    (["--restarts", "0"], ["restarts"]),
-    (["--step-size", "-1"], ["step_size"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--steps", "0"], ["--steps", "0"]),
+        (["--n", "0"], ["--n", "0"]),
+        (["--restarts", "0"], ["restarts"]),
+        (["--step-size", "-1"], ["step_size"]),
+    ],
+)
 def test_bad_numbers_for_evaluate(capsys, run_dir, args, needles):
     assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--suite", "pgd", *args), *needles)
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--suite", "fast"], ["unknown suite", "fast", "quick, standard, thorough, pgd"]),
-    (["--steps", "5"], ["--steps", "--suite pgd"]),
-    (["--suite", "pgd", "--html", "r.html"], ["--html", "pgd"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--suite", "fast"], ["unknown suite", "fast", "quick, standard, thorough, pgd"]),
+        (["--steps", "5"], ["--steps", "--suite pgd"]),
+        (["--suite", "pgd", "--html", "r.html"], ["--html", "pgd"]),
+    ],
+)
 def test_bad_suite_flags_for_evaluate(capsys, run_dir, args, needles):
     assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--n", "5", *args), *needles)
 
 
 def test_evaluate_suite_writes_json_and_html(capsys, run_dir, tmp_path):
-    rc, out, err = cli(capsys, "evaluate", run_dir, "--n", "30", "--suite", "quick", "--json",
-                       tmp_path / "r.json", "--html", tmp_path / "r.html")
+    rc, out, err = cli(
+        capsys,
+        "evaluate",
+        run_dir,
+        "--n",
+        "30",
+        "--suite",
+        "quick",
+        "--json",
+        tmp_path / "r.json",
+        "--html",
+        tmp_path / "r.html",
+    )
     assert rc == 0, err
     figures = json.loads((tmp_path / "r.json").read_text())
     assert figures["settings"]["n"] == 30 and figures["settings"]["suite"] == "quick"
@@ -367,7 +488,8 @@ def test_evaluate_suite_writes_json_and_html(capsys, run_dir, tmp_path):
 def test_missing_data_directory(capsys):
     assert_one_line_error(
         *cli(capsys, "train", "--dataset", "mnist", "--data-dir", "/does/not/exist", *TINY),
-        "/does/not/exist", "does not exist",
+        "/does/not/exist",
+        "does not exist",
     )
 
 
@@ -397,11 +519,14 @@ def _other_content(data: bytes) -> bytes:  # a valid gzip of changed content
     return gzip.compress(bytes(content))
 
 
-@pytest.mark.parametrize("name, damage, needle", [
-    ("t10k-labels-idx1-ubyte.gz", _truncate, "gzip"),
-    ("train-labels-idx1-ubyte.gz", _flip, "gzip"),
-    ("t10k-labels-idx1-ubyte.gz", _other_content, "checksum mismatch"),
-])
+@pytest.mark.parametrize(
+    "name, damage, needle",
+    [
+        ("t10k-labels-idx1-ubyte.gz", _truncate, "gzip"),
+        ("train-labels-idx1-ubyte.gz", _flip, "gzip"),
+        ("t10k-labels-idx1-ubyte.gz", _other_content, "checksum mismatch"),
+    ],
+)
 def test_corrupt_mnist_file(capsys, tmp_path, name, damage, needle):
     data_dir = mnist_copy(tmp_path)
     link = data_dir / name
@@ -409,9 +534,21 @@ def test_corrupt_mnist_file(capsys, tmp_path, name, damage, needle):
     link.unlink()
     link.write_bytes(damage(original))
     assert_one_line_error(
-        *cli(capsys, "train", "--dataset", "mnist", "--model", "mnist-small", "--data-dir",
-             data_dir, *TINY, "--out", tmp_path / "never"),
-        name, needle,
+        *cli(
+            capsys,
+            "train",
+            "--dataset",
+            "mnist",
+            "--model",
+            "mnist-small",
+            "--data-dir",
+            data_dir,
+            *TINY,
+            "--out",
+            tmp_path / "never",
+        ),
+        name,
+        needle,
     )
     assert not (tmp_path / "never").exists()
 
@@ -421,24 +558,32 @@ def test_mnist_file_missing_and_no_mirror(capsys, tmp_path):
     (data_dir / "t10k-images-idx3-ubyte.gz").unlink()
     assert_one_line_error(
         *cli(capsys, "train", "--dataset", "mnist", "--data-dir", data_dir, *TINY),
-        "download", "t10k-images-idx3-ubyte.gz",
+        "download",
+        "t10k-images-idx3-ubyte.gz",
     )
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(
-        n for n in MNIST_NAMES if n != "t10k-images-idx3-ubyte.gz")  # no partial file left
+        n for n in MNIST_NAMES if n != "t10k-images-idx3-ubyte.gz"
+    )  # no partial file left
 
 
 def test_corrupt_checkpoint_in_run_dir(capsys, run_copy):
     flip_byte(run_copy / "model.safetensors")
-    assert_one_line_error(*cli(capsys, "evaluate", run_copy, "--n", "5", "--suite", "pgd", "--steps", "1"),
-                          "corrupt checkpoint", "model.safetensors", "SHA-256")
+    assert_one_line_error(
+        *cli(capsys, "evaluate", run_copy, "--n", "5", "--suite", "pgd", "--steps", "1"),
+        "corrupt checkpoint",
+        "model.safetensors",
+        "SHA-256",
+    )
 
 
 def test_truncated_checkpoint_without_sidecar(capsys, run_copy):
     weights = run_copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     (run_copy / "model.json").unlink()
-    assert_one_line_error(*cli(capsys, "evaluate", run_copy, "--n", "5", "--suite", "pgd", "--steps", "1"),
-                          "model.safetensors")
+    assert_one_line_error(
+        *cli(capsys, "evaluate", run_copy, "--n", "5", "--suite", "pgd", "--steps", "1"),
+        "model.safetensors",
+    )
 
 
 def test_run_dir_without_config(capsys, run_copy):
@@ -455,8 +600,22 @@ def test_garbage_weights_file(capsys, tmp_path, suffix):
     garbage = tmp_path / f"garbage{suffix}"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{this is not a checkpoint" * 3)
     assert_one_line_error(
-        *cli(capsys, "evaluate", "--model", "digits-cnn", "--weights", garbage, "--dataset",
-             "digits", "--n", "5", "--suite", "pgd", "--steps", "1"),
+        *cli(
+            capsys,
+            "evaluate",
+            "--model",
+            "digits-cnn",
+            "--weights",
+            garbage,
+            "--dataset",
+            "digits",
+            "--n",
+            "5",
+            "--suite",
+            "pgd",
+            "--steps",
+            "1",
+        ),
         str(garbage),
     )
 
@@ -464,15 +623,25 @@ def test_garbage_weights_file(capsys, tmp_path, suffix):
 def test_garbage_weights_for_a_run_dir(capsys, run_dir, tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(os.urandom(256))
-    assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--weights", garbage, "--n", "5"),
-                          str(garbage))
+    assert_one_line_error(
+        *cli(capsys, "evaluate", run_dir, "--weights", garbage, "--n", "5"), str(garbage)
+    )
 
 
 def test_missing_weights_file(capsys, tmp_path):
     assert_one_line_error(
-        *cli(capsys, "evaluate", "--model", "digits-cnn", "--weights", tmp_path / "w.pth",
-             "--dataset", "digits"),
-        "w.pth", "not found",
+        *cli(
+            capsys,
+            "evaluate",
+            "--model",
+            "digits-cnn",
+            "--weights",
+            tmp_path / "w.pth",
+            "--dataset",
+            "digits",
+        ),
+        "w.pth",
+        "not found",
     )
 
 
@@ -481,18 +650,52 @@ def test_pickled_module_is_not_a_state_dict(capsys, tmp_path):
     path = tmp_path / "module.pth"
     torch.save(torch.nn.Linear(2, 2), path)
     assert_one_line_error(
-        *cli(capsys, "evaluate", "--model", "mnist-small", "--weights", path, "--dataset",
-             "mnist", "--data-dir", data_dir, "--n", "5", "--suite", "pgd", "--steps", "1"),
-        str(path), "not a plain state dict", "Linear",
+        *cli(
+            capsys,
+            "evaluate",
+            "--model",
+            "mnist-small",
+            "--weights",
+            path,
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            data_dir,
+            "--n",
+            "5",
+            "--suite",
+            "pgd",
+            "--steps",
+            "1",
+        ),
+        str(path),
+        "not a plain state dict",
+        "Linear",
     )
 
 
 def test_weights_of_another_architecture(capsys):
     weights = require(MODELS_DIR / "fgsm.pth")
     assert_one_line_error(
-        *cli(capsys, "evaluate", "--model", "digits-cnn", "--weights", weights, "--dataset",
-             "digits", "--n", "5", "--suite", "pgd", "--steps", "1"),
-        "fgsm.pth", "does not fit", "shape mismatch",
+        *cli(
+            capsys,
+            "evaluate",
+            "--model",
+            "digits-cnn",
+            "--weights",
+            weights,
+            "--dataset",
+            "digits",
+            "--n",
+            "5",
+            "--suite",
+            "pgd",
+            "--steps",
+            "1",
+        ),
+        "fgsm.pth",
+        "does not fit",
+        "shape mismatch",
     )
 
 
@@ -517,67 +720,98 @@ def test_bad_toml_value(capsys, tmp_path):
 
 @pytest.mark.parametrize("name", ["none.toml", "two\nlines.toml"])
 def test_missing_config_file(capsys, tmp_path, name):
-    line = assert_one_line_error(*cli(capsys, "train", "--config", tmp_path / name),
-                                 "does not exist")
+    line = assert_one_line_error(
+        *cli(capsys, "train", "--config", tmp_path / name), "does not exist"
+    )
     assert " ".join(name.split()) in line  # a newline in a file name still gives one line
 
 
-@pytest.mark.parametrize("args", [
-    [],
-    ["--model", "digits-cnn", "--model-file", "net.py:make", "--weights", "w.pth"],
-    ["RUN", "--model", "digits-cnn"],
-    ["RUN", "--model-file", "net.py:make"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--model", "digits-cnn", "--model-file", "net.py:make", "--weights", "w.pth"],
+        ["RUN", "--model", "digits-cnn"],
+        ["RUN", "--model-file", "net.py:make"],
+    ],
+)
 def test_evaluate_needs_exactly_one_model_source(capsys, run_dir, args):
     args = [str(run_dir) if a == "RUN" else a for a in args]
-    assert_one_line_error(*cli(capsys, "evaluate", *args), "exactly one", "RUN_DIR",
-                          "--model-file", "--model")
+    assert_one_line_error(
+        *cli(capsys, "evaluate", *args), "exactly one", "RUN_DIR", "--model-file", "--model"
+    )
 
 
 def test_evaluate_model_needs_weights_and_dataset(capsys, tmp_path):
-    assert_one_line_error(*cli(capsys, "evaluate", "--model", "digits-cnn", "--dataset", "digits"),
-                          "--weights")
-    assert_one_line_error(*cli(capsys, "evaluate", "--model", "digits-cnn", "--weights", "w.pth"),
-                          "--dataset")
+    assert_one_line_error(
+        *cli(capsys, "evaluate", "--model", "digits-cnn", "--dataset", "digits"), "--weights"
+    )
+    assert_one_line_error(
+        *cli(capsys, "evaluate", "--model", "digits-cnn", "--weights", "w.pth"), "--dataset"
+    )
 
 
 def test_user_model_file_problems(capsys, tmp_path):
     (tmp_path / "net.py").write_text(NET_PY)
     assert_one_line_error(
-        *cli(capsys, "evaluate", "--model-file", f"{tmp_path / 'net.py'}:nothing", "--weights",
-             "w.pth", "--dataset", "digits"),
+        *cli(
+            capsys,
+            "evaluate",
+            "--model-file",
+            f"{tmp_path / 'net.py'}:nothing",
+            "--weights",
+            "w.pth",
+            "--dataset",
+            "digits",
+        ),
         "nothing",
     )
     assert_one_line_error(
-        *cli(capsys, "evaluate", "--model-file", "missing.py:make", "--weights", "w.pth",
-             "--dataset", "digits"),
-        "missing.py", "not found",
+        *cli(
+            capsys,
+            "evaluate",
+            "--model-file",
+            "missing.py:make",
+            "--weights",
+            "w.pth",
+            "--dataset",
+            "digits",
+        ),
+        "missing.py",
+        "not found",
     )
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["train", "--bogus"], "--bogus"),
-    (["evaluate", "--bogus", "1"], "--bogus"),
-    (["train", "--epochs"], "--epochs"),
-    (["nosuchcommand"], "nosuchcommand"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--bogus"], "--bogus"),
+        (["evaluate", "--bogus", "1"], "--bogus"),
+        (["train", "--epochs"], "--epochs"),
+        (["nosuchcommand"], "nosuchcommand"),
+    ],
+)
 def test_unknown_options_and_commands(capsys, args, needle):
     assert_one_line_error(*cli(capsys, *args), needle)
 
 
 # Inputs that once ended in a traceback (found while writing these tests); now regressions.
 _ONCE_TRACEBACKS = [
-    pytest.param(["train", "--device", "nope", *TINY, "--quiet"], ["nope"],
-                 id="train-device-nope"),
+    pytest.param(["train", "--device", "nope", *TINY, "--quiet"], ["nope"], id="train-device-nope"),
     pytest.param(["train", "--seed", "-1", *TINY, "--quiet"], ["seed"], id="train-negative-seed"),
-    pytest.param(["evaluate", "RUN", "--device", "nope", "--n", "5"], ["nope"],
-                 id="evaluate-device-nope"),
-    pytest.param(["evaluate", "RUN", "--batch-size", "0", "--n", "5"], ["batch"],
-                 id="evaluate-batch-size-0"),
-    pytest.param(["evaluate", "RUN", "--seed", "-3", "--n", "5"], ["seed"],
-                 id="evaluate-negative-seed"),
+    pytest.param(
+        ["evaluate", "RUN", "--device", "nope", "--n", "5"], ["nope"], id="evaluate-device-nope"
+    ),
+    pytest.param(
+        ["evaluate", "RUN", "--batch-size", "0", "--n", "5"], ["batch"], id="evaluate-batch-size-0"
+    ),
+    pytest.param(
+        ["evaluate", "RUN", "--seed", "-3", "--n", "5"], ["seed"], id="evaluate-negative-seed"
+    ),
     pytest.param(["train", "--config", "OUT_INT", "--quiet"], ["out"], id="toml-out-not-a-string"),
-    pytest.param(["train", "--config", "MIXED", "--quiet"], ["[train]"], id="toml-keys-outside-table"),
+    pytest.param(
+        ["train", "--config", "MIXED", "--quiet"], ["[train]"], id="toml-keys-outside-table"
+    ),
 ]
 
 
@@ -585,14 +819,19 @@ _ONCE_TRACEBACKS = [
 def test_inputs_that_once_raised(capsys, run_dir, tmp_path, args, needles):
     (tmp_path / "out.toml").write_text("out = 5\nepochs = 1\neval_steps = 1\nattack_steps = 1\n")
     (tmp_path / "mixed.toml").write_text("epochs = 1\n[train]\neval_steps = 1\n")
-    names = {"RUN": str(run_dir), "OUT_INT": str(tmp_path / "out.toml"),
-             "MIXED": str(tmp_path / "mixed.toml")}
+    names = {
+        "RUN": str(run_dir),
+        "OUT_INT": str(tmp_path / "out.toml"),
+        "MIXED": str(tmp_path / "mixed.toml"),
+    }
     assert_one_line_error(*cli(capsys, *[names.get(a, a) for a in args]), *needles)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(capsys, tmp_path):
-    rc, out, err = cli(capsys, "train", "--device", "cuda", *TINY, "--quiet", "--out", tmp_path / "r")
+    rc, out, err = cli(
+        capsys, "train", "--device", "cuda", *TINY, "--quiet", "--out", tmp_path / "r"
+    )
     assert_one_line_error(rc, out, err, "CUDA is not available")
 
 
@@ -624,9 +863,14 @@ def processes(run_dir_module, tmp_path_factory):
     for name, (launcher, args) in PROCESSES.items():
         args = [str(corrupt) if a == "CORRUPT_RUN" else a for a in args]
         command = [sys.executable, "-m", "advtrain"] if launcher == "module" else [console_script()]
-        started[name] = subprocess.Popen(command + args, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True, cwd=scratch,
-                                         env=subprocess_env())
+        started[name] = subprocess.Popen(
+            command + args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=scratch,
+            env=subprocess_env(),
+        )
     results = {}
     for name, process in started.items():
         out, err = process.communicate(timeout=180)
@@ -641,11 +885,14 @@ def run_dir_module(trained_run):
     return path
 
 
-@pytest.mark.parametrize("name, needles", [
-    ("unknown-dataset", ["unknown dataset", "'nope'", "mnist"]),  # python -m advtrain
-    ("nan-eps", ["eps", "nan"]),  # the console script
-    ("corrupt-run", ["corrupt checkpoint", "model.safetensors"]),
-])
+@pytest.mark.parametrize(
+    "name, needles",
+    [
+        ("unknown-dataset", ["unknown dataset", "'nope'", "mnist"]),  # python -m advtrain
+        ("nan-eps", ["eps", "nan"]),  # the console script
+        ("corrupt-run", ["corrupt checkpoint", "model.safetensors"]),
+    ],
+)
 def test_error_in_a_real_process(processes, name, needles):
     rc, out, err = processes[name]
     assert_one_line_error(rc, out, err, *needles)

@@ -70,8 +70,19 @@ def train_quietly(*args: str) -> Path:
     out_dir = Path(args[args.index("--out") + 1])
     sink_out, sink_err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(sink_out), contextlib.redirect_stderr(sink_err):
-        rc = run(["train", "--epochs", "1", "--method", "standard", "--eval-steps", "1",
-                  "--quiet", *args])
+        rc = run(
+            [
+                "train",
+                "--epochs",
+                "1",
+                "--method",
+                "standard",
+                "--eval-steps",
+                "1",
+                "--quiet",
+                *args,
+            ]
+        )
     assert rc == 0, sink_err.getvalue()
     return out_dir
 
@@ -85,8 +96,14 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cancer_run(tmp_path_factory):
     """An mlp trained for one epoch on breast-cancer (tabular, per-feature bounds)."""
-    return train_quietly("--dataset", "breast-cancer", "--model", "mlp",
-                         "--out", str(tmp_path_factory.mktemp("attack") / "cancer"))
+    return train_quietly(
+        "--dataset",
+        "breast-cancer",
+        "--model",
+        "mlp",
+        "--out",
+        str(tmp_path_factory.mktemp("attack") / "cancer"),
+    )
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -96,18 +113,29 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def run_model(run: Path, dataset) -> torch.nn.Module:
     meta = json.loads((run / "model.json").read_text())
-    model = build_model(meta["model"], in_shape=dataset.info.shape, n_classes=dataset.info.n_classes)
+    model = build_model(
+        meta["model"], in_shape=dataset.info.shape, n_classes=dataset.info.n_classes
+    )
     load_weights_into(model, run / "model.safetensors")
     return model.eval()
 
 
-def check_saved_attack(path: Path, model: torch.nn.Module, dataset, norm: str, eps: float,
-                       n: int) -> dict[str, np.ndarray]:
+def check_saved_attack(
+    path: Path, model: torch.nn.Module, dataset, norm: str, eps: float, n: int
+) -> dict[str, np.ndarray]:
     """The npz holds the first n test points, x_adv inside the threat model, and the model's
     own predictions and success flags for them."""
     saved = load_npz(path)
-    assert {"x", "x_adv", "y", "pred_clean", "pred_adv", "success", "perturbation_norm",
-            "meta"} <= set(saved)
+    assert {
+        "x",
+        "x_adv",
+        "y",
+        "pred_clean",
+        "pred_adv",
+        "success",
+        "perturbation_norm",
+        "meta",
+    } <= set(saved)
     x, x_adv = torch.from_numpy(saved["x"]), torch.from_numpy(saved["x_adv"])
     assert x.shape == (n, *dataset.info.shape) and x_adv.shape == x.shape
     assert torch.equal(x, dataset.test.x[:n])
@@ -120,8 +148,9 @@ def check_saved_attack(path: Path, model: torch.nn.Module, dataset, norm: str, e
     assert saved["success"].dtype == np.bool_
     if "target" not in saved:
         assert np.array_equal(saved["success"], saved["pred_adv"] != saved["y"])
-    np.testing.assert_allclose(saved["perturbation_norm"], lp_norm(x_adv - x, norm).numpy(),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        saved["perturbation_norm"], lp_norm(x_adv - x, norm).numpy(), rtol=1e-6, atol=1e-7
+    )
     meta = json.loads(str(saved["meta"]))
     assert meta["norm"] == norm and meta["eps"] == pytest.approx(eps) and meta["n"] == n
     assert meta["dataset"] == dataset.info.name and "seed" in meta
@@ -136,9 +165,25 @@ def test_attack_writes_npz_png_and_summary(capsys, run_dir, tmp_path, name, norm
     digits = load_dataset("digits", seed=0)
     model = run_model(run_dir, digits)
     out = tmp_path / f"{name}.npz"
-    rc, stdout, err = cli(capsys, "attack", run_dir, "--attack", name, "--norm", norm,
-                          "--eps", str(eps), "--n", "60", "--out", out, "--json",
-                          tmp_path / "summary.json", "--option", "loss=ce")
+    rc, stdout, err = cli(
+        capsys,
+        "attack",
+        run_dir,
+        "--attack",
+        name,
+        "--norm",
+        norm,
+        "--eps",
+        str(eps),
+        "--n",
+        "60",
+        "--out",
+        out,
+        "--json",
+        tmp_path / "summary.json",
+        "--option",
+        "loss=ce",
+    )
     assert rc == 0, err
     saved = check_saved_attack(out, model, digits, norm, eps, 60)
     meta = json.loads(str(saved["meta"]))
@@ -172,11 +217,13 @@ def test_attack_writes_npz_png_and_summary(capsys, run_dir, tmp_path, name, norm
 
 def test_default_eps_and_all_test_samples(capsys, run_dir, tmp_path):
     digits = load_dataset("digits", seed=0)
-    rc, _, err = cli(capsys, "attack", run_dir, "--attack", "fgsm", "--out", tmp_path / "a.npz",
-                     "--no-png")
+    rc, _, err = cli(
+        capsys, "attack", run_dir, "--attack", "fgsm", "--out", tmp_path / "a.npz", "--no-png"
+    )
     assert rc == 0, err
-    check_saved_attack(tmp_path / "a.npz", run_model(run_dir, digits), digits, "linf", 0.2,
-                       len(digits.test))
+    check_saved_attack(
+        tmp_path / "a.npz", run_model(run_dir, digits), digits, "linf", 0.2, len(digits.test)
+    )
     assert not (tmp_path / "a.png").exists()
 
 
@@ -185,9 +232,21 @@ def test_model_and_weights_path_matches_the_run_dir(capsys, run_dir, tmp_path):
     common = ["--attack", "pgd", "--n", "40", "--option", "steps=5", "--no-png"]
     rc, _, err = cli(capsys, "attack", run_dir, *common, "--out", tmp_path / "a.npz")
     assert rc == 0, err
-    rc, _, err = cli(capsys, "attack", "--model", "digits-cnn", "--weights",
-                     run_dir / "model.safetensors", "--dataset", "digits", *common,
-                     "--out", tmp_path / "b.npz", "--png", tmp_path / "b-grid.png")
+    rc, _, err = cli(
+        capsys,
+        "attack",
+        "--model",
+        "digits-cnn",
+        "--weights",
+        run_dir / "model.safetensors",
+        "--dataset",
+        "digits",
+        *common,
+        "--out",
+        tmp_path / "b.npz",
+        "--png",
+        tmp_path / "b-grid.png",
+    )
     assert rc == 0, err
     a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
     for key in ("x", "x_adv", "pred_adv", "success"):
@@ -199,9 +258,25 @@ def test_targeted_attack_reaches_the_target(capsys, run_dir, tmp_path):
     digits = load_dataset("digits", seed=0)
     model = run_model(run_dir, digits)
     out = tmp_path / "t.npz"
-    rc, stdout, err = cli(capsys, "attack", run_dir, "--attack", "pgd", "--eps", "0.5",
-                          "--n", "80", "--target-class", "3", "--out", out, "--json",
-                          tmp_path / "t.json", "--rows", "3")
+    rc, stdout, err = cli(
+        capsys,
+        "attack",
+        run_dir,
+        "--attack",
+        "pgd",
+        "--eps",
+        "0.5",
+        "--n",
+        "80",
+        "--target-class",
+        "3",
+        "--out",
+        out,
+        "--json",
+        tmp_path / "t.json",
+        "--rows",
+        "3",
+    )
     assert rc == 0, err
     saved = check_saved_attack(out, model, digits, "linf", 0.5, 80)
     y, pred_adv, success = saved["y"], saved["pred_adv"], saved["success"]
@@ -224,8 +299,21 @@ def test_tabular_attack_honours_feature_bounds(capsys, cancer_run, tmp_path):
     data = load_dataset("breast-cancer", seed=0)
     model = run_model(cancer_run, data)
     out = tmp_path / "cancer.npz"
-    rc, _, err = cli(capsys, "attack", cancer_run, "--attack", "pgd", "--eps", "0.3",
-                     "--n", "50", "--out", out, "--rows", "5")
+    rc, _, err = cli(
+        capsys,
+        "attack",
+        cancer_run,
+        "--attack",
+        "pgd",
+        "--eps",
+        "0.3",
+        "--n",
+        "50",
+        "--out",
+        out,
+        "--rows",
+        "5",
+    )
     assert rc == 0, err
     saved = check_saved_attack(out, model, data, "linf", 0.3, 50)
     x_adv = saved["x_adv"]
@@ -246,11 +334,32 @@ def test_tabular_attack_keeps_immutable_features(capsys, tmp_path):
     assert data.info.mutable is not None and not bool(data.info.mutable.all())
     torch.manual_seed(0)
     model = build_model("mlp", in_shape=data.info.shape, n_classes=2).eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors"
+    )
     out = tmp_path / "fraud.npz"
-    rc, _, err = cli(capsys, "attack", "--model", "mlp", "--weights", tmp_path / "w.safetensors",
-                     "--dataset", "fraud", "--attack", "pgd", "--eps", "0.5", "--n", "30",
-                     "--option", "steps=10", "--option", "early-stop=false", "--out", out)
+    rc, _, err = cli(
+        capsys,
+        "attack",
+        "--model",
+        "mlp",
+        "--weights",
+        tmp_path / "w.safetensors",
+        "--dataset",
+        "fraud",
+        "--attack",
+        "pgd",
+        "--eps",
+        "0.5",
+        "--n",
+        "30",
+        "--option",
+        "steps=10",
+        "--option",
+        "early-stop=false",
+        "--out",
+        out,
+    )
     assert rc == 0, err
     saved = check_saved_attack(out, model, data, "linf", 0.5, 30)
     delta = saved["x_adv"] - saved["x"]
@@ -264,10 +373,16 @@ def test_tabular_attack_keeps_immutable_features(capsys, tmp_path):
 
 
 def test_option_values_are_typed():
-    parsed = _parse_attack_options(("steps=7", "step-size=0.5", "random_start=False",
-                                    "loss=cw", "rho=1e-2"))
-    assert parsed == {"steps": 7, "step_size": 0.5, "random_start": False, "loss": "cw",
-                      "rho": 0.01}
+    parsed = _parse_attack_options(
+        ("steps=7", "step-size=0.5", "random_start=False", "loss=cw", "rho=1e-2")
+    )
+    assert parsed == {
+        "steps": 7,
+        "step_size": 0.5,
+        "random_start": False,
+        "loss": "cw",
+        "rho": 0.01,
+    }
     assert type(parsed["steps"]) is int and type(parsed["random_start"]) is bool
 
 
@@ -304,8 +419,14 @@ class _ProgressProbe(FGSM):
 class _NoProgress(FGSM):
     """FGSM whose constructor takes no progress argument and no **kwargs."""
 
-    def __init__(self, threat=None, *, restarts: int = 1, seed: int | None = None,
-                 batch_size: int | None = None):
+    def __init__(
+        self,
+        threat=None,
+        *,
+        restarts: int = 1,
+        seed: int | None = None,
+        batch_size: int | None = None,
+    ):
         super().__init__(threat, restarts=restarts, seed=seed, batch_size=batch_size)
 
 
@@ -315,12 +436,30 @@ def test_progress_is_passed_only_to_attacks_that_take_it(capsys, run_dir, tmp_pa
     monkeypatch.setattr(_ProgressProbe, "seen", [])
     common = ["--n", "10", "--no-png"]
     for flags in (["--progress"], []):
-        rc, _, err = cli(capsys, "attack", run_dir, "--attack", "probe-progress", *common, *flags,
-                         "--out", tmp_path / "p.npz")
+        rc, _, err = cli(
+            capsys,
+            "attack",
+            run_dir,
+            "--attack",
+            "probe-progress",
+            *common,
+            *flags,
+            "--out",
+            tmp_path / "p.npz",
+        )
         assert rc == 0, err
     assert _ProgressProbe.seen == [True, False]
-    rc, out, err = cli(capsys, "attack", run_dir, "--attack", "probe-closed", "--progress",
-                       *common, "--out", tmp_path / "c.npz")
+    rc, out, err = cli(
+        capsys,
+        "attack",
+        run_dir,
+        "--attack",
+        "probe-closed",
+        "--progress",
+        *common,
+        "--out",
+        tmp_path / "c.npz",
+    )
     assert rc == 0, err
     assert "attack probe-closed:" in out
 
@@ -328,25 +467,28 @@ def test_progress_is_passed_only_to_attacks_that_take_it(capsys, run_dir, tmp_pa
 # ---------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--attack", "nope"], ["unknown attack", "'nope'", "fgsm", "pgd", "apgd-ce"]),
-    (["--attack", "pgd", "--option", "bogus=1"], ["bogus", "pgd", "steps"]),
-    (["--attack", "fgsm", "--option", "steps"], ["--option", "key=value"]),
-    (["--attack", "fgsm", "--option", "=3"], ["--option", "key=value"]),
-    (["--attack", "pgd", "--option", "eps=0.1"], ["--eps"]),
-    (["--attack", "pgd", "--option", "steps=abc"], ["steps", "abc"]),
-    (["--attack", "apgd-ce", "--option", "rho=high"], ["apgd-ce"]),
-    (["--attack", "pgd", "--eps", "-0.1"], ["eps", "-0.1"]),
-    (["--attack", "pgd", "--eps", "nan"], ["eps", "nan"]),
-    (["--attack", "apgd-ce", "--norm", "l1"], ["l1", "linf", "l2"]),
-    (["--attack", "pgd", "--norm", "l7"], ["unknown norm", "'l7'"]),
-    (["--attack", "pgd", "--target-class", "10"], ["--target-class", "10", "0 to 9"]),
-    (["--attack", "pgd", "--target-class", "-1"], ["--target-class"]),
-    (["--attack", "pgd", "--n", "0"], ["--n", "0"]),
-    (["--attack", "pgd", "--rows", "0"], ["--rows"]),
-    (["--attack", "pgd", "--device", "nope"], ["nope"]),
-    (["--attack", "pgd", "--weights", "missing.safetensors"], ["missing.safetensors"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--attack", "nope"], ["unknown attack", "'nope'", "fgsm", "pgd", "apgd-ce"]),
+        (["--attack", "pgd", "--option", "bogus=1"], ["bogus", "pgd", "steps"]),
+        (["--attack", "fgsm", "--option", "steps"], ["--option", "key=value"]),
+        (["--attack", "fgsm", "--option", "=3"], ["--option", "key=value"]),
+        (["--attack", "pgd", "--option", "eps=0.1"], ["--eps"]),
+        (["--attack", "pgd", "--option", "steps=abc"], ["steps", "abc"]),
+        (["--attack", "apgd-ce", "--option", "rho=high"], ["apgd-ce"]),
+        (["--attack", "pgd", "--eps", "-0.1"], ["eps", "-0.1"]),
+        (["--attack", "pgd", "--eps", "nan"], ["eps", "nan"]),
+        (["--attack", "apgd-ce", "--norm", "l1"], ["l1", "linf", "l2"]),
+        (["--attack", "pgd", "--norm", "l7"], ["unknown norm", "'l7'"]),
+        (["--attack", "pgd", "--target-class", "10"], ["--target-class", "10", "0 to 9"]),
+        (["--attack", "pgd", "--target-class", "-1"], ["--target-class"]),
+        (["--attack", "pgd", "--n", "0"], ["--n", "0"]),
+        (["--attack", "pgd", "--rows", "0"], ["--rows"]),
+        (["--attack", "pgd", "--device", "nope"], ["nope"]),
+        (["--attack", "pgd", "--weights", "missing.safetensors"], ["missing.safetensors"]),
+    ],
+)
 def test_bad_input_is_one_line(capsys, run_dir, tmp_path, args, needles):
     out = tmp_path / "bad.npz"
     assert_one_line_error(*cli(capsys, "attack", run_dir, *args, "--out", out), *needles)
@@ -354,18 +496,41 @@ def test_bad_input_is_one_line(capsys, run_dir, tmp_path, args, needles):
 
 
 def test_bad_sources_and_outputs(capsys, run_dir, tmp_path):
-    assert_one_line_error(*cli(capsys, "attack", "--attack", "pgd", "--out", "a.npz"),
-                          "exactly one", "RUN_DIR")
-    assert_one_line_error(*cli(capsys, "attack", tmp_path / "nowhere", "--attack", "pgd",
-                               "--out", "a.npz"), "does not exist")
-    assert_one_line_error(*cli(capsys, "attack", "--model", "digits-cnn", "--weights",
-                               run_dir / "model.safetensors", "--attack", "pgd", "--out", "a.npz"),
-                          "--dataset")
+    assert_one_line_error(
+        *cli(capsys, "attack", "--attack", "pgd", "--out", "a.npz"), "exactly one", "RUN_DIR"
+    )
+    assert_one_line_error(
+        *cli(capsys, "attack", tmp_path / "nowhere", "--attack", "pgd", "--out", "a.npz"),
+        "does not exist",
+    )
+    assert_one_line_error(
+        *cli(
+            capsys,
+            "attack",
+            "--model",
+            "digits-cnn",
+            "--weights",
+            run_dir / "model.safetensors",
+            "--attack",
+            "pgd",
+            "--out",
+            "a.npz",
+        ),
+        "--dataset",
+    )
     assert_one_line_error(*cli(capsys, "attack", run_dir, "--attack", "pgd"), "--out")
-    assert_one_line_error(*cli(capsys, "attack", run_dir, "--attack", "pgd", "--out",
-                               tmp_path / "no" / "dir" / "a.npz"), "does not exist")
-    assert_one_line_error(*cli(capsys, "attack", run_dir, "--attack", "pgd", "--out",
-                               "same.png"), "--out", "--png", "same file")
+    assert_one_line_error(
+        *cli(
+            capsys, "attack", run_dir, "--attack", "pgd", "--out", tmp_path / "no" / "dir" / "a.npz"
+        ),
+        "does not exist",
+    )
+    assert_one_line_error(
+        *cli(capsys, "attack", run_dir, "--attack", "pgd", "--out", "same.png"),
+        "--out",
+        "--png",
+        "same file",
+    )
 
 
 WRONG_NET_PY = """\
@@ -383,9 +548,20 @@ def test_user_model_with_the_wrong_number_of_classes(capsys, tmp_path):
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "w.safetensors")
     assert_one_line_error(
-        *cli(capsys, "attack", "--model-file", f"{tmp_path / 'net.py'}:make", "--weights",
-             tmp_path / "w.safetensors", "--dataset", "digits", "--attack", "fgsm",
-             "--out", "a.npz"),
+        *cli(
+            capsys,
+            "attack",
+            "--model-file",
+            f"{tmp_path / 'net.py'}:make",
+            "--weights",
+            tmp_path / "w.safetensors",
+            "--dataset",
+            "digits",
+            "--attack",
+            "fgsm",
+            "--out",
+            "a.npz",
+        ),
         "10 logits",
     )
 
@@ -395,6 +571,13 @@ def test_help_lists_the_attack_command(capsys):
     assert rc == 0 and "attack" in out
     rc, out, _ = cli(capsys, "attack", "--help")
     assert rc == 0
-    for flag in ("--attack", "--option", "--target-class", "--out", "--png", "--json",
-                 "--progress"):
+    for flag in (
+        "--attack",
+        "--option",
+        "--target-class",
+        "--out",
+        "--png",
+        "--json",
+        "--progress",
+    ):
         assert flag in out

@@ -57,11 +57,14 @@ def test_exact_on_a_linear_binary_model():
         model[1].weight.copy_(torch.tensor([[0.5, -0.2, 0.1, 0.0, 0.3, -0.4], [0.0] * 6]))
         model[1].bias.zero_()
     x = torch.full((4, 6), 0.5) + torch.linspace(-0.2, 0.2, 4)[:, None] * torch.tensor(
-        [1.0, -1.0, 1.0, 0.0, 1.0, -1.0])
+        [1.0, -1.0, 1.0, 0.0, 1.0, -1.0]
+    )
     y = model(x).argmax(dim=1)
     logits = model(x)
     exact = (logits[:, 0] - logits[:, 1]).abs() / model[1].weight[0].norm()
-    result = CarliniWagnerL2(steps=1000, binary_search_steps=9, lower=-10.0, upper=10.0).min_norm(model, x, y)
+    result = CarliniWagnerL2(steps=1000, binary_search_steps=9, lower=-10.0, upper=10.0).min_norm(
+        model, x, y
+    )
     assert bool(result.success.all())
     exact = exact.detach()
     assert bool((result.norm >= exact * (1 - 1e-4)).all()), (result.norm, exact)  # no shortcut
@@ -70,7 +73,9 @@ def test_exact_on_a_linear_binary_model():
 
 def test_min_norm_breaks_every_correct_point_of_a_cnn(digits, digits_model):
     x, y = _correct_points(digits, digits_model, 24)
-    result = CarliniWagnerL2(steps=500, binary_search_steps=6, initial_const=1e-2).min_norm(digits_model, x, y)
+    result = CarliniWagnerL2(steps=500, binary_search_steps=6, initial_const=1e-2).min_norm(
+        digits_model, x, y
+    )
     assert bool(result.success.all())
     assert bool(((result.x_adv >= 0) & (result.x_adv <= 1)).all())
     assert torch.allclose(lp_norm(result.x_adv - x, "l2"), result.norm, atol=1e-5)
@@ -82,7 +87,9 @@ def test_min_norm_breaks_every_correct_point_of_a_cnn(digits, digits_model):
 def test_targeted_cw_hits_its_targets(digits, digits_model):
     x, y = _correct_points(digits, digits_model, 12)
     target = (y + 3) % 10
-    x_adv = CarliniWagnerL2(steps=500, binary_search_steps=6, initial_const=1e-2)(digits_model, x, y, target=target)
+    x_adv = CarliniWagnerL2(steps=500, binary_search_steps=6, initial_const=1e-2)(
+        digits_model, x, y, target=target
+    )
     with torch.no_grad():
         assert bool((digits_model(x_adv).argmax(dim=1) == target).all())
 
@@ -101,17 +108,22 @@ def test_immutable_features_and_fixed_bounds_get_no_perturbation(digits, digits_
     x, y = _correct_points(digits, digits_model, 10)
     mask = torch.ones(x.shape[1:], dtype=torch.bool)
     mask[..., :4] = False
-    result = CarliniWagnerL2(steps=100, binary_search_steps=3, mask=mask).min_norm(digits_model, x, y)
+    result = CarliniWagnerL2(steps=100, binary_search_steps=3, mask=mask).min_norm(
+        digits_model, x, y
+    )
     assert torch.equal(result.x_adv[..., :4], x[..., :4])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"norm": "linf"}, "supports the norms l2"),
-    ({"steps": 0}, "steps must be a positive integer"),
-    ({"lr": -1.0}, "lr must be a finite number > 0"),
-    ({"confidence": float("nan")}, "confidence must be a finite number >= 0"),
-    ({"binary_search_steps": 1.5}, "binary_search_steps must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"norm": "linf"}, "supports the norms l2"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"lr": -1.0}, "lr must be a finite number > 0"),
+        ({"confidence": float("nan")}, "confidence must be a finite number >= 0"),
+        ({"binary_search_steps": 1.5}, "binary_search_steps must be a positive integer"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(AdvtrainError, match=message):
         CarliniWagnerL2(**kwargs)
@@ -128,14 +140,28 @@ def test_median_l2_no_larger_than_torchattacks_and_art(digits, digits_model):
 
     x, y = _correct_points(digits, digits_model, 30)
     ours = CarliniWagnerL2(steps=500, binary_search_steps=6, initial_const=1e-2).min_norm(
-        digits_model, x, y)
+        digits_model, x, y
+    )
     torch.manual_seed(0)
     theirs_ta = torchattacks.CW(digits_model, c=1.0, kappa=0, steps=500, lr=0.01)(x, y)
-    classifier = PyTorchClassifier(model=digits_model, loss=nn.CrossEntropyLoss(),
-                                   input_shape=tuple(x.shape[1:]), nb_classes=10,
-                                   clip_values=(0.0, 1.0), device_type="cpu")
-    art = CarliniL2Method(classifier, confidence=0.0, learning_rate=0.01, binary_search_steps=5,
-                          max_iter=100, initial_const=1e-2, batch_size=len(x), verbose=False)
+    classifier = PyTorchClassifier(
+        model=digits_model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
+    art = CarliniL2Method(
+        classifier,
+        confidence=0.0,
+        learning_rate=0.01,
+        binary_search_steps=5,
+        max_iter=100,
+        initial_const=1e-2,
+        batch_size=len(x),
+        verbose=False,
+    )
     theirs_art = torch.from_numpy(art.generate(x.numpy()))
     for theirs in (theirs_ta, theirs_art):
         with torch.no_grad():

@@ -55,10 +55,10 @@ def mnist_dir() -> Path:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     requested: list[str]
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         self.requested.append(self.path)
         super().do_GET()
 

@@ -35,12 +35,15 @@ def test_defaults_follow_the_paper_and_the_registry():
     assert DeepFool(norm="l2").threat.norm == "l2"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"steps": 0}, "steps must be a positive integer"),
-    ({"overshoot": -0.1}, "overshoot must be finite and >= 0"),
-    ({"candidates": 1}, "candidates must be at least 2"),
-    ({"norm": "l1"}, "supports the norms l2, linf, not l1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"overshoot": -0.1}, "overshoot must be finite and >= 0"),
+        ({"candidates": 1}, "candidates must be at least 2"),
+        ({"norm": "l1"}, "supports the norms l2, linf, not l1"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(AdvtrainError, match=message):
         DeepFool(**kwargs)
@@ -65,8 +68,9 @@ def test_one_step_reaches_the_nearest_boundary_of_a_linear_model(norm, dual):
 
 
 @pytest.mark.parametrize("norm, largest_median", [("l2", 0.9), ("linf", 0.2)])
-def test_breaks_every_point_of_the_digits_cnn_with_small_norms(digits, digits_model, norm,
-                                                                largest_median):
+def test_breaks_every_point_of_the_digits_cnn_with_small_norms(
+    digits, digits_model, norm, largest_median
+):
     x, y, correct = _points(digits, digits_model)
     result = DeepFool(norm=norm).min_norm(digits_model, x, y)
     assert bool(result.success.all())

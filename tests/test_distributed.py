@@ -21,8 +21,13 @@ def env() -> dict[str, str]:
 
 
 def advtrain(*args: str | Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "advtrain", *map(str, args)], env=env(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "advtrain", *map(str, args)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # torchrun's own report comes last; the ranks' messages (errors, aborts) before it
     said = [line for line in result.stderr.splitlines() if "rror" in line or "terminate" in line]
     assert result.returncode == 0, "\n".join(said[:10]) + "\n" + result.stderr[-1500:]
@@ -64,15 +69,18 @@ def test_two_processes_resume_mid_epoch_to_the_same_weights(tmp_path, method):
     run = tmp_path / "run"
     # free counts each pass over the data as `replays` epochs: 4 epochs of 2 replays = 2 passes
     extra = ["--epochs", "4", "--method-option", "replays=2"] if method == "free" else []
-    advtrain(*ARGS, "--method", method, *extra, "--out", run, "--nproc", "2",
-             "--checkpoint-every", "5")
+    advtrain(
+        *ARGS, "--method", method, *extra, "--out", run, "--nproc", "2", "--checkpoint-every", "5"
+    )
     rewound = tmp_path / "rewound"
     rewound.mkdir()
     for path in run.iterdir():
         if path.is_file():
             (rewound / path.name).write_bytes(path.read_bytes())
     slots = {p: json.loads(p.read_text()) for p in rewound.glob("resume-*.json")}
-    finished = [p for p, meta in slots.items() if meta["next_batch"] == 0 and meta["next_epoch"] == 3]
+    finished = [
+        p for p, meta in slots.items() if meta["next_batch"] == 0 and meta["next_epoch"] == 3
+    ]
     middle = [p for p, meta in slots.items() if meta["next_batch"] > 0 and meta["next_epoch"] == 2]
     assert finished and middle
     for path in finished:  # as if killed before the end of epoch 2
@@ -81,6 +89,7 @@ def test_two_processes_resume_mid_epoch_to_the_same_weights(tmp_path, method):
     result = advtrain("train", "--resume", rewound, "--nproc", "2")
     assert "resuming" in result.stdout
     assert_close(weights(rewound), weights(run), atol=0)
+
     # the resumed epoch's figures count every rank's rows from before the checkpoint too
     def figures(path: Path) -> list[dict]:
         rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
@@ -95,8 +104,18 @@ def test_two_process_evaluation_merges_to_the_one_process_report(tmp_path):
     margins (FAB-T after the cascade) have work to merge."""
     run = tmp_path / "run"
     advtrain("train", "--method", "standard", "--epochs", "1", "--quiet", "--out", run)
-    common = ["evaluate", run, "--n", "60", "--batch-size", "20", "--eps", "0.05",
-              "--suite", "quick"]
+    common = [
+        "evaluate",
+        run,
+        "--n",
+        "60",
+        "--batch-size",
+        "20",
+        "--eps",
+        "0.05",
+        "--suite",
+        "quick",
+    ]
     advtrain(*common, "--json", tmp_path / "one.json")
     result = advtrain(*common, "--json", tmp_path / "two.json", "--nproc", "2")
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))

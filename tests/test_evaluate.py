@@ -53,8 +53,9 @@ class Wiggle(nn.Module):
     value barely moves predictions but its gradient drowns the model's. ``random=True`` draws
     a new term at every call (randomness at every call)."""
 
-    def __init__(self, model: nn.Module, random: bool, amplitude: float = 0.5,
-                 frequency: float = 1000.0) -> None:
+    def __init__(
+        self, model: nn.Module, random: bool, amplitude: float = 0.5, frequency: float = 1000.0
+    ) -> None:
         super().__init__()
         self.model, self.random = model, random
         self.amplitude, self.frequency = amplitude, frequency
@@ -129,11 +130,19 @@ def test_report_contract(honest_report, points, tmp_path):
     assert all(a >= b for a, b in zip(values, values[1:]))  # survivors only ever fall
     assert report.robust_accuracy == pytest.approx(values[-1])
     assert report.robustness_score == pytest.approx(
-        robustness_score(report.clean_accuracy, report.robust_accuracy))
-    assert {"zero or NaN gradients", "randomness", "single step stronger than iterative",
-            "unbounded attack fails", "success does not grow with eps",
-            "black-box stronger than white-box", "loss still improving",
-            "saturated softmax", "probabilities instead of logits"} <= {c.name for c in report.diagnostics}
+        robustness_score(report.clean_accuracy, report.robust_accuracy)
+    )
+    assert {
+        "zero or NaN gradients",
+        "randomness",
+        "single step stronger than iterative",
+        "unbounded attack fails",
+        "success does not grow with eps",
+        "black-box stronger than white-box",
+        "loss still improving",
+        "saturated softmax",
+        "probabilities instead of logits",
+    } <= {c.name for c in report.diagnostics}
     assert all(isinstance(c.triggered, bool) and c.detail for c in report.diagnostics)
     assert not report.triggered and not report.escalations  # an undefended, honest model
     # per-sample: every point accounted for, norms inside the threat model
@@ -152,8 +161,11 @@ def test_report_contract(honest_report, points, tmp_path):
     assert report.adversarial_radius is not None and report.adversarial_radius < EPS
     assert report.robust_margin["found"] == 1.0 and 0 < report.robust_margin["median"] < EPS
     assert report.entropy["adversarial"] > report.entropy["clean"]
-    assert report.defensive_margin["adversarial_logit_margin"] < 0 < report.defensive_margin[
-        "clean_logit_margin"]
+    assert (
+        report.defensive_margin["adversarial_logit_margin"]
+        < 0
+        < report.defensive_margin["clean_logit_margin"]
+    )
     macro = report.classification["clean"]["macro"]
     assert 0.85 < macro.f1 <= 1.0 and report.classification["adversarial"]["macro"].recall < 0.1
     # JSON: every figure, inf as null
@@ -171,19 +183,31 @@ def test_dataloader_and_seed_reproducibility(digits_model, points, honest_report
     again = advtrain.evaluate(digits_model, loader, eps=EPS, suite="quick", seed=0)
     assert again.robust_accuracy == honest_report.robust_accuracy
     assert [r["broken_by"] for r in again.per_sample] == [
-        r["broken_by"] for r in honest_report.per_sample]
+        r["broken_by"] for r in honest_report.per_sample
+    ]
 
 
-@pytest.mark.parametrize("defence, expected, masks", [
-    (lambda m: LogitScale(m), "saturated softmax", True),
-    (lambda m: Quantized(m), "zero or NaN gradients", True),
-    (lambda m: Wiggle(m, random=False), "black-box stronger than white-box", True),
-    (lambda m: Softmaxed(m), "probabilities instead of logits", False),
-    (lambda m: NumpyQuantized(m), "zero or NaN gradients", True),
-    (lambda m: HardLabels(m), "zero or NaN gradients", True),
-    (lambda m: Softmaxed(LogitScale(m, temperature=50.0)), "zero or NaN gradients", True),
-], ids=["distillation-like", "quantisation", "unlisted-kind", "probabilities", "numpy-step",
-        "hard-labels", "saturated-probabilities"])
+@pytest.mark.parametrize(
+    "defence, expected, masks",
+    [
+        (lambda m: LogitScale(m), "saturated softmax", True),
+        (lambda m: Quantized(m), "zero or NaN gradients", True),
+        (lambda m: Wiggle(m, random=False), "black-box stronger than white-box", True),
+        (lambda m: Softmaxed(m), "probabilities instead of logits", False),
+        (lambda m: NumpyQuantized(m), "zero or NaN gradients", True),
+        (lambda m: HardLabels(m), "zero or NaN gradients", True),
+        (lambda m: Softmaxed(LogitScale(m, temperature=50.0)), "zero or NaN gradients", True),
+    ],
+    ids=[
+        "distillation-like",
+        "quantisation",
+        "unlisted-kind",
+        "probabilities",
+        "numpy-step",
+        "hard-labels",
+        "saturated-probabilities",
+    ],
+)
 def test_masking_defences_are_exposed(digits_model, points, defence, expected, masks):
     x, y = points
     model = defence(digits_model)
@@ -202,8 +226,9 @@ def test_l1_evaluation_breaks_an_undefended_model_and_exposes_a_step_function(di
     assert list(honest.per_attack)[:3] == ["pgd-l1-ce", "pgd-l1-cw", "pgd-l1-dlr"]
     assert honest.robust_accuracy <= 0.05, honest.per_attack
     assert [c.name for c in honest.triggered if c.severity == VERDICT] == []
-    masked = advtrain.evaluate(Quantized(digits_model), x, y, norm="l1", eps=6.0, suite="quick",
-                               seed=0)
+    masked = advtrain.evaluate(
+        Quantized(digits_model), x, y, norm="l1", eps=6.0, suite="quick", seed=0
+    )
     assert masked.per_attack["pgd-l1-ce"] > 0.5  # the step function fools plain PGD
     assert masked.robust_accuracy <= 0.05, masked.per_attack
     assert "zero or NaN gradients" in {c.name for c in masked.triggered}
@@ -214,8 +239,9 @@ def test_randomised_defence_is_detected_and_attacked_with_eot(digits_model, digi
     model = Wiggle(digits_model, random=True)
     torch.manual_seed(0)
     naive = _naive_pgd_accuracy(model, x, y)
-    report = advtrain.evaluate(model, x, y, eps=EPS, suite="quick", seed=0, eot_samples=8,
-                               votes=9, diagnostics_points=20)
+    report = advtrain.evaluate(
+        model, x, y, eps=EPS, suite="quick", seed=0, eot_samples=8, votes=9, diagnostics_points=20
+    )
     assert naive > 0.5
     assert report.settings["randomized"] is True
     assert "randomness" in {c.name for c in report.triggered}
@@ -224,8 +250,9 @@ def test_randomised_defence_is_detected_and_attacked_with_eot(digits_model, digi
     assert first.reason == "randomness" and first.robust_after < first.robust_before
     # the model draws from torch's global generator; the evaluation seeds it, chunk by chunk
     torch.manual_seed(123)
-    again = advtrain.evaluate(model, x, y, eps=EPS, suite="quick", seed=0, eot_samples=8,
-                              votes=9, diagnostics_points=20)
+    again = advtrain.evaluate(
+        model, x, y, eps=EPS, suite="quick", seed=0, eot_samples=8, votes=9, diagnostics_points=20
+    )
     assert again.per_sample == report.per_sample
 
 
@@ -233,8 +260,9 @@ def test_honest_adversarially_trained_model_gets_no_verdict(digits, tmp_path):
     """PGD training on digits (eps 0.2, its default; a few epochs): real robustness, no verdict."""
     torch.manual_seed(0)
     model = advtrain.build_model("digits-cnn", in_shape=digits.info.shape, n_classes=10)
-    config = advtrain.TrainConfig(method="pgd", eps=0.2, epochs=12, attack_steps=5, eval_steps=3,
-                                  seed=0, out=str(tmp_path))
+    config = advtrain.TrainConfig(
+        method="pgd", eps=0.2, epochs=12, attack_steps=5, eval_steps=3, seed=0, out=str(tmp_path)
+    )
     advtrain.Trainer(model, digits, config, tmp_path).fit()
     x, y = digits.test.x[:60], digits.test.y[:60]
     report = advtrain.evaluate(model, x, y, eps=0.2, suite="quick", seed=0)
@@ -250,22 +278,30 @@ def test_metrics_formulas():
     y = torch.tensor([0, 1])
     assert torch.allclose(metrics.entropy(logits)[1], torch.tensor(math.log(2)))
     assert torch.allclose(metrics.logit_margin(logits, y), torch.tensor([2.0, 0.0]))
-    curve = metrics.accuracy_vs_eps(torch.tensor([0.1, 0.3, math.inf, 0.0]),
-                                    torch.tensor([True, True, True, False]), [0.0, 0.2, 0.4],
-                                    [(0.4, torch.tensor([False, False, True, False]))])
+    curve = metrics.accuracy_vs_eps(
+        torch.tensor([0.1, 0.3, math.inf, 0.0]),
+        torch.tensor([True, True, True, False]),
+        [0.0, 0.2, 0.4],
+        [(0.4, torch.tensor([False, False, True, False]))],
+    )
     assert curve == [(0.0, 0.75), (0.2, 0.5), (0.4, 0.0)]
     assert metrics.adversarial_radius(curve, 0.75, threshold=0.5) == 0.2
     assert metrics.adversarial_radius(curve, 0.75, threshold=1.1) is None
-    report = metrics.classification_metrics(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]), 2)
+    report = metrics.classification_metrics(
+        torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]), 2
+    )
     assert report["per_class"][1].precision == pytest.approx(2 / 3)
     assert report["per_class"][0].recall == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"suite": "nope"}, "unknown suite"),
-    ({"eps": float("inf")}, "finite eps"),
-    ({"eps": -1.0}, "eps must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"suite": "nope"}, "unknown suite"),
+        ({"eps": float("inf")}, "finite eps"),
+        ({"eps": -1.0}, "eps must be >= 0"),
+    ],
+)
 def test_bad_arguments(digits_model, points, kwargs, message):
     x, y = points
     with pytest.raises(AdvtrainError, match=message):

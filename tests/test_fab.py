@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from advtrain.attacks import fab as fab_module
 from advtrain.attacks.base import frozen
 from advtrain.attacks.deepfool import DeepFool
-from advtrain.attacks import fab as fab_module
 from advtrain.attacks.fab import FAB, FABT, project_onto_hyperplane_in_box
 from advtrain.attacks.registry import make_attack
 from advtrain.errors import AdvtrainError
@@ -40,13 +40,16 @@ def test_defaults_follow_the_paper_and_the_registry():
     assert isinstance(targeted, FABT) and targeted.n_targets is None and targeted.steps == 100
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"steps": 0}, "steps must be a positive integer"),
-    ({"alpha_max": 1.5}, "alpha_max must be between 0 and 1"),
-    ({"beta": -0.1}, "beta must be between 0 and 1"),
-    ({"eta": 0.5}, "eta must be finite and >= 1"),
-    ({"nearest": "closest"}, "nearest must be 'linear' or 'box'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"alpha_max": 1.5}, "alpha_max must be between 0 and 1"),
+        ({"beta": -0.1}, "beta must be between 0 and 1"),
+        ({"eta": 0.5}, "eta must be finite and >= 1"),
+        ({"nearest": "closest"}, "nearest must be 'linear' or 'box'"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(AdvtrainError, match=message):
         FAB(**kwargs)
@@ -112,22 +115,34 @@ def test_projection_is_the_exact_minimum_norm_point_of_hyperplane_and_box(norm):
         assert reached == pytest.approx(-r, abs=1e-9)
         if norm == "l2":
             best = optimize.minimize(
-                lambda z: z @ z, np.zeros(features), jac=lambda z: 2 * z, bounds=box,
+                lambda z: z @ z,
+                np.zeros(features),
+                jac=lambda z: 2 * z,
+                bounds=box,
                 constraints=[{"type": "eq", "fun": lambda z: wi @ z + r, "jac": lambda z: wi}],
-                method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+                method="SLSQP",
+                options={"ftol": 1e-14, "maxiter": 500},
+            )
             optimum = float(np.sqrt(best.fun))
         elif norm == "linf":  # variables (d, t): min t with -t <= d_j <= t
             eye, ones = np.eye(features), np.ones((features, 1))
             best = optimize.linprog(
-                np.r_[np.zeros(features), 1.0], A_ub=np.block([[eye, -ones], [-eye, -ones]]),
-                b_ub=np.zeros(2 * features), A_eq=np.r_[wi, 0.0][None], b_eq=[-r],
-                bounds=box + [(0, None)])
+                np.r_[np.zeros(features), 1.0],
+                A_ub=np.block([[eye, -ones], [-eye, -ones]]),
+                b_ub=np.zeros(2 * features),
+                A_eq=np.r_[wi, 0.0][None],
+                b_eq=[-r],
+                bounds=box + [(0, None)],
+            )
             optimum = float(best.fun)
         else:  # d = u - v with u, v >= 0
             best = optimize.linprog(
-                np.ones(2 * features), A_eq=np.r_[wi, -wi][None], b_eq=[-r],
+                np.ones(2 * features),
+                A_eq=np.r_[wi, -wi][None],
+                b_eq=[-r],
                 bounds=[(max(a, 0), max(b, 0)) for a, b in box]
-                + [(max(-b, 0), max(-a, 0)) for a, b in box])
+                + [(max(-b, 0), max(-a, 0)) for a, b in box],
+            )
             optimum = float(best.fun)
         assert float(lp_norm(d[i : i + 1], norm)) == pytest.approx(optimum, rel=1e-6, abs=1e-9)
         solved += 1
@@ -145,8 +160,9 @@ def _affine_margin(model: nn.Module, x, y, lower, upper, mask, norm):
     for k in range(logits.shape[1]):
         w = (weight[k] - weight[y]) * mask
         residual = logits[:, k] - logits.gather(1, y[:, None]).squeeze(1)
-        d = project_onto_hyperplane_in_box(x, w, residual, lower.expand_as(x), upper.expand_as(x),
-                                           norm)
+        d = project_onto_hyperplane_in_box(
+            x, w, residual, lower.expand_as(x), upper.expand_as(x), norm
+        )
         reached = ((w * d).sum(dim=1) + residual).abs() < 1e-5
         best = torch.where(reached & (y != k), torch.minimum(best, lp_norm(d, norm)), best)
     return best
@@ -177,8 +193,9 @@ def test_affine_classifier_in_a_box_margin_is_found_up_to_the_overshoot(norm):
 
 # ---------------------------------------------------------------------- the digits CNN
 @pytest.mark.parametrize("norm, largest_median", [("linf", 0.2), ("l2", 0.9), ("l1", 3.0)])
-def test_breaks_every_point_of_the_digits_cnn_with_small_norms(digits, digits_model, norm,
-                                                                largest_median):
+def test_breaks_every_point_of_the_digits_cnn_with_small_norms(
+    digits, digits_model, norm, largest_median
+):
     x, y, correct = _points(digits, digits_model)
     result = FAB(norm=norm, steps=20).min_norm(digits_model, x, y)
     assert bool(result.success.all()) and bool(torch.isfinite(result.x_adv).all())
@@ -208,8 +225,9 @@ def test_matches_torchattacks_fab_point_by_point(digits, digits_model):
     x, y, correct = _points(digits, digits_model, 16)
     ours = FAB(norm="linf", steps=20).min_norm(digits_model, x, y)
     with torch.random.fork_rng():  # torchattacks' FAB reseeds the global generator
-        theirs_x = torchattacks.FAB(digits_model, norm="Linf", eps=10.0, steps=20, n_restarts=1,
-                                    multi_targeted=False)(x, y)
+        theirs_x = torchattacks.FAB(
+            digits_model, norm="Linf", eps=10.0, steps=20, n_restarts=1, multi_targeted=False
+        )(x, y)
     theirs_success = _predict(digits_model, theirs_x) != y
     assert torch.equal(ours.success[correct], theirs_success[correct])
     theirs = lp_norm(theirs_x - x, "linf")
@@ -226,8 +244,9 @@ def test_targeted_reaches_its_targets(digits, digits_model):
         assert torch.equal(_predict(digits_model, result.x_adv)[hit], target[hit])
 
 
-def test_fab_t_aims_at_every_other_class_and_more_targets_never_hurt(digits, digits_model,
-                                                                     monkeypatch):
+def test_fab_t_aims_at_every_other_class_and_more_targets_never_hurt(
+    digits, digits_model, monkeypatch
+):
     x, y, _ = _points(digits, digits_model, 12)
     aimed = []
     original = FAB.descend
@@ -241,8 +260,12 @@ def test_fab_t_aims_at_every_other_class_and_more_targets_never_hurt(digits, dig
     assert len(aimed) == 9 and all(success is None for _, _, success in aimed)
     towards = torch.stack([t for t, _, _ in aimed], dim=1)
     assert bool((towards != y[:, None]).all())
-    assert bool((towards.sort(dim=1).values == torch.stack(
-        [torch.tensor([c for c in range(10) if c != label]) for label in y])).all())
+    assert bool(
+        (
+            towards.sort(dim=1).values
+            == torch.stack([torch.tensor([c for c in range(10) if c != label]) for label in y])
+        ).all()
+    )
     aimed.clear()
     one = FABT(norm="linf", steps=10, n_targets=1).min_norm(digits_model, x, y)
     assert len(aimed) == 1
@@ -254,7 +277,8 @@ def test_fab_t_aims_at_every_other_class_and_more_targets_never_hurt(digits, dig
 
 
 def test_fab_t_follows_the_boundary_of_the_true_class_and_targeted_fab_the_strongest_other(
-        digits, digits_model, monkeypatch):
+    digits, digits_model, monkeypatch
+):
     """FAB-T (any misclassification counts) linearises ``f_target - f_true``, as AutoAttack does,
     even where the current point sits in a third class; FAB asked to reach a class linearises
     it against the strongest other class at the current point."""
@@ -277,10 +301,12 @@ def test_fab_t_follows_the_boundary_of_the_true_class_and_targeted_fab_the_stron
 
 
 # ---------------------------------------------------------------------- the threat model
-@pytest.mark.parametrize("cls, norm, eps",
-                         [(FAB, "linf", 0.1), (FAB, "l2", 0.6), (FABT, "linf", 0.1)])
-def test_finite_eps_stays_inside_the_threat_model_and_keeps_what_fits(digits, digits_model, cls,
-                                                                      norm, eps):
+@pytest.mark.parametrize(
+    "cls, norm, eps", [(FAB, "linf", 0.1), (FAB, "l2", 0.6), (FABT, "linf", 0.1)]
+)
+def test_finite_eps_stays_inside_the_threat_model_and_keeps_what_fits(
+    digits, digits_model, cls, norm, eps
+):
     x, y, _ = _points(digits, digits_model)
     options = {"steps": 10} if cls is FAB else {"steps": 10, "n_targets": 2}
     attack = cls(norm=norm, eps=eps, **options)
@@ -306,14 +332,16 @@ def test_mask_and_per_feature_bounds_on_tabular_data(norm, nearest):
     attack = FAB(norm=norm, steps=20, lower=lower, upper=upper, mask=mask, nearest=nearest)
     with frozen(model):
         found, norms = attack.descend(model, x, y, None, None, None)
-        restarted, _ = attack.descend(model, x, y, None, None, torch.Generator().manual_seed(0),
-                                      torch.full((40,), 0.5))
+        restarted, _ = attack.descend(
+            model, x, y, None, None, torch.Generator().manual_seed(0), torch.full((40,), 0.5)
+        )
     for points in (found, restarted):
         assert torch.equal(points[:, ~mask], x[:, ~mask])
         assert bool(((points >= lower) & (points <= upper)).all())
     assert int(torch.isfinite(norms).sum()) >= 34  # of 40; the rest are local failures
-    bounded = FAB(norm=norm, eps=0.3, steps=10, lower=lower, upper=upper, mask=mask, restarts=2,
-                  seed=0)
+    bounded = FAB(
+        norm=norm, eps=0.3, steps=10, lower=lower, upper=upper, mask=mask, restarts=2, seed=0
+    )
     assert bool(bounded.threat.contains(bounded(model, x, y), x).all())
 
 
@@ -334,10 +362,13 @@ def test_random_start_radius_follows_the_smallest_norm_found():
     radius = unbounded._start_radius(x, torch.tensor([0.2, float("inf"), 3.0]))
     torch.testing.assert_close(radius, torch.tensor([0.1, 0.5, 0.5]))  # the box caps it at 1
     bounded = FAB(norm="l2", eps=0.3)
-    torch.testing.assert_close(bounded._start_radius(x, torch.tensor([0.2, float("inf"), 3.0])),
-                               torch.tensor([0.1, 0.15, 0.15]))
-    start = unbounded._random_start(x, torch.tensor([0.1, 0.2, 0.4]),
-                                    torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        bounded._start_radius(x, torch.tensor([0.2, float("inf"), 3.0])),
+        torch.tensor([0.1, 0.15, 0.15]),
+    )
+    start = unbounded._random_start(
+        x, torch.tensor([0.1, 0.2, 0.4]), torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(lp_norm(start - x, "linf"), torch.tensor([0.1, 0.2, 0.4]))
 
 
@@ -347,7 +378,10 @@ def test_a_flat_model_gives_no_nan():
     nn.init.zeros_(model[1].bias)
     x = torch.rand(5, 4)
     y = torch.zeros(5, dtype=torch.long)  # argmax of tied logits
-    for attack in (FAB(norm="linf", steps=3), FAB(norm="l2", steps=3, nearest="box"),
-                   FABT(norm="l1", steps=3)):
+    for attack in (
+        FAB(norm="linf", steps=3),
+        FAB(norm="l2", steps=3, nearest="box"),
+        FABT(norm="l1", steps=3),
+    ):
         result = attack.min_norm(model, x, y)
         assert torch.equal(result.x_adv, x) and bool(torch.isinf(result.norm).all())

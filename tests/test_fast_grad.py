@@ -23,14 +23,17 @@ def _input_gradient(x, weight, bias, stride, padding, fast: bool):
     return out, grad
 
 
-@pytest.mark.parametrize("channels, kernel, stride, padding, size", [
-    (1, 4, 2, 1, (28, 28)),   # the fast-adversarial MNIST CNN's first layer
-    (1, 5, 1, 2, (28, 28)),   # Madry et al.'s
-    (3, 3, 1, 1, (9, 11)),    # colour, odd sizes
-    (3, 3, 2, 0, (10, 10)),   # the last row and column never reached by the kernel
-    (2, (3, 5), (3, 2), (2, 1), (13, 8)),  # rectangular everything
-    (4, 1, 1, 0, (5, 5)),
-])
+@pytest.mark.parametrize(
+    "channels, kernel, stride, padding, size",
+    [
+        (1, 4, 2, 1, (28, 28)),  # the fast-adversarial MNIST CNN's first layer
+        (1, 5, 1, 2, (28, 28)),  # Madry et al.'s
+        (3, 3, 1, 1, (9, 11)),  # colour, odd sizes
+        (3, 3, 2, 0, (10, 10)),  # the last row and column never reached by the kernel
+        (2, (3, 5), (3, 2), (2, 1), (13, 8)),  # rectangular everything
+        (4, 1, 1, 0, (5, 5)),
+    ],
+)
 def test_fast_input_gradient_equals_autograd(channels, kernel, stride, padding, size):
     g = torch.Generator().manual_seed(0)
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel

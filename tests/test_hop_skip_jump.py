@@ -83,8 +83,14 @@ def test_registered_defaults_and_bad_arguments():
     assert defaults == (40, 100, 10_000, 1.0, 25_000)
     assert attack.threat.norm == "l2" and not attack.threat.bounded
     assert HopSkipJump(norm="linf", eps=0.1).threat.eps == 0.1
-    for bad in ({"steps": 0}, {"n_queries": -1}, {"init_evals": 200, "max_evals": 100},
-                {"gamma": 0.0}, {"norm": "l1"}, {"query_batch_size": 1.5}):
+    for bad in (
+        {"steps": 0},
+        {"n_queries": -1},
+        {"init_evals": 200, "max_evals": 100},
+        {"gamma": 0.0},
+        {"norm": "l1"},
+        {"query_batch_size": 1.5},
+    ):
         with pytest.raises(AdvtrainError):
             HopSkipJump(**bad)
     x, y = torch.rand(3, 6), torch.zeros(3, dtype=torch.long)
@@ -236,8 +242,9 @@ def test_targeted_from_starting_points(digits, digits_model, points):
         assert torch.equal(digits_model(result.x_adv).argmax(1), target)
     assert bool(result.success.all())
     assert bool((result.norm < lp_norm(starts - x, "l2")).all())
-    x_adv = HopSkipJump(steps=6, seed=0, eps=2.0)(digits_model, x, y, target=target,
-                                                 starting_points=starts)
+    x_adv = HopSkipJump(steps=6, seed=0, eps=2.0)(
+        digits_model, x, y, target=target, starting_points=starts
+    )
     with torch.no_grad():
         hit = float((digits_model(x_adv).argmax(1) == target).float().mean())
     assert hit > 0.8, hit
@@ -283,10 +290,12 @@ def test_restarts_map_starting_points_and_queries_to_their_rows():
     x = pool[:10]
     y, target = labels[:10], (labels[:10] + 1) % 3
     valid = torch.arange(10) % 2 == 0  # even rows start at their target, odd rows at their class
-    hits = torch.stack([pool[(labels == t).nonzero()[-1 - i, 0]]
-                        for i, t in enumerate(target.tolist())])
-    misses = torch.stack([pool[(labels == c).nonzero()[-20 - i, 0]]
-                          for i, c in enumerate(y.tolist())])
+    hits = torch.stack(
+        [pool[(labels == t).nonzero()[-1 - i, 0]] for i, t in enumerate(target.tolist())]
+    )
+    misses = torch.stack(
+        [pool[(labels == c).nonzero()[-20 - i, 0]] for i, c in enumerate(y.tolist())]
+    )
     starts = torch.where(valid[:, None], hits, misses)
     attack = HopSkipJump(n_queries=2, restarts=2, batch_size=4, seed=0, lower=LOWER, upper=UPPER)
     seen: list[torch.Tensor] = []

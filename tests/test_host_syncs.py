@@ -17,9 +17,18 @@ from torch.overrides import TorchFunctionMode
 from advtrain.attacks import APGD, APGDT, FABT, PGD, CarliniWagnerL2, Square
 from advtrain.device_sync import compact_every
 
-SYNCING = {Tensor.__bool__, Tensor.item, Tensor.tolist, Tensor.nonzero, torch.nonzero,
-           Tensor.__int__, Tensor.__float__, Tensor.__index__, torch.masked_select,
-           Tensor.masked_select}
+SYNCING = {
+    Tensor.__bool__,
+    Tensor.item,
+    Tensor.tolist,
+    Tensor.nonzero,
+    torch.nonzero,
+    Tensor.__int__,
+    Tensor.__float__,
+    Tensor.__index__,
+    torch.masked_select,
+    Tensor.masked_select,
+}
 INDEXING = {Tensor.__getitem__, Tensor.__setitem__}
 
 
@@ -63,8 +72,7 @@ ATTACKS = {
     # minimum-norm attacks, unbounded (FAB-T over 2 targets: its loop runs twice)
     "fab-t": lambda budget: FABT(n_targets=2, steps=budget, seed=0),
     # CW's early-abort check reads back every steps / 10 steps, by design
-    "cw-l2": lambda budget: CarliniWagnerL2(binary_search_steps=1, steps=budget,
-                                            abort_early=False),
+    "cw-l2": lambda budget: CarliniWagnerL2(binary_search_steps=1, steps=budget, abort_early=False),
 }
 
 
@@ -87,13 +95,16 @@ def test_accelerator_path_breaks_the_same_points(digits_model, digits, name):
     """Dropping broken points later changes nothing for the standing ones (Square draws its
     random numbers for more rows, so its successes may differ; it must stay as strong)."""
     x, y = digits.test.x[:60], digits.test.y[:60]
-    attack = {"apgd-ce": APGD(eps=0.1, seed=0), "apgd-t": APGDT(eps=0.1, n_targets=3, seed=0),
-              "pgd-early-stop": PGD(eps=0.1, steps=20, early_stop=True, seed=0),
-              "pgd-l1": PGD(norm="l1", eps=3.0, steps=20, early_stop=True, seed=0),
-              "square-linf": Square(eps=0.1, n_queries=300, seed=0),
-              "square-l2": Square(norm="l2", eps=0.6, n_queries=300, seed=0),
-              "fab-t": FABT(eps=0.1, n_targets=3, steps=30, seed=0),
-              "cw-l2": CarliniWagnerL2(eps=0.6, binary_search_steps=2, steps=50)}[name]
+    attack = {
+        "apgd-ce": APGD(eps=0.1, seed=0),
+        "apgd-t": APGDT(eps=0.1, n_targets=3, seed=0),
+        "pgd-early-stop": PGD(eps=0.1, steps=20, early_stop=True, seed=0),
+        "pgd-l1": PGD(norm="l1", eps=3.0, steps=20, early_stop=True, seed=0),
+        "square-linf": Square(eps=0.1, n_queries=300, seed=0),
+        "square-l2": Square(norm="l2", eps=0.6, n_queries=300, seed=0),
+        "fab-t": FABT(eps=0.1, n_targets=3, steps=30, seed=0),
+        "cw-l2": CarliniWagnerL2(eps=0.6, binary_search_steps=2, steps=50),
+    }[name]
     results = {}
     for every in (1, 20):
         with compact_every(every):
@@ -116,10 +127,13 @@ def test_standard_evaluation_on_the_accelerator_schedule(digits_model, digits):
     reports = {}
     for every in (1, 20):
         with compact_every(every):
-            reports[every] = advtrain.evaluate(digits_model, x, y, eps=0.05, seed=0,
-                                               diagnostics_points=20)
+            reports[every] = advtrain.evaluate(
+                digits_model, x, y, eps=0.05, seed=0, diagnostics_points=20
+            )
     cpu, accelerator = reports[1], reports[20]
     assert accelerator.clean_accuracy == cpu.clean_accuracy
     assert 0 < cpu.robust_accuracy < cpu.clean_accuracy  # survivors: every attack had work
     assert abs(accelerator.robust_accuracy - cpu.robust_accuracy) <= 2 / len(x)
-    assert accelerator.robust_margin["median"] == pytest.approx(cpu.robust_margin["median"], rel=1e-4)
+    assert accelerator.robust_margin["median"] == pytest.approx(
+        cpu.robust_margin["median"], rel=1e-4
+    )

@@ -25,7 +25,9 @@ def test_targeted_dlr_matches_its_formula():
     logits = torch.tensor([[3.0, 1.0, 0.5, -2.0]])
     value = dlr_targeted(logits, torch.tensor([0]), torch.tensor([1]))
     assert value.item() == pytest.approx(-(3 - 1) / (3 - (0.5 - 2.0) / 2))
-    assert attack_objective(logits, torch.tensor([0]), torch.tensor([1]), "dlr").item() == value.item()
+    assert (
+        attack_objective(logits, torch.tensor([0]), torch.tensor([1]), "dlr").item() == value.item()
+    )
 
 
 def test_cw_margin_sign_tells_misclassification():

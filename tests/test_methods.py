@@ -19,7 +19,13 @@ from advtrain.evaluation.basic import clean_and_robust_accuracy
 from advtrain.models import build_model
 from advtrain.threat import ThreatModel
 from advtrain.training.methods import (
-    METHODS, DistillationLoss, FreeLoss, make_method, mart_loss, mix, trades_loss,
+    METHODS,
+    DistillationLoss,
+    FreeLoss,
+    make_method,
+    mart_loss,
+    mix,
+    trades_loss,
 )
 
 torch.set_num_threads(1)  # tiny models: one thread is faster and fair to the other test runs

@@ -36,7 +36,14 @@ def one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
 
 
 def test_registry_names() -> None:
-    assert MODELS == ("digits-cnn", "digits-cnn-bn", "mlp", "mnist-large", "mnist-small", "preact-resnet18")
+    assert MODELS == (
+        "digits-cnn",
+        "digits-cnn-bn",
+        "mlp",
+        "mnist-large",
+        "mnist-small",
+        "preact-resnet18",
+    )
     assert set(SHAPES) == set(MODELS)
 
 
@@ -66,14 +73,28 @@ def test_digits_cnn_takes_other_image_sizes(shape: tuple[int, ...]) -> None:
 def test_mnist_small_is_the_released_layout() -> None:
     model = build_model("mnist-small", in_shape=(1, 28, 28), n_classes=10)
     assert [type(m) for m in model] == [
-        nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear
+        nn.Conv2d,
+        nn.ReLU,
+        nn.Conv2d,
+        nn.ReLU,
+        nn.Flatten,
+        nn.Linear,
+        nn.ReLU,
+        nn.Linear,
     ]
     assert (model[0].in_channels, model[0].out_channels, model[0].kernel_size) == (1, 16, (4, 4))
-    assert (model[0].stride, model[0].padding, model[2].stride, model[2].padding) == ((2, 2), (1, 1), (2, 2), (1, 1))
+    assert (model[0].stride, model[0].padding, model[2].stride, model[2].padding) == (
+        (2, 2),
+        (1, 1),
+        (2, 2),
+        (1, 1),
+    )
     assert (model[2].in_channels, model[2].out_channels, model[2].kernel_size) == (16, 32, (4, 4))
     assert (model[5].in_features, model[5].out_features) == (32 * 7 * 7, 100)
     assert (model[7].in_features, model[7].out_features) == (100, 10)
-    assert list(model.state_dict()) == [f"{i}.{p}" for i in (0, 2, 5, 7) for p in ("weight", "bias")]
+    assert list(model.state_dict()) == [
+        f"{i}.{p}" for i in (0, 2, 5, 7) for p in ("weight", "bias")
+    ]
 
 
 def test_mnist_large_is_madrys_cnn() -> None:
@@ -87,8 +108,14 @@ def test_preact_resnet18_structure() -> None:
     model = build_model("preact-resnet18", in_shape=(3, 32, 32), n_classes=10)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(convs) == 1 + 4 * 2 * 2  # stem + 4 stages x 2 blocks x 2 convs
-    assert [stage[0].conv1.out_channels for stage in (model.layer1, model.layer2, model.layer3, model.layer4)] == [
-        64, 128, 256, 512,
+    assert [
+        stage[0].conv1.out_channels
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
+    ] == [
+        64,
+        128,
+        256,
+        512,
     ]
     assert model.layer1[0].shortcut is None and model.layer2[0].shortcut is not None
     assert sum(p.numel() for p in model.parameters()) == 11_172_170
@@ -130,7 +157,11 @@ def test_unknown_model_lists_names() -> None:
 
 
 def test_released_checkpoints_match_their_sums() -> None:
-    sums = dict(reversed(line.split()) for line in need(RELEASED / "SHA256SUMS").read_text().splitlines() if line)
+    sums = dict(
+        reversed(line.split())
+        for line in need(RELEASED / "SHA256SUMS").read_text().splitlines()
+        if line
+    )
     assert set(sums) == {"fgsm.pth", "pgd_madry.pth"}
     for name, digest in sums.items():
         assert hashlib.sha256((RELEASED / name).read_bytes()).hexdigest() == digest, name
@@ -243,7 +274,10 @@ def test_user_model_missing_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "source, match",
     [
-        ("import no_such_module_abc\n", "ModuleNotFoundError: No module named 'no_such_module_abc'"),
+        (
+            "import no_such_module_abc\n",
+            "ModuleNotFoundError: No module named 'no_such_module_abc'",
+        ),
         ("def broken(:\n", "SyntaxError"),
         ("raise ValueError('first\\nsecond')\n", "ValueError: first second"),
         ("import sys\nsys.exit(3)\n", "SystemExit: 3"),

@@ -40,7 +40,8 @@ def test_pgd40_on_madry_checkpoint_is_at_least_as_strong_as_torchattacks(mnist_f
     ours = _accuracy(model, PGD(eps=0.3, step_size=0.01, steps=40, seed=0)(model, x, y), y)
     torch.manual_seed(0)
     theirs = _accuracy(
-        model, torchattacks.PGD(model, eps=0.3, alpha=0.01, steps=40, random_start=True)(x, y), y)
+        model, torchattacks.PGD(model, eps=0.3, alpha=0.01, steps=40, random_start=True)(x, y), y
+    )
     assert 0.85 < ours <= theirs + 0.01, (ours, theirs)
 
 
@@ -52,8 +53,11 @@ def test_pgd_l1_is_as_strong_as_foolbox_sparse_l1_descent(digits_model, digits):
     fb = pytest.importorskip("foolbox")
     x, y = digits.test.x, digits.test.y
     eps = 3.0
-    ours = _accuracy(digits_model, PGD(norm="l1", eps=eps, steps=100, seed=0)(digits_model, x, y), y)
+    ours = _accuracy(
+        digits_model, PGD(norm="l1", eps=eps, steps=100, seed=0)(digits_model, x, y), y
+    )
     _, adv, _ = fb.attacks.SparseL1DescentAttack(steps=100)(
-        fb.PyTorchModel(digits_model, bounds=(0, 1)), x, y, epsilons=eps)
+        fb.PyTorchModel(digits_model, bounds=(0, 1)), x, y, epsilons=eps
+    )
     theirs = _accuracy(digits_model, adv, y)
     assert ours <= theirs + 0.02, (ours, theirs)

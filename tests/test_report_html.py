@@ -47,8 +47,9 @@ def _classification(n_classes: int, seed: int, support: int) -> dict:
     for side, base in (("clean", 0.9), ("adversarial", 0.45)):
         scores = (base + 0.1 * torch.rand(n_classes, 3, generator=generator)).clamp(max=1).tolist()
         per_class = {c: ClassMetrics(p, r, f, support) for c, (p, r, f) in enumerate(scores)}
-        macro = ClassMetrics(*(sum(s[i] for s in scores) / n_classes for i in range(3)),
-                             support * n_classes)
+        macro = ClassMetrics(
+            *(sum(s[i] for s in scores) / n_classes for i in range(3)), support * n_classes
+        )
         blocks[side] = {"per_class": per_class, "macro": macro}
     return blocks
 
@@ -62,15 +63,26 @@ def _per_sample(n: int, n_classes: int) -> list[dict]:
         broken_by = attacks[i % len(attacks)]
         clean_pred = (label + 1) % n_classes if broken_by == "clean" else label
         adv_pred = label if broken_by is None else (label + 3) % n_classes
-        min_norm = 0.0 if broken_by == "clean" else (
-            math.inf if broken_by is None and i % 2 else float(torch.rand(1, generator=generator))
-            * 0.08)
-        samples.append({
-            "index": i, "label": label, "clean_pred": clean_pred, "adv_pred": adv_pred,
-            "broken_by": broken_by,
-            "perturbation_norm": None if broken_by in (None, "clean") else 8 / 255,
-            "min_norm": min_norm,
-        })
+        min_norm = (
+            0.0
+            if broken_by == "clean"
+            else (
+                math.inf
+                if broken_by is None and i % 2
+                else float(torch.rand(1, generator=generator)) * 0.08
+            )
+        )
+        samples.append(
+            {
+                "index": i,
+                "label": label,
+                "clean_pred": clean_pred,
+                "adv_pred": adv_pred,
+                "broken_by": broken_by,
+                "perturbation_norm": None if broken_by in (None, "clean") else 8 / 255,
+                "min_norm": min_norm,
+            }
+        )
     return samples
 
 
@@ -106,32 +118,74 @@ def image_report() -> Report:
         per_attack={"apgd-ce": 0.52, "apgd-t": 0.4912, "fab-t": 0.49, "square": 0.4875},
         robustness_score=robustness_score(clean, robust),
         diagnostics=[
-            Check("gradient-norm", False, "gradients are neither vanishing nor exploding",
-                  WARNING, {"median_grad_norm": 0.0123, "zero_fraction": 0.0}),
-            Check("black-box-beats-white-box", True,
-                  "Square broke 3 points APGD left standing <script>alert('x')</script> & more",
-                  VERDICT, {"points": 3, "fraction": 0.0375, "indices": [4, 11, 17]}),
-            Check("unbounded-eps", False, "accuracy reaches 0 at eps=1", VERDICT,
-                  {"accuracy_at_large_eps": 0.0}),
+            Check(
+                "gradient-norm",
+                False,
+                "gradients are neither vanishing nor exploding",
+                WARNING,
+                {"median_grad_norm": 0.0123, "zero_fraction": 0.0},
+            ),
+            Check(
+                "black-box-beats-white-box",
+                True,
+                "Square broke 3 points APGD left standing <script>alert('x')</script> & more",
+                VERDICT,
+                {"points": 3, "fraction": 0.0375, "indices": [4, 11, 17]},
+            ),
+            Check(
+                "unbounded-eps",
+                False,
+                "accuracy reaches 0 at eps=1",
+                VERDICT,
+                {"accuracy_at_large_eps": 0.0},
+            ),
         ],
-        escalations=[Escalation("black-box-beats-white-box",
-                                "APGD-T with 5 restarts and EOT over 20 samples", 0.4875, robust)],
-        robust_margin={"median": 0.0391, "mean": 0.04127, "found": 0.8718, "n": 78,
-                       "histogram": {"edges": edges, "counts": counts}},
+        escalations=[
+            Escalation(
+                "black-box-beats-white-box",
+                "APGD-T with 5 restarts and EOT over 20 samples",
+                0.4875,
+                robust,
+            )
+        ],
+        robust_margin={
+            "median": 0.0391,
+            "mean": 0.04127,
+            "found": 0.8718,
+            "n": 78,
+            "histogram": {"edges": edges, "counts": counts},
+        },
         accuracy_vs_eps=_curve(clean),
         adversarial_radius=_radius(_curve(clean), clean, 0.5),
         radius_threshold=0.5,
         entropy={"clean": 0.2134, "adversarial": 1.387},
-        defensive_margin={"clean_true_probability": 0.9412, "adversarial_true_probability": 0.3318,
-                          "clean_logit_margin": 6.834, "adversarial_logit_margin": -0.5521},
+        defensive_margin={
+            "clean_true_probability": 0.9412,
+            "adversarial_true_probability": 0.3318,
+            "clean_logit_margin": 6.834,
+            "adversarial_logit_margin": -0.5521,
+        },
         classification=_classification(10, 1, 8),
         positive_class=None,
         per_sample=_per_sample(20, 10),
-        settings={"norm": "Linf", "eps": 8 / 255, "suite": "standard", "n": 80,
-                  "n_classes": 10, "seed": 0, "device": "cpu", "seconds": 41.27381,
-                  "model_flags": {"randomized": False, "preprocessing": "none"}},
-        examples={"x": x, "x_adv": x_adv, "y": y, "clean_pred": y.clone(),
-                  "adv_pred": (y + 1) % 10},
+        settings={
+            "norm": "Linf",
+            "eps": 8 / 255,
+            "suite": "standard",
+            "n": 80,
+            "n_classes": 10,
+            "seed": 0,
+            "device": "cpu",
+            "seconds": 41.27381,
+            "model_flags": {"randomized": False, "preprocessing": "none"},
+        },
+        examples={
+            "x": x,
+            "x_adv": x_adv,
+            "y": y,
+            "clean_pred": y.clone(),
+            "adv_pred": (y + 1) % 10,
+        },
     )
 
 
@@ -147,25 +201,50 @@ def tabular_report() -> Report:
         robust_accuracy=robust,
         per_attack={"apgd-ce": 0.62, "apgd-t": 0.6},
         robustness_score=robustness_score(clean, robust),
-        diagnostics=[Check("gradient-norm", False, "fine", WARNING, {}),
-                     Check("unbounded-eps", False, "fine", VERDICT, {})],
+        diagnostics=[
+            Check("gradient-norm", False, "fine", WARNING, {}),
+            Check("unbounded-eps", False, "fine", VERDICT, {}),
+        ],
         escalations=[],
-        robust_margin={"median": math.inf, "mean": None, "found": 0.0, "n": 12,
-                       "histogram": {"edges": [], "counts": []}},
+        robust_margin={
+            "median": math.inf,
+            "mean": None,
+            "found": 0.0,
+            "n": 12,
+            "histogram": {"edges": [], "counts": []},
+        },
         accuracy_vs_eps=[(0.0, clean), (0.1, 0.7), (0.2, 0.6), (0.4, 0.3)],
         adversarial_radius=None,
         radius_threshold=0.5,
         entropy={"clean": 0.31, "adversarial": 0.52},
-        defensive_margin={"clean_true_probability": 0.81, "adversarial_true_probability": 0.6,
-                          "clean_logit_margin": 2.1, "adversarial_logit_margin": 0.4},
+        defensive_margin={
+            "clean_true_probability": 0.81,
+            "adversarial_true_probability": 0.6,
+            "clean_logit_margin": 2.1,
+            "adversarial_logit_margin": 0.4,
+        },
         classification=_classification(2, 2, 30),
         positive_class=1,
-        per_sample=[{"index": i, "label": i % 2, "clean_pred": i % 2, "adv_pred": i % 2,
-                     "broken_by": None, "perturbation_norm": None, "min_norm": math.inf}
-                    for i in range(12)],
+        per_sample=[
+            {
+                "index": i,
+                "label": i % 2,
+                "clean_pred": i % 2,
+                "adv_pred": i % 2,
+                "broken_by": None,
+                "perturbation_norm": None,
+                "min_norm": math.inf,
+            }
+            for i in range(12)
+        ],
         settings={"norm": "L2", "eps": 0.25, "suite": "quick", "n": 60, "seconds": 3.0},
-        examples={"x": x, "x_adv": x + 0.05 * torch.randn(5, 6), "y": y, "clean_pred": y,
-                  "adv_pred": 1 - y},
+        examples={
+            "x": x,
+            "x_adv": x + 0.05 * torch.randn(5, 6),
+            "y": y,
+            "clean_pred": y,
+            "adv_pred": 1 - y,
+        },
     )
 
 
@@ -337,7 +416,8 @@ def test_text_is_escaped(image_report):
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
     assert "&lt;/td&gt;&lt;/tr&gt;&lt;script&gt;bad()&lt;/script&gt;" in page
     assert "<b>" not in page.split("<main>", 1)[1].replace("<b>verdict</b>", "").replace(
-        "<b>warning</b>", "")
+        "<b>warning</b>", ""
+    )
     shown = parse(page).metrics
     assert shown['diagnostic:x"><b>'] == "triggered"
     assert shown["settings:suite"] == "<i>suite</i>" and "<i>suite" not in page
@@ -389,9 +469,17 @@ def test_missing_browser_skips_locally_and_fails_under_ci(monkeypatch):
 
 
 def _chromium(browser: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-               *args]
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        *args,
+    ]
     done = subprocess.run(command, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     return done

@@ -54,9 +54,20 @@ def fresh_model(data, seed: int = 0) -> torch.nn.Module:
 # saves of epoch e are numbers 4e-3, 4e-2, 4e-1 (mid-epoch) and 4e (end). The options that
 # draw random numbers or depend on the position are all on: augmentation (the batch generator),
 # the PGD start (the global RNG), the schedule and the eps warm-up (the optimizer step).
-CONFIG = dict(method="pgd", epochs=3, batch_size=128, attack_steps=2, eval_steps=1, seed=1,
-              checkpoint_every=3, schedule="cosine", warmup_epochs=1, augment="crop",
-              adv_ratio=0.5, device="cpu")
+CONFIG = dict(
+    method="pgd",
+    epochs=3,
+    batch_size=128,
+    attack_steps=2,
+    eval_steps=1,
+    seed=1,
+    checkpoint_every=3,
+    schedule="cosine",
+    warmup_epochs=1,
+    augment="crop",
+    adv_ratio=0.5,
+    device="cpu",
+)
 
 
 class Killed(Exception):
@@ -96,7 +107,9 @@ def assert_same_run(run_dir: Path, reference: Path, result, expected) -> None:
     assert result.best_epoch == expected.best_epoch
     assert result.test_robust_accuracy == expected.test_robust_accuracy
     assert result.test_clean_accuracy == expected.test_clean_accuracy
-    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [
+        json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert epochs == [r.epoch for r in expected.history]  # no epoch twice
 
 
@@ -108,11 +121,18 @@ def reference(data, tmp_path_factory):
     return run_dir, trainer.fit()
 
 
-@pytest.mark.parametrize("at, before_writing, where", [
-    (6, False, (2, 6)),  # killed mid-epoch 2, right after a checkpoint
-    (8, True, (2, 9)),  # killed after epoch 2's metrics line and model files, before its checkpoint
-    (1, True, None),  # killed before the first checkpoint: starts again from scratch
-])
+@pytest.mark.parametrize(
+    "at, before_writing, where",
+    [
+        (6, False, (2, 6)),  # killed mid-epoch 2, right after a checkpoint
+        (
+            8,
+            True,
+            (2, 9),
+        ),  # killed after epoch 2's metrics line and model files, before its checkpoint
+        (1, True, None),  # killed before the first checkpoint: starts again from scratch
+    ],
+)
 def test_interrupted_run_resumes_exactly(data, tmp_path, reference, at, before_writing, where):
     ref_dir, expected = reference
     config = TrainConfig(**CONFIG)
@@ -123,8 +143,13 @@ def test_interrupted_run_resumes_exactly(data, tmp_path, reference, at, before_w
     lines: list[str] = []
     # from a checkpoint, another initialisation: every weight must come from the checkpoint
     # (with none, the run starts over from the initialisation it is given)
-    second = Trainer(fresh_model(data, seed=0 if where is None else 123), data, config, tmp_path,
-                     log=lines.append)
+    second = Trainer(
+        fresh_model(data, seed=0 if where is None else 123),
+        data,
+        config,
+        tmp_path,
+        log=lines.append,
+    )
     result = second.fit(resume=True)
     if where is None:
         assert any("starting from the beginning" in line for line in lines)
@@ -182,18 +207,29 @@ def stateful_method(threat, *, steps=10, step_size=None):
     return StatefulLoss()
 
 
-@pytest.mark.parametrize("method, options", [
-    ("test-stateful", {}),
-    ("free", {"replays": 2}),
-    ("distillation", {"temperature": 5.0}),
-    ("fgsm-rs", {}),  # its state: the weight average it keeps by default
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("test-stateful", {}),
+        ("free", {"replays": 2}),
+        ("distillation", {"temperature": 5.0}),
+        ("fgsm-rs", {}),  # its state: the weight average it keeps by default
+    ],
+)
 def test_methods_with_state_resume_exactly(data, tmp_path, monkeypatch, method, options):
     monkeypatch.setitem(METHODS, "test-stateful", stateful_method)
     if method not in METHODS:
         pytest.skip(f"method {method!r} is not there yet")
-    config = TrainConfig(method=method, method_options=options, epochs=4, batch_size=128,
-                         eval_steps=1, seed=2, checkpoint_every=4, device="cpu")
+    config = TrainConfig(
+        method=method,
+        method_options=options,
+        epochs=4,
+        batch_size=128,
+        eval_steps=1,
+        seed=2,
+        checkpoint_every=4,
+        device="cpu",
+    )
     reference = Trainer(fresh_model(data), data, config, tmp_path / "reference")
     expected = reference.fit()
     first = Trainer(fresh_model(data), data, config, tmp_path / "run")
@@ -235,9 +271,29 @@ def test_a_fresh_run_removes_old_checkpoints(data, tmp_path, reference):
 
 # ---------------------------------------------------------------------- the command line
 
-ARGS = ["train", "--epochs", "2", "--batch-size", "128", "--attack-steps", "2", "--eval-steps",
-        "1", "--checkpoint-every", "2", "--seed", "4", "--warmup-epochs", "1", "--augment", "noise",
-        "--schedule", "onecycle", "--device", "cpu"]
+ARGS = [
+    "train",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "128",
+    "--attack-steps",
+    "2",
+    "--eval-steps",
+    "1",
+    "--checkpoint-every",
+    "2",
+    "--seed",
+    "4",
+    "--warmup-epochs",
+    "1",
+    "--augment",
+    "noise",
+    "--schedule",
+    "onecycle",
+    "--device",
+    "cpu",
+]
 
 
 def cli(*args) -> tuple[int, str, str]:
@@ -265,14 +321,22 @@ def cli_reference(tmp_path_factory):
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "ADVTRAIN_MNIST_MIRROR": "http://127.0.0.1:9/"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "ADVTRAIN_MNIST_MIRROR": "http://127.0.0.1:9/",
+    }
 
 
 def test_killed_process_resumes_to_the_same_weights(tmp_path, cli_reference):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "advtrain", *ARGS, "--out", str(out), "--quiet"],
-                               env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "advtrain", *ARGS, "--out", str(out), "--quiet"],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     try:
@@ -292,8 +356,13 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, cli_reference):
     assert not (out / "summary.json").exists()
     assert {p.name for p in out.glob("resume-*.safetensors")}
 
-    resumed = subprocess.run([sys.executable, "-m", "advtrain", "train", "--resume", str(out)],
-                             env=env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "advtrain", "train", "--resume", str(out)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     for name in ("model.safetensors", "last.safetensors"):
@@ -312,10 +381,16 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, cli_reference):
 
 
 def test_resume_flags(tmp_path, cli_reference):
-    one_line_error(*cli("train", "--resume", cli_reference, "--epochs", "5")[::2],
-                   "--epochs 5", "run's 2", "--resume")
-    one_line_error(*cli("train", "--resume", cli_reference, "--method-option", "beta=2")[::2],
-                   "--method-option")
+    one_line_error(
+        *cli("train", "--resume", cli_reference, "--epochs", "5")[::2],
+        "--epochs 5",
+        "run's 2",
+        "--resume",
+    )
+    one_line_error(
+        *cli("train", "--resume", cli_reference, "--method-option", "beta=2")[::2],
+        "--method-option",
+    )
     config = tmp_path / "run.toml"
     config.write_text("epochs = 3\n")
     one_line_error(*cli("train", "--resume", cli_reference, "--config", config)[::2], "--config")
@@ -324,8 +399,18 @@ def test_resume_flags(tmp_path, cli_reference):
     one_line_error(*cli("train", "--resume", tmp_path / "empty")[::2], "config.json")
     # the same values are accepted; a finished run is measured again, nothing retrained
     before = (cli_reference / "last.safetensors").read_bytes()
-    rc, out, err = cli("train", "--resume", cli_reference, "--epochs", "2", "--seed", "4",
-                       "--out", cli_reference, "--quiet")
+    rc, out, err = cli(
+        "train",
+        "--resume",
+        cli_reference,
+        "--epochs",
+        "2",
+        "--seed",
+        "4",
+        "--out",
+        cli_reference,
+        "--quiet",
+    )
     assert rc == 0, err
     assert (cli_reference / "last.safetensors").read_bytes() == before
     assert "best epoch" in out
@@ -333,15 +418,59 @@ def test_resume_flags(tmp_path, cli_reference):
 
 def test_train_flags_reach_the_config(tmp_path):
     out = tmp_path / "flags"
-    rc, _, err = cli("train", "--epochs", "1", "--batch-size", "256", "--eval-steps", "1",
-                     "--method", "standard", "--method-option", "madeup=1", "--out", out)
+    rc, _, err = cli(
+        "train",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--eval-steps",
+        "1",
+        "--method",
+        "standard",
+        "--method-option",
+        "madeup=1",
+        "--out",
+        out,
+    )
     one_line_error(rc, err, "madeup")
-    rc, _, err = cli("train", "--epochs", "2", "--batch-size", "256", "--eval-steps", "1",
-                     "--method", "standard", "--adv-ratio", "0.5", "--schedule", "piecewise",
-                     "--warmup-epochs", "1", "--augment", "crop", "--early-stop", "4",
-                     "--catastrophic", "warn", "--co-threshold", "0.3", "--noise-std", "0.1",
-                     "--amp", "off", "--channels-last", "off", "--no-tensorboard",
-                     "--ema-decay", "0.9", "--out", out, "--quiet")
+    rc, _, err = cli(
+        "train",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "256",
+        "--eval-steps",
+        "1",
+        "--method",
+        "standard",
+        "--adv-ratio",
+        "0.5",
+        "--schedule",
+        "piecewise",
+        "--warmup-epochs",
+        "1",
+        "--augment",
+        "crop",
+        "--early-stop",
+        "4",
+        "--catastrophic",
+        "warn",
+        "--co-threshold",
+        "0.3",
+        "--noise-std",
+        "0.1",
+        "--amp",
+        "off",
+        "--channels-last",
+        "off",
+        "--no-tensorboard",
+        "--ema-decay",
+        "0.9",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert rc == 0, err
     saved = json.loads((out / "config.json").read_text())
     assert saved["adv_ratio"] == 0.5 and saved["schedule"] == "piecewise"

@@ -10,7 +10,14 @@ from torch import nn
 from advtrain import ThreatModel
 from advtrain.attacks.registry import make_attack
 from advtrain.attacks.square import (
-    Square, bump, eta, p_selection, plane_shape, window_indices, window_mask, window_shape,
+    Square,
+    bump,
+    eta,
+    p_selection,
+    plane_shape,
+    window_indices,
+    window_mask,
+    window_shape,
 )
 from advtrain.errors import AdvtrainError
 from advtrain.evaluation import predict
@@ -153,6 +160,7 @@ def test_points_already_misclassified_are_left_alone(digits_model, digits):
 def test_seeded_runs_are_deterministic(digits_model, digits):
     x, y = digits.test.x[:25], digits.test.y[:25]
     for norm, eps in (("linf", 0.05), ("l2", 0.5)):
+
         def attack(seed: int) -> torch.Tensor:
             return Square(norm=norm, eps=eps, n_queries=40, seed=seed)(digits_model, x, y)
 
@@ -174,8 +182,10 @@ def test_breaks_an_undefended_model(digits_model, digits, norm, eps):
 
 def test_more_queries_never_hurt_and_margin_beats_a_tiny_budget(digits_model, digits):
     x, y = digits.test.x[:60], digits.test.y[:60]
-    robust = [_accuracy(digits_model, Square(eps=0.1, n_queries=q, seed=0)(digits_model, x, y), y)
-              for q in (5, 300)]
+    robust = [
+        _accuracy(digits_model, Square(eps=0.1, n_queries=q, seed=0)(digits_model, x, y), y)
+        for q in (5, 300)
+    ]
     assert robust[1] < robust[0]
 
 
@@ -196,8 +206,10 @@ def test_tabular_inputs_with_immutable_features():
     mutable_reader = nn.Linear(10, 2)  # class 1 while the mutable features sum above 2
     immutable_reader = nn.Linear(10, 2)  # class 1 while feature 0 is above 0.1
     with torch.no_grad():
-        for layer, weights, bias in ((mutable_reader, mask.float(), 2.0),
-                                     (immutable_reader, (torch.arange(10) == 0).float(), 0.1)):
+        for layer, weights, bias in (
+            (mutable_reader, mask.float(), 2.0),
+            (immutable_reader, (torch.arange(10) == 0).float(), 0.1),
+        ):
             layer.weight.zero_()
             layer.weight[1] = weights
             layer.bias.copy_(torch.tensor([bias, 0.0]))

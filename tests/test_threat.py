@@ -16,7 +16,9 @@ from advtrain.threat import lp_norm, project_l1_ball
 NORMS = ["linf", "l2", "l1"]
 
 
-def _case(seed: int, norm: str, eps: float, shape: tuple[int, ...], per_feature: bool, masked: bool):
+def _case(
+    seed: int, norm: str, eps: float, shape: tuple[int, ...], per_feature: bool, masked: bool
+):
     """A threat model with random bounds/mask, clean inputs inside its bounds, and a wild x_adv."""
     g = torch.Generator().manual_seed(seed)
     if per_feature:
@@ -25,7 +27,9 @@ def _case(seed: int, norm: str, eps: float, shape: tuple[int, ...], per_feature:
     else:
         lower, upper = torch.tensor(0.0), torch.tensor(1.0)
     mask = (torch.rand(shape, generator=g) > 0.3) if masked else None
-    threat = ThreatModel(norm, eps, lower if per_feature else 0.0, upper if per_feature else 1.0, mask)
+    threat = ThreatModel(
+        norm, eps, lower if per_feature else 0.0, upper if per_feature else 1.0, mask
+    )
     x = lower + (upper - lower) * torch.rand((6, *shape), generator=g)
     x_adv = x + torch.randn((6, *shape), generator=g) * 3 * max(eps, 0.1)
     return threat, x, x_adv
@@ -63,7 +67,9 @@ def test_random_start_lands_inside(seed, norm, eps, shape, per_feature, masked):
 
 @settings(max_examples=100, deadline=None)
 @given(**case_args)
-def test_ascent_direction_has_unit_norm_on_changeable_features(seed, norm, eps, shape, per_feature, masked):
+def test_ascent_direction_has_unit_norm_on_changeable_features(
+    seed, norm, eps, shape, per_feature, masked
+):
     threat, x, x_adv = _case(seed, norm, eps, shape, per_feature, masked)
     direction = threat.ascent_direction(x_adv - x)
     norms = lp_norm(direction, norm)

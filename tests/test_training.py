@@ -184,10 +184,13 @@ def _history_argmax(history, key) -> int:
     return history[best].epoch
 
 
-@pytest.mark.parametrize("name, key", [
-    ("pgd", lambda r: (r.val_robust_accuracy, r.val_clean_accuracy)),
-    ("standard", lambda r: (r.val_clean_accuracy, r.val_robust_accuracy)),
-])
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("pgd", lambda r: (r.val_robust_accuracy, r.val_clean_accuracy)),
+        ("standard", lambda r: (r.val_clean_accuracy, r.val_robust_accuracy)),
+    ],
+)
 def test_kept_checkpoint_is_the_best_epoch(trained, name, key):
     trainer, result, run_dir = trained[name]
     history = result.history
@@ -220,8 +223,14 @@ SCRIPTED = [  # (val clean, val robust) per epoch, imposed on real epochs
 
 @pytest.mark.parametrize("name, expected", [("pgd", 3), ("standard", 4)])
 def test_selection_with_scripted_validation_figures(data, tmp_path, monkeypatch, name, expected):
-    config = TrainConfig(method=name, epochs=len(SCRIPTED), attack_steps=1, eval_steps=1,
-                         batch_size=256, device="cpu")
+    config = TrainConfig(
+        method=name,
+        epochs=len(SCRIPTED),
+        attack_steps=1,
+        eval_steps=1,
+        batch_size=256,
+        device="cpu",
+    )
     trainer = Trainer(fresh_model(data), data, config, tmp_path)
     real_epoch = trainer._epoch
     states = []
@@ -263,8 +272,9 @@ def test_run_directory_records_every_epoch(trained):
 
 
 def _small_run(model, data, run_dir):
-    config = TrainConfig(method="pgd", epochs=2, attack_steps=2, eval_steps=2, seed=5,
-                         batch_size=128, device="cpu")
+    config = TrainConfig(
+        method="pgd", epochs=2, attack_steps=2, eval_steps=2, seed=5, batch_size=128, device="cpu"
+    )
     trainer = Trainer(model, data, config, run_dir)
     return trainer, trainer.fit()
 
@@ -279,18 +289,21 @@ def test_same_seed_gives_identical_weights_and_metrics(data, tmp_path):
     state1, state2 = first.model.state_dict(), second.model.state_dict()
     for k in state1:
         assert torch.equal(state1[k], state2[k]), k
+
     def without_times(d):
         return {k: v for k, v in d.items() if k != "seconds"}
 
-    assert [without_times(e.to_dict()) for e in result1.history] == \
-        [without_times(e.to_dict()) for e in result2.history]
+    assert [without_times(e.to_dict()) for e in result1.history] == [
+        without_times(e.to_dict()) for e in result2.history
+    ]
     summary1, summary2 = without_times(result1.to_dict()), without_times(result2.to_dict())
     for summary in (summary1, summary2):
         summary.pop("history")
     assert summary1 == summary2  # best epoch, test clean and robust accuracy, attack, eps
     # the saved files hold the same tensors too
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == \
-        (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_trainer_without_run_dir_writes_nothing(data, tmp_path, monkeypatch):
@@ -320,8 +333,12 @@ def write(path: Path, text: str) -> Path:
 def test_load_config_defaults():
     assert load_config() == TrainConfig()
     config = TrainConfig()
-    assert (config.dataset, config.model, config.method, config.norm) == \
-        ("digits", "digits-cnn", "pgd", "linf")
+    assert (config.dataset, config.model, config.method, config.norm) == (
+        "digits",
+        "digits-cnn",
+        "pgd",
+        "linf",
+    )
     assert config.eps is None and config.epochs == 30
 
 
@@ -342,31 +359,34 @@ def test_load_config_reads_top_level_keys_and_dashes(tmp_path):
 
 
 def test_load_config_reads_dashes_in_the_train_table(tmp_path):
-    path = write(tmp_path / "run.toml", '[train]\nbatch-size = 16\nweight-decay = 0.001\n')
+    path = write(tmp_path / "run.toml", "[train]\nbatch-size = 16\nweight-decay = 0.001\n")
     config = load_config(path)
     assert config.batch_size == 16 and config.weight_decay == 0.001
 
 
-@pytest.mark.parametrize("text, overrides, needle", [
-    ("epochs = 0\n", {}, "epochs"),
-    ("", {"epochs": 0}, "epochs"),
-    ("epochs = true\n", {}, "epochs"),
-    ("epochs = 1.5\n", {}, "epochs"),
-    ("lr = -0.1\n", {}, "lr"),
-    ("", {"lr": -1.0}, "lr"),
-    ("", {"lr": 0.0}, "lr"),
-    ("eps = nan\n", {}, "eps"),
-    ("", {"eps": float("nan")}, "eps"),
-    ("", {"eps": -0.1}, "eps"),
-    ("", {"eps": math.inf}, "eps"),
-    ('optimizer = "rmsprop"\n', {}, "rmsprop"),
-    ("", {"optimizer": "lbfgs"}, "lbfgs"),
-    ("", {"attack_steps": 0}, "attack_steps"),
-    ("epochz = 3\n", {}, "epochz"),
-    ("", {"bogus": 1}, "bogus"),
-    ("[train]\nepochs = \n", {}, "TOML"),
-    ("train = 5\n", {}, "table"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, needle",
+    [
+        ("epochs = 0\n", {}, "epochs"),
+        ("", {"epochs": 0}, "epochs"),
+        ("epochs = true\n", {}, "epochs"),
+        ("epochs = 1.5\n", {}, "epochs"),
+        ("lr = -0.1\n", {}, "lr"),
+        ("", {"lr": -1.0}, "lr"),
+        ("", {"lr": 0.0}, "lr"),
+        ("eps = nan\n", {}, "eps"),
+        ("", {"eps": float("nan")}, "eps"),
+        ("", {"eps": -0.1}, "eps"),
+        ("", {"eps": math.inf}, "eps"),
+        ('optimizer = "rmsprop"\n', {}, "rmsprop"),
+        ("", {"optimizer": "lbfgs"}, "lbfgs"),
+        ("", {"attack_steps": 0}, "attack_steps"),
+        ("epochz = 3\n", {}, "epochz"),
+        ("", {"bogus": 1}, "bogus"),
+        ("[train]\nepochs = \n", {}, "TOML"),
+        ("train = 5\n", {}, "table"),
+    ],
+)
 def test_load_config_rejects_bad_values(tmp_path, text, overrides, needle):
     path = write(tmp_path / "run.toml", text)
     with pytest.raises(AdvtrainError) as info:
@@ -392,31 +412,34 @@ def test_train_config_replace_validates():
 # ---------------------------------------------------------------------- config: the trainer's options
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    ({"adv_ratio": 1.5}, "adv_ratio"),
-    ({"adv_ratio": -0.1}, "adv_ratio"),
-    ({"adv_ratio": float("nan")}, "adv_ratio"),
-    ({"schedule": "linear"}, "linear"),
-    ({"warmup_epochs": -1}, "warmup_epochs"),
-    ({"warmup_epochs": 40}, "warmup_epochs"),
-    ({"augment": "crop,rotate"}, "rotate"),
-    ({"augment": ["crop", "crop"]}, "twice"),
-    ({"augment": 5}, "augment"),
-    ({"noise_std": -0.1}, "noise_std"),
-    ({"early_stop": 0}, "early_stop"),
-    ({"early_stop": 1.5}, "early_stop"),
-    ({"catastrophic": "maybe"}, "catastrophic"),
-    ({"co_threshold": 0.0}, "co_threshold"),
-    ({"co_threshold": 1.5}, "co_threshold"),
-    ({"checkpoint_every": -2}, "checkpoint_every"),
-    ({"tensorboard": "yes"}, "tensorboard"),
-    ({"amp": "fp8"}, "fp8"),
-    ({"channels_last": "sometimes"}, "channels_last"),
-    ({"method_options": "beta=6"}, "method_options"),
-    ({"method_options": {"steps": 3}}, "attack_steps"),
-    ({"method_options": {"beta": [1, 2]}}, "beta"),
-    ({"method_options": {"beta": float("inf")}}, "beta"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"adv_ratio": 1.5}, "adv_ratio"),
+        ({"adv_ratio": -0.1}, "adv_ratio"),
+        ({"adv_ratio": float("nan")}, "adv_ratio"),
+        ({"schedule": "linear"}, "linear"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"warmup_epochs": 40}, "warmup_epochs"),
+        ({"augment": "crop,rotate"}, "rotate"),
+        ({"augment": ["crop", "crop"]}, "twice"),
+        ({"augment": 5}, "augment"),
+        ({"noise_std": -0.1}, "noise_std"),
+        ({"early_stop": 0}, "early_stop"),
+        ({"early_stop": 1.5}, "early_stop"),
+        ({"catastrophic": "maybe"}, "catastrophic"),
+        ({"co_threshold": 0.0}, "co_threshold"),
+        ({"co_threshold": 1.5}, "co_threshold"),
+        ({"checkpoint_every": -2}, "checkpoint_every"),
+        ({"tensorboard": "yes"}, "tensorboard"),
+        ({"amp": "fp8"}, "fp8"),
+        ({"channels_last": "sometimes"}, "channels_last"),
+        ({"method_options": "beta=6"}, "method_options"),
+        ({"method_options": {"steps": 3}}, "attack_steps"),
+        ({"method_options": {"beta": [1, 2]}}, "beta"),
+        ({"method_options": {"beta": float("inf")}}, "beta"),
+    ],
+)
 def test_trainer_options_reject_bad_values_in_one_line(overrides, needle):
     with pytest.raises(AdvtrainError) as info:
         load_config(**overrides)
@@ -426,8 +449,12 @@ def test_trainer_options_reject_bad_values_in_one_line(overrides, needle):
 
 def test_trainer_options_defaults_keep_the_default_job():
     config = TrainConfig()
-    assert (config.schedule, config.eps_warmup_epochs, config.augment, config.adv_ratio) == \
-        ("constant", 0, (), 1.0)
+    assert (config.schedule, config.eps_warmup_epochs, config.augment, config.adv_ratio) == (
+        "constant",
+        0,
+        (),
+        1.0,
+    )
     assert (config.early_stop, config.checkpoint_every, config.tensorboard) == (None, 0, False)
     assert config.method_options == {} and config.amp == "auto" and config.channels_last == "auto"
 
@@ -444,9 +471,12 @@ def test_eps_warmup_defaults_to_a_tenth_of_the_run_for_fgsm_type_methods_only():
 
 
 def test_trainer_options_from_toml_and_overrides(tmp_path):
-    path = write(tmp_path / "run.toml", '[train]\naugment = ["crop", "noise"]\nwarmup-epochs = 2\n'
-                 'schedule = "onecycle"\nearly-stop = 3\nchannels-last = false\n'
-                 '[train.method_options]\nbeta = 6.0\ntemperature = 20\n')
+    path = write(
+        tmp_path / "run.toml",
+        '[train]\naugment = ["crop", "noise"]\nwarmup-epochs = 2\n'
+        'schedule = "onecycle"\nearly-stop = 3\nchannels-last = false\n'
+        "[train.method_options]\nbeta = 6.0\ntemperature = 20\n",
+    )
     config = load_config(path, method_options={"beta": 1.0}, adv_ratio=0.5)
     assert config.augment == ("crop", "noise")
     assert (config.warmup_epochs, config.schedule, config.early_stop) == (2, "onecycle", 3)
@@ -462,10 +492,16 @@ def test_trainer_options_from_toml_and_overrides(tmp_path):
 def test_parse_method_options():
     from advtrain.training.config import parse_method_options
 
-    parsed = parse_method_options(["beta=6", "temperature=2.5", "flag=true", "name=x", "step-x=1e-3"])
+    parsed = parse_method_options(
+        ["beta=6", "temperature=2.5", "flag=true", "name=x", "step-x=1e-3"]
+    )
     assert parsed == {"beta": 6, "temperature": 2.5, "flag": True, "name": "x", "step_x": 0.001}
     assert isinstance(parsed["beta"], int) and isinstance(parsed["flag"], bool)
-    for bad, needle in ((["beta"], "key=value"), (["beta=1", "beta=2"], "twice"), (["=3"], "key=value")):
+    for bad, needle in (
+        (["beta"], "key=value"),
+        (["beta=1", "beta=2"], "twice"),
+        (["=3"], "key=value"),
+    ):
         with pytest.raises(AdvtrainError, match=needle):
             parse_method_options(bad)
 
@@ -506,8 +542,15 @@ def test_unknown_schedule_lists_known_ones():
 def test_trainer_sets_the_learning_rate_per_batch(data):
     from advtrain.training.schedules import onecycle
 
-    config = TrainConfig(method="standard", epochs=2, batch_size=256, eval_steps=1, lr=0.01,
-                         schedule="onecycle", device="cpu")
+    config = TrainConfig(
+        method="standard",
+        epochs=2,
+        batch_size=256,
+        eval_steps=1,
+        lr=0.01,
+        schedule="onecycle",
+        device="cpu",
+    )
     trainer = Trainer(fresh_model(data), data, config)
     seen: list[float] = []
     step = trainer.optimizer.step
@@ -530,8 +573,15 @@ def test_trainer_sets_the_learning_rate_per_batch(data):
 
 
 def test_eps_warmup_ramps_per_batch_and_is_recorded(data, tmp_path):
-    config = TrainConfig(method="pgd", epochs=3, warmup_epochs=2, batch_size=256, attack_steps=1,
-                         eval_steps=1, device="cpu")
+    config = TrainConfig(
+        method="pgd",
+        epochs=3,
+        warmup_epochs=2,
+        batch_size=256,
+        attack_steps=1,
+        eval_steps=1,
+        device="cpu",
+    )
     trainer = Trainer(fresh_model(data), data, config, tmp_path)
     built: list[float] = []
     build = trainer._build_method
@@ -592,8 +642,15 @@ def test_ema_decay_outside_zero_to_one_is_refused(bad):
 
 
 def test_the_run_validates_and_saves_the_average_of_its_weights(data, tmp_path):
-    config = TrainConfig(method="pgd", ema_decay=0.3, epochs=1, batch_size=256, attack_steps=2,
-                         eval_steps=1, device="cpu")
+    config = TrainConfig(
+        method="pgd",
+        ema_decay=0.3,
+        epochs=1,
+        batch_size=256,
+        attack_steps=2,
+        eval_steps=1,
+        device="cpu",
+    )
     trainer = Trainer(fresh_model(data), data, config, tmp_path)
     live: list[dict[str, torch.Tensor]] = []
     step = trainer.optimizer.step
@@ -655,8 +712,15 @@ def _same_weights(a, b) -> bool:
 
 def test_early_stop_keeps_the_best_epoch_and_stops_after_patience(data, tmp_path):
     figures = [(0.9, 0.30), (0.9, 0.50), (0.9, 0.45), (0.9, 0.40), (0.9, 0.60), (0.9, 0.7)]
-    config = TrainConfig(method="pgd", epochs=len(figures), early_stop=2, attack_steps=1,
-                         eval_steps=1, batch_size=256, device="cpu")
+    config = TrainConfig(
+        method="pgd",
+        epochs=len(figures),
+        early_stop=2,
+        attack_steps=1,
+        eval_steps=1,
+        batch_size=256,
+        device="cpu",
+    )
     lines: list[str] = []
     trainer = Trainer(fresh_model(data), data, config, tmp_path, log=lines.append)
     states = _scripted_validation(trainer, figures)
@@ -678,9 +742,19 @@ def test_catastrophic_overfitting_detection_on_synthetic_histories():
     from advtrain.training.trainer import EpochRecord, catastrophic_overfitting
 
     def history(*pairs):
-        return [EpochRecord(epoch=i + 1, train_loss=1.0, train_accuracy=0.5, val_clean_accuracy=c,
-                            val_robust_accuracy=r, lr=0.1, seconds=1.0, eps=0.3)
-                for i, (c, r) in enumerate(pairs)]
+        return [
+            EpochRecord(
+                epoch=i + 1,
+                train_loss=1.0,
+                train_accuracy=0.5,
+                val_clean_accuracy=c,
+                val_robust_accuracy=r,
+                lr=0.1,
+                seconds=1.0,
+                eps=0.3,
+            )
+            for i, (c, r) in enumerate(pairs)
+        ]
 
     message = catastrophic_overfitting(history((0.80, 0.40), (0.85, 0.45), (0.92, 0.02)))
     assert message is not None
@@ -697,8 +771,15 @@ def test_catastrophic_overfitting_detection_on_synthetic_histories():
 
 def test_catastrophic_overfitting_stops_at_the_best_checkpoint(data, tmp_path):
     figures = [(0.80, 0.40), (0.85, 0.45), (0.92, 0.03), (0.95, 0.0), (0.95, 0.0)]
-    config = TrainConfig(method="pgd", epochs=len(figures), catastrophic="stop", attack_steps=1,
-                         eval_steps=1, batch_size=256, device="cpu")
+    config = TrainConfig(
+        method="pgd",
+        epochs=len(figures),
+        catastrophic="stop",
+        attack_steps=1,
+        eval_steps=1,
+        batch_size=256,
+        device="cpu",
+    )
     lines: list[str] = []
     trainer = Trainer(fresh_model(data), data, config, tmp_path, log=lines.append)
     states = _scripted_validation(trainer, figures)
@@ -714,8 +795,15 @@ def test_catastrophic_overfitting_stops_at_the_best_checkpoint(data, tmp_path):
 
 def test_catastrophic_overfitting_warn_mode_goes_on(data):
     figures = [(0.80, 0.40), (0.85, 0.45), (0.92, 0.03)]
-    config = TrainConfig(method="pgd", epochs=3, catastrophic="warn", attack_steps=1,
-                         eval_steps=1, batch_size=256, device="cpu")
+    config = TrainConfig(
+        method="pgd",
+        epochs=3,
+        catastrophic="warn",
+        attack_steps=1,
+        eval_steps=1,
+        batch_size=256,
+        device="cpu",
+    )
     trainer = Trainer(fresh_model(data), data, config)
     _scripted_validation(trainer, figures)
     result = trainer.fit()
@@ -748,8 +836,9 @@ def test_replays_and_epoch_hook_are_honoured(data, monkeypatch):
         return loss
 
     monkeypatch.setitem(METHODS, "test-replays", factory)
-    config = TrainConfig(method="test-replays", epochs=5, batch_size=256, eval_steps=1,
-                         device="cpu")
+    config = TrainConfig(
+        method="test-replays", epochs=5, batch_size=256, eval_steps=1, device="cpu"
+    )
     trainer = Trainer(fresh_model(data), data, config)
     steps = []
     step = trainer.optimizer.step
@@ -769,8 +858,12 @@ def test_method_options_reach_the_method(data, monkeypatch):
         return METHODS["standard"](threat)
 
     monkeypatch.setitem(METHODS, "test-options", factory)
-    config = TrainConfig(method="test-options", attack_steps=4,
-                         method_options={"beta": 6.0, "flag": True}, device="cpu")
+    config = TrainConfig(
+        method="test-options",
+        attack_steps=4,
+        method_options={"beta": 6.0, "flag": True},
+        device="cpu",
+    )
     Trainer(fresh_model(data), data, config)
     assert got == {"beta": 6.0, "flag": True, "steps": 4}
     bad = TrainConfig(method="pgd", method_options={"bogus": 1}, device="cpu")
@@ -814,8 +907,12 @@ def test_crop_is_a_random_shift_inside_the_bounds(data):
     padded = F.pad(x, (2, 2, 2, 2))
     shifted = 0
     for i in range(len(x)):
-        windows = [(dy, dx) for dy in range(5) for dx in range(5)
-                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i])]
+        windows = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], out[i])
+        ]
         assert windows, f"sample {i} is not a window of the padded image"
         shifted += (2, 2) not in windows
     assert shifted > 16  # most samples moved
@@ -826,9 +923,13 @@ def test_flip_mirrors_about_half_of_the_images(data):
 
     x = data.train.x[:64]
     out = random_flip(x, torch.Generator().manual_seed(0), data.info)
-    flipped = [bool(torch.equal(out[i], x[i].flip(-1))) and not torch.equal(x[i], x[i].flip(-1))
-               for i in range(len(x))]
-    assert all(torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1)) for i in range(len(x)))
+    flipped = [
+        bool(torch.equal(out[i], x[i].flip(-1))) and not torch.equal(x[i], x[i].flip(-1))
+        for i in range(len(x))
+    ]
+    assert all(
+        torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1)) for i in range(len(x))
+    )
     assert 16 < sum(flipped) < 48
 
 
@@ -848,11 +949,14 @@ def test_noise_respects_bounds_and_immutable_features():
     assert changed > 0.5
 
 
-@pytest.mark.parametrize("dataset, augment, needles", [
-    ("digits", "flip", ["flip", "digits", "mirror"]),
-    ("fraud", "crop", ["crop", "images", "fraud"]),
-    ("fraud", "flip", ["flip", "images"]),
-])
+@pytest.mark.parametrize(
+    "dataset, augment, needles",
+    [
+        ("digits", "flip", ["flip", "digits", "mirror"]),
+        ("fraud", "crop", ["crop", "images", "fraud"]),
+        ("fraud", "flip", ["flip", "images"]),
+    ],
+)
 def test_augmentation_refused_where_it_does_not_fit(dataset, augment, needles):
     from advtrain.data import load_dataset
     from advtrain.training.augment import make_augment
@@ -904,8 +1008,10 @@ def test_curves_png_is_written(trained):
 
 def test_every_epoch_leaves_a_checkpoint_to_resume_from(trained):
     _, result, run_dir = trained["pgd"]
-    metas = [load_checkpoint(run_dir / name)[1] for name in ("resume-0.safetensors",
-                                                             "resume-1.safetensors")]
+    metas = [
+        load_checkpoint(run_dir / name)[1]
+        for name in ("resume-0.safetensors", "resume-1.safetensors")
+    ]
     newest = max(metas, key=lambda m: m["serial"])
     assert newest["kind"] == "advtrain-resume" and newest["serial"] == COMPARE["epochs"]
     assert newest["next_epoch"] == COMPARE["epochs"] + 1 and newest["next_batch"] == 0
@@ -922,13 +1028,23 @@ def test_compiled_training_model_trains_alike_and_saves_plain_weights(data, tmp_
     needed); the weights match the uncompiled run and the checkpoint keeps the plain names."""
     runs = {}
     for mode in ("off", "eager"):
-        config = TrainConfig(method="pgd", epochs=1, attack_steps=2, eval_steps=2, seed=5,
-                             batch_size=128, device="cpu", compile=mode)
+        config = TrainConfig(
+            method="pgd",
+            epochs=1,
+            attack_steps=2,
+            eval_steps=2,
+            seed=5,
+            batch_size=128,
+            device="cpu",
+            compile=mode,
+        )
         trainer = Trainer(fresh_model(data, seed=5), data, config, tmp_path / mode)
         trainer.fit()
         runs[mode] = trainer
     assert runs["eager"].train_model is not runs["eager"].model
-    plain, compiled = (load_checkpoint(tmp_path / m / "model.safetensors")[0] for m in ("off", "eager"))
+    plain, compiled = (
+        load_checkpoint(tmp_path / m / "model.safetensors")[0] for m in ("off", "eager")
+    )
     assert set(compiled) == set(plain)  # no "_orig_mod." prefix
     for key in plain:
         torch.testing.assert_close(compiled[key], plain[key], rtol=0, atol=1e-6, msg=key)

@@ -24,10 +24,12 @@ def _odd_model() -> nn.Sequential:
     torch.manual_seed(3)
     model = nn.Sequential(
         nn.Conv2d(3, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
-        nn.BatchNorm2d(5), nn.LeakyReLU(),
+        nn.BatchNorm2d(5),
+        nn.LeakyReLU(),
         nn.MaxPool2d(3, stride=2, padding=1),
         nn.Sequential(nn.Conv2d(5, 4, 2, stride=3), nn.Tanh()),
-        nn.Flatten(), nn.Linear(4 * 3 * 2, 7),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 2, 7),
     )
     model[1].running_mean.normal_()
     model[1].running_var.uniform_(0.5, 2.0)
@@ -37,10 +39,14 @@ def _odd_model() -> nn.Sequential:
 def _models() -> dict[str, tuple[nn.Module, tuple[int, int, int]]]:
     torch.manual_seed(0)
     return {
-        "mnist-small": (build_model("mnist-small", in_shape=(1, 28, 28), n_classes=10).eval(),
-                        (1, 28, 28)),
-        "digits-cnn": (build_model("digits-cnn", in_shape=(1, 8, 8), n_classes=10).eval(),
-                       (1, 8, 8)),
+        "mnist-small": (
+            build_model("mnist-small", in_shape=(1, 28, 28), n_classes=10).eval(),
+            (1, 28, 28),
+        ),
+        "digits-cnn": (
+            build_model("digits-cnn", in_shape=(1, 8, 8), n_classes=10).eval(),
+            (1, 8, 8),
+        ),
         "odd": (_odd_model(), (3, 17, 23)),
     }
 
@@ -57,13 +63,15 @@ def test_matches_the_full_forward_pass_over_a_search(name):
         logits, maps = local.start(current)
         assert torch.equal(logits, model(current))
         for _ in range(25):
-            window = tuple(int(torch.randint(1, min(shape[1:]) + 1, (), generator=g))
-                           for _ in range(2))
+            window = tuple(
+                int(torch.randint(1, min(shape[1:]) + 1, (), generator=g)) for _ in range(2)
+            )
             top = int(torch.randint(0, shape[1] - window[0] + 1, (), generator=g))
             left = int(torch.randint(0, shape[2] - window[1] + 1, (), generator=g))
             candidate = current.clone()
-            candidate[:, :, top:top + window[0], left:left + window[1]] = \
-                torch.rand(n, shape[0], *window, generator=g)
+            candidate[:, :, top : top + window[0], left : left + window[1]] = torch.rand(
+                n, shape[0], *window, generator=g
+            )
             logits, change = local(candidate, maps, top, left, window)
             torch.testing.assert_close(logits, model(candidate), rtol=1e-5, atol=1e-5)
             taken = torch.randperm(n, generator=g)[: n // 2]
@@ -107,8 +115,11 @@ def _stacks(draw):
         c = 2
     torch.manual_seed(draw(st.integers(0, 100)))
     # a head that starts with a linear layer (kept and moved by differences) or does not
-    head = [nn.Flatten(), nn.Linear(c * h * w, 3)] if draw(st.booleans()) else \
-        [nn.Flatten(), nn.Tanh(), nn.Linear(c * h * w, 3)]
+    head = (
+        [nn.Flatten(), nn.Linear(c * h * w, 3)]
+        if draw(st.booleans())
+        else [nn.Flatten(), nn.Tanh(), nn.Linear(c * h * w, 3)]
+    )
     model = nn.Sequential(*layers, *head).eval()
     window = (draw(st.integers(1, height)), draw(st.integers(1, width)))
     top, left = draw(st.integers(0, height - window[0])), draw(st.integers(0, width - window[1]))
@@ -125,8 +136,9 @@ def test_any_stack_and_window_gives_the_full_forward_pass(case):
     n = 4
     current = torch.rand((n, *shape), generator=g)
     candidate = current.clone()
-    candidate[:, :, top:top + window[0], left:left + window[1]] = \
-        torch.rand(n, shape[0], *window, generator=g)
+    candidate[:, :, top : top + window[0], left : left + window[1]] = torch.rand(
+        n, shape[0], *window, generator=g
+    )
     with torch.no_grad():
         _, maps = local.start(current)
         logits, change = local(candidate, maps, top, left, window)
@@ -161,8 +173,12 @@ def test_takes_only_models_it_can_follow():
     reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten())
     assert WindowForward.build(reflect.eval(), shape) is None
     # batch statistics are not local: the stages end there, the rest runs whole
-    batch_stats = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False),
-                                nn.Conv2d(2, 2, 3), nn.Flatten()).eval()
+    batch_stats = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2, track_running_stats=False),
+        nn.Conv2d(2, 2, 3),
+        nn.Flatten(),
+    ).eval()
     built = WindowForward.build(batch_stats, shape)
     assert len(built.stages) == 1 and len(built.head) == 3
 
@@ -187,7 +203,7 @@ def test_the_linear_head_is_moved_by_differences_and_recomputed_every_reanchor()
         for step in range(window_forward.REANCHOR):
             candidate = current.clone()
             top, left = (int(v) for v in torch.randint(0, 26, (2,), generator=g))
-            candidate[:, :, top:top + 3, left:left + 3] = torch.rand(5, 1, 3, 3, generator=g)
+            candidate[:, :, top : top + 3, left : left + 3] = torch.rand(5, 1, 3, 3, generator=g)
             logits, change = local(candidate, maps, top, left, (3, 3))
             torch.testing.assert_close(logits, model(candidate), rtol=1e-5, atol=1e-5)
             local.commit(maps, change, rows, rows)
@@ -201,13 +217,16 @@ def test_the_linear_head_is_moved_by_differences_and_recomputed_every_reanchor()
 @pytest.fixture()
 def forced(monkeypatch):
     """Force whether the window pass is taken: ``forced(True)``."""
+
     def force(taken: bool) -> None:
         monkeypatch.setattr(WindowForward, "pays", lambda self, window: taken)
+
     return force
 
 
-def test_square_takes_the_window_pass_and_its_logits_are_the_models(digits_model, digits, forced,
-                                                                    monkeypatch):
+def test_square_takes_the_window_pass_and_its_logits_are_the_models(
+    digits_model, digits, forced, monkeypatch
+):
     """Over a whole search (commits, points leaving, re-anchoring), every logit the window pass
     gives is the model's, and Square breaks as many points as with the full pass."""
     x, y = digits.test.x[:40], digits.test.y[:40]
@@ -236,8 +255,9 @@ def test_square_takes_the_window_pass_and_its_logits_are_the_models(digits_model
     assert abs(ours - plain) <= 2 and plain > 5
 
 
-def test_square_confirms_what_the_window_pass_calls_adversarial(digits_model, digits, forced,
-                                                                monkeypatch):
+def test_square_confirms_what_the_window_pass_calls_adversarial(
+    digits_model, digits, forced, monkeypatch
+):
     """A window pass that wrongly says every candidate is adversarial breaks nothing: the model
     itself is asked, and the points it still classifies right keep their whole budget."""
     x, y = digits.test.x[:30], digits.test.y[:30]
@@ -256,8 +276,7 @@ def test_square_confirms_what_the_window_pass_calls_adversarial(digits_model, di
     assert bool((square.queries_used[standing] == 60).all())
 
 
-def test_feature_maps_are_counted_and_capped_in_square(digits_model, digits, forced,
-                                                       monkeypatch):
+def test_feature_maps_are_counted_and_capped_in_square(digits_model, digits, forced, monkeypatch):
     model, shape = _models()["mnist-small"]
     local = WindowForward.build(model, shape)
     x = torch.rand(3, *shape)
@@ -266,8 +285,9 @@ def test_feature_maps_are_counted_and_capped_in_square(digits_model, digits, for
     assert local.map_bytes(x) == sum(m.numel() * m.element_size() for m in maps)
     built = []
     original = WindowForward.build.__func__
-    monkeypatch.setattr(WindowForward, "build",
-                        classmethod(lambda cls, *a: built.append(1) or original(cls, *a)))
+    monkeypatch.setattr(
+        WindowForward, "build", classmethod(lambda cls, *a: built.append(1) or original(cls, *a))
+    )
     monkeypatch.setattr("advtrain.attacks.square.MAX_MAP_BYTES", 0)
     monkeypatch.setattr(WindowForward, "__call__", lambda *a: pytest.fail("window pass taken"))
     forced(True)

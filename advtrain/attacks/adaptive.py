@@ -33,17 +33,37 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import AdvtrainError
-from .base import _check_positive_int, frozen, model_device
+from ..util import check_positive_int
+from .base import frozen, model_device
 
-__all__ = ["BPDA", "EOT", "LogProbabilities", "StraightThrough", "is_randomized",
-           "looks_like_probabilities", "majority_vote"]
+__all__ = [
+    "BPDA",
+    "EOT",
+    "LogProbabilities",
+    "StraightThrough",
+    "is_randomized",
+    "looks_like_probabilities",
+    "majority_vote",
+]
 
 #: Piecewise-constant tensor operations: zero gradient almost everywhere. Inside
 #: :class:`StraightThrough` each is replaced, on the backward pass only, by the identity.
 STEP_FUNCTIONS = (
-    torch.round, torch.floor, torch.ceil, torch.trunc, torch.sign, torch.fix,
-    Tensor.round, Tensor.floor, Tensor.ceil, Tensor.trunc, Tensor.sign, Tensor.fix,
-    Tensor.__floordiv__, torch.floor_divide, Tensor.floor_divide,
+    torch.round,
+    torch.floor,
+    torch.ceil,
+    torch.trunc,
+    torch.sign,
+    torch.fix,
+    Tensor.round,
+    Tensor.floor,
+    Tensor.ceil,
+    Tensor.trunc,
+    Tensor.sign,
+    Tensor.fix,
+    Tensor.__floordiv__,
+    torch.floor_divide,
+    Tensor.floor_divide,
 )
 
 
@@ -79,13 +99,14 @@ class EOT(nn.Module):
             the backward pass, so bound an attack's memory with its ``batch_size`` as well.
     """
 
-    def __init__(self, model: Callable[[Tensor], Tensor], samples: int = 16, *,
-                 chunk: int | None = None) -> None:
+    def __init__(
+        self, model: Callable[[Tensor], Tensor], samples: int = 16, *, chunk: int | None = None
+    ) -> None:
         super().__init__()
         _check_callable("model", model)
-        _check_positive_int("samples", samples)
+        check_positive_int("samples", samples)
         if chunk is not None:
-            _check_positive_int("chunk", chunk)
+            check_positive_int("chunk", chunk)
         self.model = model
         self.samples = samples
         self.chunk = chunk
@@ -125,8 +146,12 @@ class BPDA(nn.Module):
             ``preprocess`` (default ``None``: the identity).
     """
 
-    def __init__(self, preprocess: Callable[[Tensor], Tensor], model: Callable[[Tensor], Tensor],
-                 approximation: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        preprocess: Callable[[Tensor], Tensor],
+        model: Callable[[Tensor], Tensor],
+        approximation: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         super().__init__()
         _check_callable("preprocess", preprocess)
         _check_callable("model", model)
@@ -150,8 +175,10 @@ class BPDA(nn.Module):
 
     def __repr__(self) -> str:
         approximation = "identity" if self.approximation is None else _describe(self.approximation)
-        return (f"BPDA({_describe(self.preprocess)}, {_describe(self.model)}, "
-                f"approximation={approximation})")
+        return (
+            f"BPDA({_describe(self.preprocess)}, {_describe(self.model)}, "
+            f"approximation={approximation})"
+        )
 
 
 class _StraightThroughMode(TorchFunctionMode):
@@ -160,9 +187,15 @@ class _StraightThroughMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if (func in STEP_FUNCTIONS and args and isinstance(args[0], Tensor)
-                and isinstance(out, Tensor) and out.shape == args[0].shape
-                and args[0].requires_grad and torch.is_grad_enabled()):
+        if (
+            func in STEP_FUNCTIONS
+            and args
+            and isinstance(args[0], Tensor)
+            and isinstance(out, Tensor)
+            and out.shape == args[0].shape
+            and args[0].requires_grad
+            and torch.is_grad_enabled()
+        ):
             x = args[0]
             return out.detach() + (x - x.detach())
         return out
@@ -233,8 +266,8 @@ def majority_vote(model: nn.Module, x: Tensor, samples: int = 32, batch_size: in
     """
     _check_module("model", model)
     _check_batch(x)
-    _check_positive_int("samples", samples)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("samples", samples)
+    check_positive_int("batch_size", batch_size)
     device = model_device(model, default=x.device)
     rows = max(batch_size // samples, 1)  # inputs per block
     copies = max(min(batch_size // rows, samples), 1)  # copies per forward call

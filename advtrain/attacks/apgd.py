@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import attack_objective, check_loss, is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
-from .base import Attack, Outcome, _check_positive_int, compaction_interval
+from ..util import check_positive_int
+from .base import Attack, Outcome, compaction_interval
 from .gradient import input_gradient
 from .registry import register
 
@@ -61,15 +62,20 @@ class APGD(Attack):
         **kwargs: object,
     ) -> None:
         super().__init__(threat, **kwargs)  # type: ignore[arg-type]
-        _check_positive_int("steps", steps)
+        check_positive_int("steps", steps)
         for name, value in (("rho", rho), ("momentum", momentum)):
             if not 0 <= value <= 1:
                 raise AdvtrainError(f"{name} must be between 0 and 1, got {value!r}")
         self.steps, self.loss, self.rho, self.momentum = steps, check_loss(loss), rho, momentum
 
     def _hyperparameters(self) -> dict[str, object]:
-        return {**super()._hyperparameters(), "steps": self.steps, "loss": self.loss,
-                "rho": self.rho, "momentum": self.momentum}
+        return {
+            **super()._hyperparameters(),
+            "steps": self.steps,
+            "loss": self.loss,
+            "rho": self.rho,
+            "momentum": self.momentum,
+        }
 
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """A random point on the sphere of radius eps (then masked and clamped into bounds)."""
@@ -83,14 +89,24 @@ class APGD(Attack):
         return self.threat.project(x + delta, x)
 
     def run(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         return self.descend(model, x, y, target, generator, success_target=target)
 
     def descend(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
-        generator: torch.Generator | None, *, success_target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        generator: torch.Generator | None,
+        *,
+        success_target: Tensor | None,
     ) -> Outcome:
         """One APGD run ascending the loss towards ``target`` (or away from ``y``); a point
         succeeds when it is classified as ``success_target``, or misclassified when that is None."""
@@ -110,9 +126,16 @@ class APGD(Attack):
         loss, grad, success = evaluate(x_adv, y, target, success_target)
         best = Outcome(x_adv.clone(), success.clone(), loss.masked_fill(~success, float("-inf")))
         state = {
-            "index": torch.arange(n, device=x.device), "x": x, "y": y, "x_adv": x_adv,
-            "x_prev": x_adv.clone(), "grad": grad, "x_best": x_adv.clone(), "grad_best": grad.clone(),
-            "loss_best": loss.clone(), "loss_prev": torch.zeros_like(loss),
+            "index": torch.arange(n, device=x.device),
+            "x": x,
+            "y": y,
+            "x_adv": x_adv,
+            "x_prev": x_adv.clone(),
+            "grad": grad,
+            "x_best": x_adv.clone(),
+            "grad_best": grad.clone(),
+            "loss_best": loss.clone(),
+            "loss_prev": torch.zeros_like(loss),
             "step": torch.full((n,), 2.0 * threat.eps, device=x.device, dtype=x.dtype),
             "rises": torch.zeros(n, device=x.device),
             "loss_at_check": loss.clone(),
@@ -135,7 +158,9 @@ class APGD(Attack):
                 z = threat.project(s["x_adv"] + step * threat.ascent_direction(s["grad"]), s["x"])
                 moved = s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"])
                 s["x_prev"], s["x_adv"] = s["x_adv"], threat.project(moved, s["x"])
-            loss, grad, success = evaluate(s["x_adv"], s["y"], s.get("target"), s.get("success_target"))
+            loss, grad, success = evaluate(
+                s["x_adv"], s["y"], s.get("target"), s.get("success_target")
+            )
             s["grad"] = grad
             best.merge(Outcome(s["x_adv"], success, loss), s["index"])
             improved = loss > s["loss_best"]
@@ -172,7 +197,9 @@ def _keep(state: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
 class APGDDLR(APGD):
     """APGD with the DLR loss (Croce & Hein 2020), robust to rescaled or saturated logits."""
 
-    def __init__(self, threat: ThreatModel | None = None, *, loss: str = "dlr", **kwargs: object) -> None:
+    def __init__(
+        self, threat: ThreatModel | None = None, *, loss: str = "dlr", **kwargs: object
+    ) -> None:
         super().__init__(threat, loss=loss, **kwargs)  # type: ignore[arg-type]
 
 
@@ -187,18 +214,28 @@ class APGDT(APGD):
     With ``target`` given, it is plain targeted APGD-DLR towards those labels.
     """
 
-    def __init__(self, threat: ThreatModel | None = None, *, n_targets: int | None = None,
-                 loss: str = "dlr", **kwargs: object) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel | None = None,
+        *,
+        n_targets: int | None = None,
+        loss: str = "dlr",
+        **kwargs: object,
+    ) -> None:
         super().__init__(threat, loss=loss, **kwargs)  # type: ignore[arg-type]
         if n_targets is not None:
-            _check_positive_int("n_targets", n_targets)
+            check_positive_int("n_targets", n_targets)
         self.n_targets = n_targets
 
     def _hyperparameters(self) -> dict[str, object]:
         return {**super()._hyperparameters(), "n_targets": self.n_targets}
 
     def run(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         if target is not None:
@@ -210,12 +247,16 @@ class APGDT(APGD):
         ranked = other_classes(logits, y, count)  # the most likely classes other than y
         best: Outcome | None = None
         for rank in range(1, count + 1):
-            index = (torch.arange(len(x), device=x.device) if best is None
-                     else (~best.success).nonzero().squeeze(1))
+            index = (
+                torch.arange(len(x), device=x.device)
+                if best is None
+                else (~best.success).nonzero().squeeze(1)
+            )
             if len(index) == 0:
                 break
-            outcome = self.descend(model, x[index], y[index], ranked[index, rank - 1], generator,
-                                   success_target=None)
+            outcome = self.descend(
+                model, x[index], y[index], ranked[index, rank - 1], generator, success_target=None
+            )
             if best is None:
                 best = outcome
             else:

@@ -29,10 +29,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..device_sync import compaction_interval
 from ..errors import AdvtrainError
 from ..losses import is_adversarial
-from ..device_sync import compaction_interval
 from ..threat import ThreatModel, lp_norm
+from ..util import check_positive_int
 from .fast_grad import fast_input_gradients
 
 
@@ -97,8 +98,11 @@ class Outcome:
         better = (other.success & ~have_success) | (
             (other.success == have_success) & (other.loss > have_loss)
         )
-        for mine, theirs in ((self.x_adv, other.x_adv), (self.success, other.success),
-                             (self.loss, other.loss)):
+        for mine, theirs in (
+            (self.x_adv, other.x_adv),
+            (self.success, other.success),
+            (self.loss, other.loss),
+        ):
             put_rows(mine, index, better, theirs)
 
 
@@ -149,9 +153,9 @@ class Attack(ABC):
             )
         if not threat.bounded and not self.unbounded:
             raise AdvtrainError(f"{type(self).__name__} needs a finite eps")
-        _check_positive_int("restarts", restarts)
+        check_positive_int("restarts", restarts)
         if batch_size is not None:
-            _check_positive_int("batch_size", batch_size)
+            check_positive_int("batch_size", batch_size)
         self.threat = threat
         self.restarts = restarts
         self.batch_size = batch_size
@@ -176,7 +180,11 @@ class Attack(ABC):
         return self._batched(model, x, y, target, self._restarts).x_adv
 
     def _batched(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         runner: Callable[..., Outcome],
     ) -> Outcome:
         """Checks, device moves, seeding, freezing and batching around ``runner`` (per batch)."""
@@ -193,11 +201,16 @@ class Attack(ABC):
         size = self.batch_size or max(len(x), 1)
         starts = range(0, len(x), size)
         pieces = []
-        with frozen(model), _progress_bar(self.progress, self.name or type(self).__name__,
-                                          len(starts)) as advance:
+        with (
+            frozen(model),
+            _progress_bar(self.progress, self.name or type(self).__name__, len(starts)) as advance,
+        ):
             for i in starts:
-                batch = (x[i : i + size], y[i : i + size],
-                         None if target is None else target[i : i + size])
+                batch = (
+                    x[i : i + size],
+                    y[i : i + size],
+                    None if target is None else target[i : i + size],
+                )
                 if self.screens_clean_points:
                     pieces.append(self._unbroken(runner, model, *batch, generator))
                 else:
@@ -206,8 +219,12 @@ class Attack(ABC):
         if not pieces:
             empty = torch.zeros(0, device=home)
             return Outcome(x.clone().to(home), empty.bool(), empty)
-        return Outcome(*(torch.cat([getattr(p, f) for p in pieces]).detach().to(home)
-                         for f in ("x_adv", "success", "loss")))
+        return Outcome(
+            *(
+                torch.cat([getattr(p, f) for p in pieces]).detach().to(home)
+                for f in ("x_adv", "success", "loss")
+            )
+        )
 
     @property
     def screens_clean_points(self) -> bool:
@@ -218,37 +235,50 @@ class Attack(ABC):
 
     @staticmethod
     def _unbroken(
-        runner: Callable[..., Outcome], model: nn.Module, x: Tensor, y: Tensor,
-        target: Tensor | None, generator: torch.Generator | None,
+        runner: Callable[..., Outcome],
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        generator: torch.Generator | None,
     ) -> Outcome:
         """``runner`` on the points the model gets right (with ``target``: does not yet put in
         the target class). The others are already adversarial: they come back unchanged, as
         successes at distance 0, and draw nothing from ``generator`` (as in AutoAttack)."""
         with torch.no_grad():
-            done = is_adversarial(model(x), y, target) if len(x) else \
-                torch.zeros(0, dtype=torch.bool, device=x.device)
+            done = (
+                is_adversarial(model(x), y, target)
+                if len(x)
+                else torch.zeros(0, dtype=torch.bool, device=x.device)
+            )
         if not bool(done.any()):
             return runner(model, x, y, target, generator)
         zero = torch.zeros(len(x), dtype=x.dtype, device=x.device)
         outcome = Outcome(x.clone(), done.clone(), zero)
         index = (~done).nonzero().squeeze(1)
         if len(index):
-            found = runner(model, x[index], y[index], None if target is None else target[index],
-                           generator)
+            found = runner(
+                model, x[index], y[index], None if target is None else target[index], generator
+            )
             outcome.x_adv[index] = found.x_adv
             outcome.success[index] = found.success
             outcome.loss[index] = found.loss.to(outcome.loss.dtype)
         return outcome
 
     def _restarts(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         """Run the attack ``restarts`` times, each time only on the samples not yet broken."""
         best: Outcome | None = None
         for _ in range(self.restarts):
             index = (
-                torch.arange(len(x), device=x.device) if best is None
+                torch.arange(len(x), device=x.device)
+                if best is None
                 else (~best.success).nonzero().squeeze(1)
             )
             if len(index) == 0:
@@ -265,11 +295,14 @@ class Attack(ABC):
 
     @abstractmethod
     def run(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         """One run of the attack on one batch (model already frozen, tensors on its device)."""
-
 
 
 class MinNormAttack(Attack):
@@ -287,7 +320,11 @@ class MinNormAttack(Attack):
 
     @abstractmethod
     def minimize(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
         """Per point, the smallest adversarial point found (inside the bounds, mask respected);
@@ -298,18 +335,28 @@ class MinNormAttack(Attack):
     ) -> MinNormResult:
         """The smallest adversarial perturbation found for each point, and its norm."""
         outcome = self._batched(model, x, y, target, self._minimize_restarts)
-        norms = torch.where(outcome.success, -outcome.loss, torch.full_like(outcome.loss, float("inf")))
-        x_adv = torch.where(_rows(outcome.success, x), outcome.x_adv, x.detach().to(outcome.x_adv.device))
+        norms = torch.where(
+            outcome.success, -outcome.loss, torch.full_like(outcome.loss, float("inf"))
+        )
+        x_adv = torch.where(
+            _rows(outcome.success, x), outcome.x_adv, x.detach().to(outcome.x_adv.device)
+        )
         return MinNormResult(x_adv, norms, outcome.success)
 
     def _minimize_restarts(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         index = torch.arange(len(x), device=x.device)
         best: Outcome | None = None
         for _ in range(self.restarts):
-            outcome = self._judged(model, x, y, target, self.minimize(model, x, y, target, generator))
+            outcome = self._judged(
+                model, x, y, target, self.minimize(model, x, y, target, generator)
+            )
             if best is None:
                 best = outcome
             else:
@@ -317,18 +364,28 @@ class MinNormAttack(Attack):
         assert best is not None
         return best
 
-    def _judged(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
-                x_found: Tensor) -> Outcome:
+    def _judged(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, x_found: Tensor
+    ) -> Outcome:
         """An outcome for points found: success as the model says, loss = minus the norm."""
         x_found = self.threat.clip_bounds(x + self.threat.apply_mask(x_found.detach() - x))
         with torch.no_grad():
-            success = is_adversarial(model(x_found), y, target) if len(x) else \
-                torch.zeros(0, dtype=torch.bool, device=x.device)
+            success = (
+                is_adversarial(model(x_found), y, target)
+                if len(x)
+                else torch.zeros(0, dtype=torch.bool, device=x.device)
+            )
         norms = lp_norm(x_found - x, self.threat.norm)
-        return Outcome(x_found, success, torch.where(success, -norms, torch.full_like(norms, float("-inf"))))
+        return Outcome(
+            x_found, success, torch.where(success, -norms, torch.full_like(norms, float("-inf")))
+        )
 
     def run(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         found = self._judged(model, x, y, target, self.minimize(model, x, y, target, generator))
@@ -362,15 +419,16 @@ def _progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[]
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True, console=Console(stderr=True)) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+        console=Console(stderr=True),
+    ) as bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise AdvtrainError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_inputs(x: Tensor, y: Tensor, target: Tensor | None) -> None:

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import cw_margin, is_adversarial
 from ..threat import ThreatModel
-from .base import MinNormAttack, Outcome, _check_positive_int, put_rows
+from ..util import check_positive_int
+from .base import MinNormAttack, Outcome, put_rows
 from .registry import register
 
 #: Shrinks the scaled clean point before ``atanh`` so points on the bounds stay finite.
@@ -63,7 +64,9 @@ def adversarial_margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tens
     return cw_margin(logits, y) if target is None else -cw_margin(logits, target)
 
 
-def next_const(const: Tensor, lower: Tensor, upper: Tensor, success: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def next_const(
+    const: Tensor, lower: Tensor, upper: Tensor, success: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """One step of the per-point search over ``c``: (new c, new lower bound, new upper bound)."""
     upper = torch.where(success, torch.minimum(upper, const), upper)
     lower = torch.where(success, lower, torch.maximum(lower, const))
@@ -103,11 +106,18 @@ class CarliniWagnerL2(MinNormAttack):
         **kwargs: object,
     ) -> None:
         super().__init__(threat, norm=norm, **kwargs)  # type: ignore[arg-type]
-        _check_positive_int("binary_search_steps", binary_search_steps)
-        _check_positive_int("steps", steps)
-        for name, value, least in (("lr", lr, "> 0"), ("initial_const", initial_const, "> 0"),
-                                   ("confidence", confidence, ">= 0")):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        check_positive_int("binary_search_steps", binary_search_steps)
+        check_positive_int("steps", steps)
+        for name, value, least in (
+            ("lr", lr, "> 0"),
+            ("initial_const", initial_const, "> 0"),
+            ("confidence", confidence, ">= 0"),
+        ):
+            ok = (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            )
             if not ok or value < 0 or (least == "> 0" and value == 0):
                 raise AdvtrainError(f"{name} must be a finite number {least}, got {value!r}")
         self.binary_search_steps = binary_search_steps
@@ -118,12 +128,22 @@ class CarliniWagnerL2(MinNormAttack):
         self.abort_early = bool(abort_early)
 
     def _hyperparameters(self) -> dict[str, object]:
-        return {**super()._hyperparameters(), "binary_search_steps": self.binary_search_steps,
-                "steps": self.steps, "lr": self.lr, "initial_const": self.initial_const,
-                "confidence": self.confidence, "abort_early": self.abort_early}
+        return {
+            **super()._hyperparameters(),
+            "binary_search_steps": self.binary_search_steps,
+            "steps": self.steps,
+            "lr": self.lr,
+            "initial_const": self.initial_const,
+            "confidence": self.confidence,
+            "abort_early": self.abort_early,
+        }
 
     def run(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         if self.threat.eps == 0:  # nothing may change: no need to search
@@ -131,7 +151,11 @@ class CarliniWagnerL2(MinNormAttack):
         return super().run(model, x, y, target, generator)
 
     def minimize(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
         """The smallest-L2 adversarial point found for each point (the point itself if none)."""
@@ -142,7 +166,8 @@ class CarliniWagnerL2(MinNormAttack):
             todo = (~is_adversarial(model(x), y, target)).nonzero().squeeze(1)
         if len(todo):
             x_best[todo] = self._search(
-                model, x[todo], y[todo], None if target is None else target[todo])
+                model, x[todo], y[todo], None if target is None else target[todo]
+            )
         return x_best
 
     # ------------------------------------------------------------------ the search
@@ -175,8 +200,17 @@ class CarliniWagnerL2(MinNormAttack):
         return x_best
 
     def _descend(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, w0: Tensor,
-        tanh0: Tensor, scale: Tensor, const: Tensor, best_l2: Tensor, x_best: Tensor,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        w0: Tensor,
+        tanh0: Tensor,
+        scale: Tensor,
+        const: Tensor,
+        best_l2: Tensor,
+        x_best: Tensor,
     ) -> Tensor:
         """Adam on ``w`` for one value of ``c`` per point, from ``delta = 0``.
 
@@ -186,10 +220,19 @@ class CarliniWagnerL2(MinNormAttack):
         n = len(x)
         beta1, beta2 = ADAM_BETAS
         success = torch.zeros(n, dtype=torch.bool, device=x.device)
-        s = {"index": torch.arange(n, device=x.device), "x": x, "y": y, "c": const,
-             "w0": w0, "tanh0": tanh0, "scale": scale, "w": torch.zeros_like(x),
-             "m1": torch.zeros_like(x), "m2": torch.zeros_like(x),
-             "prev": torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)}
+        s = {
+            "index": torch.arange(n, device=x.device),
+            "x": x,
+            "y": y,
+            "c": const,
+            "w0": w0,
+            "tanh0": tanh0,
+            "scale": scale,
+            "w": torch.zeros_like(x),
+            "m1": torch.zeros_like(x),
+            "m2": torch.zeros_like(x),
+            "prev": torch.full((n,), float("inf"), dtype=x.dtype, device=x.device),
+        }
         if target is not None:
             s["target"] = target
         check = max(self.steps // 10, 1)
@@ -205,7 +248,9 @@ class CarliniWagnerL2(MinNormAttack):
             (grad,) = torch.autograd.grad(loss.sum(), w)
             with torch.no_grad():
                 index = s["index"]
-                broken = is_adversarial(logits, s["y"], s.get("target")) & (margin >= self.confidence)
+                broken = is_adversarial(logits, s["y"], s.get("target")) & (
+                    margin >= self.confidence
+                )
                 success[index] = success[index] | broken
                 better = broken & (l2 < best_l2[index])
                 put_rows(best_l2, index, better, l2)

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
-from .base import MinNormAttack, _check_positive_int
+from ..util import check_positive_int
+from .base import MinNormAttack
 from .gradient import input_gradient
 from .registry import register
 
@@ -68,7 +69,8 @@ def boundary_gradients(
             # All K backward passes at once (vmap); models whose operators vmap cannot batch
             # fall back to one backward pass per column.
             picks = torch.eye(columns, dtype=diff.dtype, device=diff.device)[:, None].expand(
-                columns, *diff.shape)
+                columns, *diff.shape
+            )
             try:
                 grads = input_gradient(diff, x, picks, retain_graph=True, batched=True)
                 return logits.detach(), diff.detach(), grads.transpose(0, 1)
@@ -118,21 +120,30 @@ class DeepFool(MinNormAttack):
         **kwargs: object,
     ) -> None:
         super().__init__(threat, **kwargs)  # type: ignore[arg-type]
-        _check_positive_int("steps", steps)
-        _check_positive_int("candidates", candidates)
+        check_positive_int("steps", steps)
+        check_positive_int("candidates", candidates)
         if candidates < 2:
             raise AdvtrainError(
-                f"candidates must be at least 2 (the true class and one other), got {candidates}")
+                f"candidates must be at least 2 (the true class and one other), got {candidates}"
+            )
         if not (isinstance(overshoot, (int, float)) and 0 <= overshoot < math.inf):
             raise AdvtrainError(f"overshoot must be finite and >= 0, got {overshoot!r}")
         self.steps, self.overshoot, self.candidates = steps, float(overshoot), candidates
 
     def _hyperparameters(self) -> dict[str, object]:
-        return {**super()._hyperparameters(), "steps": self.steps, "overshoot": self.overshoot,
-                "candidates": self.candidates}
+        return {
+            **super()._hyperparameters(),
+            "steps": self.steps,
+            "overshoot": self.overshoot,
+            "candidates": self.candidates,
+        }
 
     def minimize(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
         threat = self.threat
@@ -154,7 +165,8 @@ class DeepFool(MinNormAttack):
                 break
             if target is None:
                 logits, diff, grads = boundary_gradients(
-                    model, x_adv[index], others[index], y[index])
+                    model, x_adv[index], others[index], y[index]
+                )
             else:
                 logits, diff, grads = boundary_gradients(model, x_adv[index], target[index, None])
             keep = ~is_adversarial(logits, y[index], None if target is None else target[index])
@@ -163,7 +175,8 @@ class DeepFool(MinNormAttack):
                 break
             total[index] += self._step(diff, threat.apply_mask(grads))
             x_adv[index] = threat.clip_bounds(
-                x[index] + threat.apply_mask((1 + self.overshoot) * total[index]))
+                x[index] + threat.apply_mask((1 + self.overshoot) * total[index])
+            )
         return x_adv
 
     def _step(self, diff: Tensor, grads: Tensor) -> Tensor:

@@ -49,11 +49,11 @@ from ..device_sync import compaction_interval
 from ..errors import AdvtrainError
 from ..losses import is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
-from .base import MinNormAttack, Outcome, _check_positive_int, put_rows
+from ..util import check_positive_int
+from .base import MinNormAttack, Outcome, put_rows
 from .deepfool import boundary_gradients, dual_norm
 from .fast_grad import suspended
 from .registry import register
-
 
 # ---------------------------------------------------------------------- the projection
 #: Newton steps of :func:`_water_level` before the rows still short fall back to sorting.
@@ -93,7 +93,8 @@ def _water_level(weight: Tensor, knee: Tensor, need: Tensor) -> Tensor:
         if not bool(going.all()):
             keep = going.nonzero().squeeze(1)
             rows, weight, knee, need, lam, tolerance = (
-                t[keep] for t in (rows, weight, knee, need, lam, tolerance))
+                t[keep] for t in (rows, weight, knee, need, lam, tolerance)
+            )
     if len(rows):
         level[rows] = _water_level_sorted(weight, knee, need)
     return level
@@ -202,7 +203,7 @@ class FAB(MinNormAttack):
         **kwargs: object,
     ) -> None:
         super().__init__(threat, **kwargs)  # type: ignore[arg-type]
-        _check_positive_int("steps", steps)
+        check_positive_int("steps", steps)
         for name, value in (("alpha_max", alpha_max), ("beta", beta)):
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise AdvtrainError(f"{name} must be between 0 and 1, got {value!r}")
@@ -216,18 +217,32 @@ class FAB(MinNormAttack):
         self._radius: Tensor | None = None  # per-point random-start radius of the current run
 
     def _hyperparameters(self) -> dict[str, object]:
-        return {**super()._hyperparameters(), "steps": self.steps, "alpha_max": self.alpha_max,
-                "eta": self.eta, "beta": self.beta, "nearest": self.nearest}
+        return {
+            **super()._hyperparameters(),
+            "steps": self.steps,
+            "alpha_max": self.alpha_max,
+            "eta": self.eta,
+            "beta": self.beta,
+            "nearest": self.nearest,
+        }
 
     # ------------------------------------------------------------------ runs and restarts
     def minimize(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
         return self.descend(model, x, y, target, target, generator, self._radius)[0]
 
     def _minimize_restarts(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         """The base's restarts for :meth:`min_norm`, each run after the first from a random start
@@ -249,21 +264,29 @@ class FAB(MinNormAttack):
         return best
 
     def _restarts(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         """The base's restarts for a finite eps: later runs only on the points still standing,
         from random starts."""
         best: Outcome | None = None
         for _ in range(self.restarts):
-            index = (torch.arange(len(x), device=x.device) if best is None
-                     else (~best.success).nonzero().squeeze(1))
+            index = (
+                torch.arange(len(x), device=x.device)
+                if best is None
+                else (~best.success).nonzero().squeeze(1)
+            )
             if len(index) == 0:
                 break
             self._radius = None if best is None else self._start_radius(x[index], -best.loss[index])
             try:
-                outcome = self.run(model, x[index], y[index],
-                                   None if target is None else target[index], generator)
+                outcome = self.run(
+                    model, x[index], y[index], None if target is None else target[index], generator
+                )
             finally:
                 self._radius = None
             if best is None:
@@ -296,8 +319,13 @@ class FAB(MinNormAttack):
 
     # ------------------------------------------------------------------ one run
     def descend(
-        self, model: nn.Module, x: Tensor, y: Tensor, towards: Tensor | None,
-        success_target: Tensor | None, generator: torch.Generator | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        towards: Tensor | None,
+        success_target: Tensor | None,
+        generator: torch.Generator | None,
         radius: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One FAB run: per point the smallest adversarial point found and its norm (the clean
@@ -348,7 +376,8 @@ class FAB(MinNormAttack):
                 # The hyperplane f + w . (z - x1) = 0, from the current point and from x.
                 d1 = project_onto_hyperplane_in_box(flat1, w, f, lower, upper, norm)
                 d0 = project_onto_hyperplane_in_box(
-                    flat0, w, f + (w * (flat0 - flat1)).sum(dim=1), lower, upper, norm)
+                    flat0, w, f + (w * (flat0 - flat1)).sum(dim=1), lower, upper, norm
+                )
                 size1 = lp_norm(d1, norm).clamp_min(1e-8)
                 size0 = lp_norm(d0, norm).clamp_min(1e-8)
                 alpha = (size1 / (size1 + size0)).clamp(0.0, self.alpha_max)[:, None]
@@ -364,15 +393,17 @@ class FAB(MinNormAttack):
         return best_x, best_norm
 
 
-def _nearest_in_box(x: Tensor, diff: Tensor, w: Tensor, lower: Tensor, upper: Tensor,
-                    norm: str) -> Tensor:
+def _nearest_in_box(
+    x: Tensor, diff: Tensor, w: Tensor, lower: Tensor, upper: Tensor, norm: str
+) -> Tensor:
     """Per point, the boundary ``k`` (of ``diff`` (n, K), normals ``w`` (n, K, D)) whose projection
     of the flat point ``x`` (n, D) within the box is shortest; the paper's pick where the box
     reaches none."""
     n, k = diff.shape
     rows = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731
-    step, reached = _project(rows(x), w.reshape(n * k, -1), diff.reshape(-1), rows(lower),
-                             rows(upper), norm)
+    step, reached = _project(
+        rows(x), w.reshape(n * k, -1), diff.reshape(-1), rows(lower), rows(upper), norm
+    )
     size = lp_norm(step, norm).masked_fill(~reached, float("inf")).reshape(n, k)
     paper = (diff.abs() / (dual_norm(w, norm) + 1e-12)).argmin(dim=1)
     return torch.where(torch.isfinite(size).any(dim=1), size.argmin(dim=1), paper)
@@ -396,18 +427,23 @@ class FABT(FAB):
     it is targeted FAB towards those classes.
     """
 
-    def __init__(self, threat: ThreatModel | None = None, *, n_targets: int | None = None,
-                 **kwargs: object) -> None:
+    def __init__(
+        self, threat: ThreatModel | None = None, *, n_targets: int | None = None, **kwargs: object
+    ) -> None:
         super().__init__(threat, **kwargs)  # type: ignore[arg-type]
         if n_targets is not None:
-            _check_positive_int("n_targets", n_targets)
+            check_positive_int("n_targets", n_targets)
         self.n_targets = n_targets
 
     def _hyperparameters(self) -> dict[str, object]:
         return {**super()._hyperparameters(), "n_targets": self.n_targets}
 
     def minimize(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
         if target is not None or len(x) == 0:
@@ -422,13 +458,17 @@ class FABT(FAB):
         best_x = x.clone()
         best_norm = torch.full((len(x),), float("inf"), device=x.device, dtype=x.dtype)
         for rank in range(count):
-            index = (best_norm > self.threat.eps).nonzero().squeeze(1) if self.threat.bounded \
+            index = (
+                (best_norm > self.threat.eps).nonzero().squeeze(1)
+                if self.threat.bounded
                 else torch.arange(len(x), device=x.device)
+            )
             if len(index) == 0:
                 break
             radius = None if self._radius is None else self._radius[index]
-            found, norms = self.descend(model, x[index], y[index], ranked[index, rank], None,
-                                        generator, radius)
+            found, norms = self.descend(
+                model, x[index], y[index], ranked[index, rank], None, generator, radius
+            )
             better = norms < best_norm[index]
             put_rows(best_x, index, better, found)
             put_rows(best_norm, index, better, norms)

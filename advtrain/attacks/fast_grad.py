@@ -36,7 +36,11 @@ MAX_CHANNELS = 4
 def _pair(value: Any) -> tuple[int, int] | None:
     if isinstance(value, int):
         return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) for v in value)
+    ):
         return int(value[0]), int(value[1])
     return None
 
@@ -46,8 +50,14 @@ class _ConvInputGrad(torch.autograd.Function):
     add per kernel tap."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None,
-                stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+    ) -> Tensor:
         ctx.save_for_backward(weight)
         ctx.geometry = (tuple(x.shape[2:]), stride, padding)
         return F.conv2d(x, weight, bias, stride, padding)
@@ -58,25 +68,37 @@ class _ConvInputGrad(torch.autograd.Function):
         size, stride, padding = ctx.geometry
         n, channels_out, h, w = grad_out.shape
         channels_in, kh, kw = weight.shape[1:]
-        columns = torch.matmul(weight.reshape(channels_out, -1).t(),
-                               grad_out.reshape(n, channels_out, h * w))
-        return _scatter_taps(columns.reshape(n, channels_in, kh, kw, h, w), size, stride,
-                             padding), None, None, None, None
+        columns = torch.matmul(
+            weight.reshape(channels_out, -1).t(), grad_out.reshape(n, channels_out, h * w)
+        )
+        return (
+            _scatter_taps(columns.reshape(n, channels_in, kh, kw, h, w), size, stride, padding),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def _scatter_taps(columns: Tensor, size: tuple[int, int], stride: tuple[int, int],
-                  padding: tuple[int, int]) -> Tensor:
+def _scatter_taps(
+    columns: Tensor, size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> Tensor:
     """``fold`` (col2im) of ``columns`` (n, C, kh, kw, h, w) onto (n, C, *size): each kernel
     tap's (n, C, h, w) block added at its strided place in the padded plane. The same sums as
     ``F.fold``, whose CPU kernel loops over the samples and is about twice as slow here."""
     n, channels, kh, kw, h, w = columns.shape
     (sh, sw), (ph, pw) = stride, padding
-    plane = columns.new_zeros(n, channels, max(size[0] + 2 * ph, (h - 1) * sh + kh),
-                              max(size[1] + 2 * pw, (w - 1) * sw + kw))
+    plane = columns.new_zeros(
+        n,
+        channels,
+        max(size[0] + 2 * ph, (h - 1) * sh + kh),
+        max(size[1] + 2 * pw, (w - 1) * sw + kw),
+    )
     for ky in range(kh):
         for kx in range(kw):
-            plane[:, :, ky : ky + sh * (h - 1) + 1 : sh, kx : kx + sw * (w - 1) + 1 : sw] += \
+            plane[:, :, ky : ky + sh * (h - 1) + 1 : sh, kx : kx + sw * (w - 1) + 1 : sw] += (
                 columns[:, :, ky, kx]
+            )
     return plane[:, :, ph : ph + size[0], pw : pw + size[1]].contiguous()
 
 
@@ -90,15 +112,31 @@ class _FastInputGradMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _route(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
-           padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Tensor | None:
+def _route(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Tensor | None:
     """The convolution through :class:`_ConvInputGrad`, or None when it does not apply."""
     stride2, padding2, dilation2 = _pair(stride), _pair(padding), _pair(dilation)
-    if (not isinstance(x, Tensor) or x.dim() != 4 or x.device.type != "cpu"
-            or not (torch.is_grad_enabled() and x.requires_grad) or weight.requires_grad
-            or (bias is not None and bias.requires_grad) or groups != 1
-            or stride2 is None or padding2 is None or dilation2 != (1, 1)
-            or x.shape[1] > MAX_CHANNELS or x.dtype not in (torch.float32, torch.float64)):
+    if (
+        not isinstance(x, Tensor)
+        or x.dim() != 4
+        or x.device.type != "cpu"
+        or not (torch.is_grad_enabled() and x.requires_grad)
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or groups != 1
+        or stride2 is None
+        or padding2 is None
+        or dilation2 != (1, 1)
+        or x.shape[1] > MAX_CHANNELS
+        or x.dtype not in (torch.float32, torch.float64)
+    ):
         return None
     return _ConvInputGrad.apply(x, weight, bias, stride2, padding2)
 

@@ -16,8 +16,12 @@ from torch import Tensor
 
 
 def input_gradient(
-    output: Tensor, inputs: Tensor, grad_output: Tensor | None = None, *,
-    retain_graph: bool | None = None, batched: bool = False,
+    output: Tensor,
+    inputs: Tensor,
+    grad_output: Tensor | None = None,
+    *,
+    retain_graph: bool | None = None,
+    batched: bool = False,
 ) -> Tensor:
     """``d output / d inputs`` (weighted by ``grad_output``), zeros where ``output`` is not
     connected to ``inputs`` in autograd's graph.
@@ -27,9 +31,17 @@ def input_gradient(
     dimension too.
     """
     if output.requires_grad:
-        (grad,) = torch.autograd.grad(output, inputs, grad_output, retain_graph=retain_graph,
-                                      allow_unused=True, is_grads_batched=batched)
+        (grad,) = torch.autograd.grad(
+            output,
+            inputs,
+            grad_output,
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
         if grad is not None:
             return grad
-    shape = inputs.shape if not batched or grad_output is None else (len(grad_output), *inputs.shape)
+    shape = (
+        inputs.shape if not batched or grad_output is None else (len(grad_output), *inputs.shape)
+    )
     return torch.zeros(shape, dtype=inputs.dtype, device=inputs.device)

@@ -57,7 +57,8 @@ from torch import Tensor, nn
 
 from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
-from .base import MinNormAttack, MinNormResult, Outcome, _check_positive_int
+from ..util import check_positive_int
+from .base import MinNormAttack, MinNormResult, Outcome
 from .fast_grad import suspended
 from .registry import register
 
@@ -75,8 +76,14 @@ class LabelOracle:
     adversarial for the sample of the batch it belongs to (``rows``).
     """
 
-    def __init__(self, model: nn.Module, y: Tensor, target: Tensor | None, n_queries: int,
-                 query_batch_size: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        y: Tensor,
+        target: Tensor | None,
+        n_queries: int,
+        query_batch_size: int,
+    ) -> None:
         self._model, self._y, self._target = model, y, target
         self.n_queries, self.query_batch_size = n_queries, query_batch_size
         self.queries = torch.zeros(len(y), dtype=torch.int64, device=y.device)
@@ -84,8 +91,12 @@ class LabelOracle:
     def labels(self, points: Tensor) -> Tensor:
         """The predicted labels of ``points``: the only thing the model ever gives away."""
         with torch.no_grad(), suspended():
-            return torch.cat([self._model(chunk).argmax(1)
-                              for chunk in points.detach().split(self.query_batch_size)])
+            return torch.cat(
+                [
+                    self._model(chunk).argmax(1)
+                    for chunk in points.detach().split(self.query_batch_size)
+                ]
+            )
 
     def __call__(self, points: Tensor, rows: Tensor) -> Tensor:
         if len(rows) == 0:
@@ -152,14 +163,22 @@ class HopSkipJump(MinNormAttack):
     ) -> None:
         kwargs.setdefault("norm", "l2")
         super().__init__(threat, **kwargs)  # type: ignore[arg-type]
-        for name, value in (("steps", steps), ("n_queries", n_queries),
-                            ("init_evals", init_evals), ("max_evals", max_evals),
-                            ("init_trials", init_trials), ("query_batch_size", query_batch_size)):
-            _check_positive_int(name, value)
+        for name, value in (
+            ("steps", steps),
+            ("n_queries", n_queries),
+            ("init_evals", init_evals),
+            ("max_evals", max_evals),
+            ("init_trials", init_trials),
+            ("query_batch_size", query_batch_size),
+        ):
+            check_positive_int(name, value)
         if init_evals > max_evals:
             raise AdvtrainError(f"init_evals ({init_evals}) must be <= max_evals ({max_evals})")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (
-                0 < gamma < float("inf")):
+        if (
+            isinstance(gamma, bool)
+            or not isinstance(gamma, (int, float))
+            or not (0 < gamma < float("inf"))
+        ):
             raise AdvtrainError(f"gamma must be a positive finite number, got {gamma!r}")
         self.steps, self.n_queries = steps, n_queries
         self.init_evals, self.max_evals, self.gamma = init_evals, max_evals, float(gamma)
@@ -171,12 +190,23 @@ class HopSkipJump(MinNormAttack):
         self._batch: _Batch | None = None
 
     def _hyperparameters(self) -> dict[str, object]:
-        return {**super()._hyperparameters(), "steps": self.steps, "n_queries": self.n_queries,
-                "init_evals": self.init_evals, "max_evals": self.max_evals, "gamma": self.gamma}
+        return {
+            **super()._hyperparameters(),
+            "steps": self.steps,
+            "n_queries": self.n_queries,
+            "init_evals": self.init_evals,
+            "max_evals": self.max_evals,
+            "gamma": self.gamma,
+        }
 
     # ------------------------------------------------------------------ entry points
     def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor, *, target: Tensor | None = None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        target: Tensor | None = None,
         starting_points: Tensor | None = None,
     ) -> Tensor:
         """Adversarial examples inside the threat model; ``starting_points`` (shaped like ``x``)
@@ -185,7 +215,12 @@ class HopSkipJump(MinNormAttack):
             return super().__call__(model, x, y, target=target)
 
     def min_norm(
-        self, model: nn.Module, x: Tensor, y: Tensor, *, target: Tensor | None = None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        target: Tensor | None = None,
         starting_points: Tensor | None = None,
     ) -> MinNormResult:
         """The smallest adversarial perturbation found for each point, and its norm."""
@@ -199,22 +234,32 @@ class HopSkipJump(MinNormAttack):
     @contextlib.contextmanager
     def _session(self, x: Tensor, starting_points: Tensor | None) -> Iterator[None]:
         if starting_points is not None:
-            if not isinstance(starting_points, Tensor) or not isinstance(x, Tensor) or (
-                    starting_points.shape != x.shape):
+            if (
+                not isinstance(starting_points, Tensor)
+                or not isinstance(x, Tensor)
+                or (starting_points.shape != x.shape)
+            ):
                 got = getattr(starting_points, "shape", None)
                 got = tuple(got) if got is not None else type(starting_points).__name__
-                raise AdvtrainError(f"starting_points must be a tensor shaped like x "
-                                    f"{tuple(getattr(x, 'shape', ()))}, got {got}")
+                raise AdvtrainError(
+                    f"starting_points must be a tensor shaped like x "
+                    f"{tuple(getattr(x, 'shape', ()))}, got {got}"
+                )
             if not starting_points.is_floating_point() or not bool(
-                    torch.isfinite(starting_points).all()):
+                torch.isfinite(starting_points).all()
+            ):
                 raise AdvtrainError("starting_points must hold finite floating-point values")
         self._starts, self._cursor, self._spent = (
-            None if starting_points is None else starting_points.detach(), 0, [])
+            None if starting_points is None else starting_points.detach(),
+            0,
+            [],
+        )
         try:
             yield
         finally:
-            self.queries_used = (torch.cat(self._spent) if self._spent
-                                 else torch.zeros(0, dtype=torch.int64))
+            self.queries_used = (
+                torch.cat(self._spent) if self._spent else torch.zeros(0, dtype=torch.int64)
+            )
             self._starts, self._spent, self._batch = None, [], None
 
     @contextlib.contextmanager
@@ -222,10 +267,11 @@ class HopSkipJump(MinNormAttack):
         """Bookkeeping for one batch of the base's batching (they come in order)."""
         starts = None
         if self._starts is not None:
-            starts = self._starts[self._cursor: self._cursor + len(x)].to(x.device, x.dtype)
+            starts = self._starts[self._cursor : self._cursor + len(x)].to(x.device, x.dtype)
         self._cursor += len(x)
-        self._batch = _Batch(torch.zeros(len(x), dtype=torch.int64),
-                             torch.zeros(len(x), dtype=torch.bool), starts)
+        self._batch = _Batch(
+            torch.zeros(len(x), dtype=torch.int64), torch.zeros(len(x), dtype=torch.bool), starts
+        )
         try:
             yield
         finally:
@@ -233,21 +279,33 @@ class HopSkipJump(MinNormAttack):
             self._batch = None
 
     def _restarts(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         with self._batch_of(x):
             return super()._restarts(model, x, y, target, generator)
 
     def _minimize_restarts(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         with self._batch_of(x):
             return super()._minimize_restarts(model, x, y, target, generator)
 
     def run(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         """The base's run; each restart of ``__call__`` attacks the rows no earlier run broke."""
@@ -265,7 +323,11 @@ class HopSkipJump(MinNormAttack):
 
     # ------------------------------------------------------------------ the attack
     def minimize(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
         oracle = LabelOracle(model, y, target, self.n_queries, self.query_batch_size)
@@ -274,8 +336,9 @@ class HopSkipJump(MinNormAttack):
         if batch is not None and batch.starts is not None:
             starts = batch.starts if batch.rows is None else batch.starts[batch.rows.to(x.device)]
         try:
-            return self._search(oracle, x, starts, generator,
-                                stop_at=None if batch is None else batch.stop_at)
+            return self._search(
+                oracle, x, starts, generator, stop_at=None if batch is None else batch.stop_at
+            )
         finally:
             spent = oracle.queries.cpu()
             if batch is None:
@@ -285,8 +348,14 @@ class HopSkipJump(MinNormAttack):
             else:
                 batch.queries[batch.rows] += spent
 
-    def _search(self, oracle: LabelOracle, x: Tensor, starts: Tensor | None,
-                generator: torch.Generator | None, stop_at: float | None = None) -> Tensor:
+    def _search(
+        self,
+        oracle: LabelOracle,
+        x: Tensor,
+        starts: Tensor | None,
+        generator: torch.Generator | None,
+        stop_at: float | None = None,
+    ) -> Tensor:
         """The smallest adversarial point found per row; with ``stop_at`` (a bounded run), a
         row stops querying once it has one within that norm."""
         threat, n = self.threat, len(x)
@@ -300,7 +369,7 @@ class HopSkipJump(MinNormAttack):
         rows, adv = self._initialize(oracle, x, rows, starts, generator)
         if len(rows) == 0:
             return x_best
-        theta = self.gamma / (d ** 1.5 if threat.norm == "l2" else d ** 2)
+        theta = self.gamma / (d**1.5 if threat.norm == "l2" else d**2)
         cur, dist_post = self._boundary(oracle, x[rows], adv, rows, theta)
         x_best[rows] = cur
         best_norm = torch.full((n,), float("inf"), dtype=torch.float64, device=x.device)
@@ -315,16 +384,20 @@ class HopSkipJump(MinNormAttack):
                 break
             x_rows = x[rows]
             dist = lp_norm(cur - x_rows, threat.norm).double()
-            delta = (torch.full_like(dist, 0.1 * span) if t == 1
-                     else self.gamma * dist_post / d).clamp_min(1e-12).to(x.dtype)
+            delta = (
+                (torch.full_like(dist, 0.1 * span) if t == 1 else self.gamma * dist_post / d)
+                .clamp_min(1e-12)
+                .to(x.dtype)
+            )
             evals = min(int(self.init_evals * math.sqrt(t)), self.max_evals)
             counts = (oracle.left(rows) - 1).clamp(max=evals)
             grad = self._gradient(oracle, cur, rows, delta, counts, generator)
             update = grad.sign() if threat.norm == "linf" else grad
             stepped, moved = self._step(oracle, cur, rows, update, dist / math.sqrt(t))
             if bool(moved.any()):
-                landed, post = self._boundary(oracle, x_rows[moved], stepped[moved],
-                                              rows[moved], theta)
+                landed, post = self._boundary(
+                    oracle, x_rows[moved], stepped[moved], rows[moved], theta
+                )
                 cur[moved], dist_post[moved] = landed, post
             norms = lp_norm(cur - x_rows, threat.norm).double()
             better = norms < best_norm[rows]
@@ -341,15 +414,23 @@ class HopSkipJump(MinNormAttack):
 
     def _span(self, x: Tensor) -> float:
         """The width of the box, ``upper - lower``, averaged over the mutable features."""
-        lower, upper = (torch.as_tensor(b, dtype=x.dtype, device=x.device).expand(x.shape[1:])
-                        for b in (self.threat.lower, self.threat.upper))
+        lower, upper = (
+            torch.as_tensor(b, dtype=x.dtype, device=x.device).expand(x.shape[1:])
+            for b in (self.threat.lower, self.threat.upper)
+        )
         width = upper - lower
         if self.threat.mask is not None:
             width = width[self.threat.mask.to(x.device).expand(x.shape[1:])]
         return float(width.mean())
 
-    def _initialize(self, oracle: LabelOracle, x: Tensor, rows: Tensor, starts: Tensor | None,
-                    generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def _initialize(
+        self,
+        oracle: LabelOracle,
+        x: Tensor,
+        rows: Tensor,
+        starts: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
         """Adversarial starting points for ``rows`` (the rows found, and their points): the
         user's starting points where adversarial, else uniform noise in the box drawn until
         adversarial, then blended towards the clean point by binary search."""
@@ -405,8 +486,9 @@ class HopSkipJump(MinNormAttack):
             return (1 - a) * x + a * adv
         return torch.minimum(torch.maximum(adv, x - a), x + a)
 
-    def _boundary(self, oracle: LabelOracle, x: Tensor, adv: Tensor, rows: Tensor,
-                  theta: float) -> tuple[Tensor, Tensor]:
+    def _boundary(
+        self, oracle: LabelOracle, x: Tensor, adv: Tensor, rows: Tensor, theta: float
+    ) -> tuple[Tensor, Tensor]:
         """Binary search between ``x`` and the adversarial ``adv`` to the boundary: the
         adversarial points found, and the distances of ``adv`` (the authors'
         ``dist_post_update``)."""
@@ -432,8 +514,15 @@ class HopSkipJump(MinNormAttack):
             high[index[good]], low[index[~good]] = mid[good], mid[~good]
             best[index[good]] = points[good]
 
-    def _gradient(self, oracle: LabelOracle, cur: Tensor, rows: Tensor, delta: Tensor,
-                  counts: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _gradient(
+        self,
+        oracle: LabelOracle,
+        cur: Tensor,
+        rows: Tensor,
+        delta: Tensor,
+        counts: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
         """Monte-Carlo estimate of the unit direction of the gradient of the decision at the
         boundary points ``cur``, with ``counts`` random directions per point, probed at radius
         ``delta``; the decisions (+-1) are centred by their mean unless all agree."""
@@ -448,8 +537,9 @@ class HopSkipJump(MinNormAttack):
         kwargs = {"generator": generator, "device": cur.device, "dtype": cur.dtype}
         for start in range(0, total, chunk):
             b = min(chunk, total - start)
-            valid = (torch.arange(start, start + b, device=cur.device)[None] <
-                     counts[:, None].to(cur.device))
+            valid = torch.arange(start, start + b, device=cur.device)[None] < counts[:, None].to(
+                cur.device
+            )
             if threat.norm == "l2":
                 rv = torch.randn((m, b, *shape), **kwargs)
             else:
@@ -471,8 +561,9 @@ class HopSkipJump(MinNormAttack):
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
         return grad / _rows_like(norms, grad)
 
-    def _step(self, oracle: LabelOracle, cur: Tensor, rows: Tensor, update: Tensor,
-              size: Tensor) -> tuple[Tensor, Tensor]:
+    def _step(
+        self, oracle: LabelOracle, cur: Tensor, rows: Tensor, update: Tensor, size: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Geometric step-size search: from ``size``, halve the step along ``update`` until it
         lands on the adversarial side. The stepped points, and which points moved."""
         size = size.clone()

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import attack_objective, check_loss, is_adversarial
 from ..threat import ThreatModel
-from .base import Attack, Outcome, _check_positive_int, compaction_interval
+from ..util import check_positive_int
+from .base import Attack, Outcome, compaction_interval
 from .gradient import input_gradient
 from .registry import register
 
@@ -63,10 +64,12 @@ class PGD(Attack):
         **kwargs: object,
     ) -> None:
         super().__init__(threat, **kwargs)  # type: ignore[arg-type]
-        _check_positive_int("steps", steps)
+        check_positive_int("steps", steps)
         if step_size is None:
             step_size = self.default_step_size(steps)
-        if not (isinstance(step_size, (int, float)) and step_size >= 0 and step_size < float("inf")):
+        if not (
+            isinstance(step_size, (int, float)) and step_size >= 0 and step_size < float("inf")
+        ):
             raise AdvtrainError(f"step_size must be finite and >= 0, got {step_size!r}")
         self.steps = steps
         self.step_size = float(step_size)
@@ -79,8 +82,12 @@ class PGD(Attack):
 
     def _hyperparameters(self) -> dict[str, object]:
         return {
-            **super()._hyperparameters(), "steps": self.steps, "step_size": self.step_size,
-            "random_start": self.random_start, "loss": self.loss, "early_stop": self.early_stop,
+            **super()._hyperparameters(),
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "random_start": self.random_start,
+            "loss": self.loss,
+            "early_stop": self.early_stop,
         }
 
     @property
@@ -88,7 +95,11 @@ class PGD(Attack):
         return False  # :meth:`run` does, after drawing every point's start (as Madry et al.)
 
     def run(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         threat = self.threat
@@ -136,7 +147,8 @@ class PGD(Attack):
                 if len(active) == 0:
                     break
             x_adv = threat.project(
-                x_adv.detach() + self.step_size * threat.ascent_direction(grad, x_adv.detach()), x_clean
+                x_adv.detach() + self.step_size * threat.ascent_direction(grad, x_adv.detach()),
+                x_clean,
             )
         return best
 
@@ -151,6 +163,7 @@ class PGD(Attack):
                 objective = attack_objective(model(x_adv), y, target, self.loss)
             grad = input_gradient(objective.sum(), x_adv)
             x_adv = threat.project(
-                x_adv.detach() + self.step_size * threat.ascent_direction(grad, x_adv.detach()), x)
+                x_adv.detach() + self.step_size * threat.ascent_direction(grad, x_adv.detach()), x
+            )
         zeros = torch.zeros(len(x), device=x.device)
         return Outcome(x_adv.detach(), zeros.bool(), zeros)

@@ -50,7 +50,8 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import cross_entropy, cw_margin, is_adversarial
 from ..threat import ThreatModel
-from .base import Attack, Outcome, _check_positive_int, compaction_interval
+from ..util import check_positive_int
+from .base import Attack, Outcome, compaction_interval
 from .fast_grad import suspended
 from .registry import register
 from .window_forward import MAX_MAP_BYTES, Change, WindowForward
@@ -129,7 +130,11 @@ def plane_shape(sample_shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def random_corners(
-    n: int, h: int, w: int, size: tuple[int, int], generator: torch.Generator | None,
+    n: int,
+    h: int,
+    w: int,
+    size: tuple[int, int],
+    generator: torch.Generator | None,
     device: torch.device,
 ) -> tuple[Tensor, Tensor]:
     """Top row and left column of one window of ``size`` per sample, uniform over the plane."""
@@ -150,14 +155,16 @@ def window_mask(
     return (in_rows[:, :, None] & in_cols[:, None, :])[:, None], rows, cols
 
 
-def window_indices(top: Tensor, left: Tensor, shape: tuple[int, int, int],
-                   size: tuple[int, int]) -> Tensor:
+def window_indices(
+    top: Tensor, left: Tensor, shape: tuple[int, int, int], size: tuple[int, int]
+) -> Tensor:
     """Flat indices ``(n, c * sh * sw)`` of each sample's window in its flattened ``(c, h, w)``
     plane, channel by channel, for ``gather``/``scatter``."""
     c, h, w = shape
     device = top.device
-    offsets = (torch.arange(size[0], device=device)[:, None] * w
-               + torch.arange(size[1], device=device)).flatten()
+    offsets = (
+        torch.arange(size[0], device=device)[:, None] * w + torch.arange(size[1], device=device)
+    ).flatten()
     channels = torch.arange(c, device=device)[:, None] * (h * w)
     corner = (top * w + left)[:, None, None]
     return (corner + channels + offsets).reshape(len(top), -1)
@@ -211,7 +218,7 @@ class Square(Attack):
         **kwargs: object,
     ) -> None:
         super().__init__(threat, **kwargs)  # type: ignore[arg-type]
-        _check_positive_int("n_queries", n_queries)
+        check_positive_int("n_queries", n_queries)
         if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
             raise AdvtrainError(f"p_init must be in (0, 1], got {p_init!r}")
         if loss not in SQUARE_LOSSES:
@@ -222,8 +229,12 @@ class Square(Attack):
         self._batches: list[Tensor] = []
 
     def _hyperparameters(self) -> dict[str, object]:
-        return {**super()._hyperparameters(), "n_queries": self.n_queries, "p_init": self.p_init,
-                "loss": self.loss}
+        return {
+            **super()._hyperparameters(),
+            "n_queries": self.n_queries,
+            "p_init": self.p_init,
+            "loss": self.loss,
+        }
 
     # ------------------------------------------------------------------ query bookkeeping
     @property
@@ -237,12 +248,17 @@ class Square(Attack):
         try:
             return super().__call__(model, x, y, target=target)
         finally:
-            self.queries_used = (torch.cat(self._batches) if self._batches
-                                 else torch.zeros(0, dtype=torch.int64))
+            self.queries_used = (
+                torch.cat(self._batches) if self._batches else torch.zeros(0, dtype=torch.int64)
+            )
             self._batches, self._runs = [], []
 
     def _restarts(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         """The base's restarts, then the queries of each run added to the rows it attacked
@@ -265,7 +281,11 @@ class Square(Attack):
         return cw_margin(logits, y) if self.loss == "margin" else cross_entropy(logits, y)
 
     def run(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         n, sample = len(x), tuple(x.shape[1:])
@@ -286,15 +306,26 @@ class Square(Attack):
         like one sample of the planes ``x``."""
         plane = (1, *x.shape[1:])
         threat = self.threat
-        lower, upper = (torch.as_tensor(b, dtype=x.dtype, device=x.device).expand(sample)
-                        .reshape(plane) for b in (threat.lower, threat.upper))
-        mutable = (torch.ones(plane, dtype=torch.bool, device=x.device) if threat.mask is None
-                   else threat.mask.to(x.device).expand(sample).reshape(plane))
+        lower, upper = (
+            torch.as_tensor(b, dtype=x.dtype, device=x.device).expand(sample).reshape(plane)
+            for b in (threat.lower, threat.upper)
+        )
+        mutable = (
+            torch.ones(plane, dtype=torch.bool, device=x.device)
+            if threat.mask is None
+            else threat.mask.to(x.device).expand(sample).reshape(plane)
+        )
         return lower, upper, mutable
 
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, best: Outcome,
-        queries: Tensor, generator: torch.Generator | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        best: Outcome,
+        queries: Tensor,
+        generator: torch.Generator | None,
     ) -> None:
         """Random search on the points of ``best`` not yet adversarial; ``x`` is shaped
         ``(N, C, H, W)`` (planes), and ``best`` and ``queries`` are updated in place."""
@@ -340,8 +371,9 @@ class Square(Attack):
             else:
                 candidate, changed = self._propose_l2(state, i, context)
             if every == 1:
-                state = self._query(model, state, candidate, changed, best, queries, shape,
-                                    local, window)
+                state = self._query(
+                    model, state, candidate, changed, best, queries, shape, local, window
+                )
             else:
                 self._query_all(model, state, candidate, changed, best, queries, shape)
                 if (i + 2) % every == 0:
@@ -349,14 +381,22 @@ class Square(Attack):
         index, active = state["index"], state["active"]
         if len(index):
             rows = active.reshape((-1,) + (1,) * (len(shape) - 1))
-            best.x_adv[index] = torch.where(rows, state["cur"].reshape(len(index), *shape[1:]),
-                                            best.x_adv[index])
+            best.x_adv[index] = torch.where(
+                rows, state["cur"].reshape(len(index), *shape[1:]), best.x_adv[index]
+            )
             queried = active & (state["loss"] > float("-inf"))  # else never moved: keep its loss
             best.loss[index] = torch.where(queried, state["loss"], best.loss[index])
 
     def _query(
-        self, model: nn.Module, state: dict[str, Tensor], candidate: Tensor, changed: Tensor,
-        best: Outcome, queries: Tensor, shape: torch.Size, local: WindowForward | None = None,
+        self,
+        model: nn.Module,
+        state: dict[str, Tensor],
+        candidate: Tensor,
+        changed: Tensor,
+        best: Outcome,
+        queries: Tensor,
+        shape: torch.Size,
+        local: WindowForward | None = None,
         window: tuple[Tensor, Tensor, tuple[int, int]] | None = None,
     ) -> dict[str, Tensor]:
         """Query the model on the candidates that differ from the current points (``changed``);
@@ -373,8 +413,9 @@ class Square(Attack):
         wanted = target if target is None or rows is None else target[rows]
         state_maps = [] if local is None else [state[f"map{k}"] for k in range(local.n_maps)]
         maps = state_maps if rows is None else [m[rows] for m in state_maps]
-        logits, change, new_maps = self._forward(model, picked, y, wanted, maps, shape, local,
-                                                 window)
+        logits, change, new_maps = self._forward(
+            model, picked, y, wanted, maps, shape, local, window
+        )
         if rows is None:
             loss = self._objective(logits, y, wanted)
             success = is_adversarial(logits, y, wanted)
@@ -405,8 +446,14 @@ class Square(Attack):
         return state
 
     def _forward(
-        self, model: nn.Module, picked: Tensor, y: Tensor, wanted: Tensor | None,
-        maps: list[Tensor], shape: torch.Size, local: WindowForward | None,
+        self,
+        model: nn.Module,
+        picked: Tensor,
+        y: Tensor,
+        wanted: Tensor | None,
+        maps: list[Tensor],
+        shape: torch.Size,
+        local: WindowForward | None,
         window: tuple[Tensor, Tensor, tuple[int, int]] | None,
     ) -> tuple[Tensor, Change | None, list[Tensor]]:
         """Logits of the candidates ``picked``, with what :meth:`_query` keeps of their state:
@@ -427,8 +474,14 @@ class Square(Attack):
         return logits, change, []
 
     def _query_all(
-        self, model: nn.Module, state: dict[str, Tensor], candidate: Tensor, changed: Tensor,
-        best: Outcome, queries: Tensor, shape: torch.Size,
+        self,
+        model: nn.Module,
+        state: dict[str, Tensor],
+        candidate: Tensor,
+        changed: Tensor,
+        best: Outcome,
+        queries: Tensor,
+        shape: torch.Size,
     ) -> None:
         """:meth:`_query` without reading anything back to the host: every row is passed to the
         model, but only the active rows that changed count as queries and can be accepted; the
@@ -444,8 +497,9 @@ class Square(Attack):
         state["cur"] = torch.where(_per_sample(accept), candidate, state["cur"])
         state["loss"] = torch.where(accept, loss, state["loss"])
         rows = success.reshape((-1,) + (1,) * (len(shape) - 1))
-        best.x_adv[index] = torch.where(rows, candidate.reshape(len(index), *shape[1:]),
-                                        best.x_adv[index])
+        best.x_adv[index] = torch.where(
+            rows, candidate.reshape(len(index), *shape[1:]), best.x_adv[index]
+        )
         best.success[index] = best.success[index] | success
         best.loss[index] = torch.where(success, loss, best.loss[index])
         state["active"] = state["active"] & ~success
@@ -458,7 +512,10 @@ class Square(Attack):
         return torch.where(signs > 0, state["plus"], state["minus"])
 
     def _propose_linf(
-        self, state: dict[str, Tensor], iteration: int, generator: torch.Generator | None,
+        self,
+        state: dict[str, Tensor],
+        iteration: int,
+        generator: torch.Generator | None,
         dense: bool = False,
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, tuple[int, int]]]:
         """Set a random window to ``x ± eps`` (a random sign per point and channel). Where that
@@ -518,16 +575,18 @@ class Square(Attack):
                 delta[:, :, top : top + side[0], left : left + side[1]] += tile * signs
         return self._finish_l2(x, delta, lower, upper, mutable)
 
-    def _finish_l2(self, x: Tensor, delta: Tensor, lower: Tensor, upper: Tensor,
-                   mutable: Tensor) -> Tensor:
+    def _finish_l2(
+        self, x: Tensor, delta: Tensor, lower: Tensor, upper: Tensor, mutable: Tensor
+    ) -> Tensor:
         """Mask the perturbation, rescale it to norm eps, clamp the point into the bounds."""
         delta = delta * mutable
         norms = delta.flatten(1).norm(dim=1)
         scale = torch.where(norms > 0, self.threat.eps / norms.clamp_min(1e-12), 0.0)
         return torch.minimum(torch.maximum(x + delta * _per_sample(scale), lower), upper)
 
-    def _propose_l2(self, state: dict[str, Tensor], iteration: int,
-                    context: tuple) -> tuple[Tensor, Tensor]:
+    def _propose_l2(
+        self, state: dict[str, Tensor], iteration: int, context: tuple
+    ) -> tuple[Tensor, Tensor]:
         """Replace window 1 by a bump plus its normalised content and empty window 2, giving
         window 1 the mass of both and the unused budget, then rescale to norm eps."""
         lower, upper, mutable, generator = context
@@ -547,11 +606,14 @@ class Square(Attack):
         shapes = eta(*size).to(x.device, x.dtype)
         shapes = torch.stack([shapes, shapes.T]) if size[0] == size[1] else shapes[None]
         pick = torch.randint(0, len(shapes), (n,), generator=generator, device=x.device)
-        placed = shapes[pick[:, None, None], rows.clamp(0, size[0] - 1)[:, :, None],
-                        cols.clamp(0, size[1] - 1)[:, None, :]]
+        placed = shapes[
+            pick[:, None, None],
+            rows.clamp(0, size[0] - 1)[:, :, None],
+            cols.clamp(0, size[1] - 1)[:, None, :],
+        ]
         new = placed[:, None] * first * random_signs((n, c, 1, 1), generator, x)
         new = new + in_first / norm_first.clamp_min(1e-12)
-        budget = ((self.threat.eps ** 2 - norm_total2).clamp_min(0) / c + norm_both2).sqrt()
+        budget = ((self.threat.eps**2 - norm_total2).clamp_min(0) / c + norm_both2).sqrt()
         new = new / new.square().sum((2, 3), keepdim=True).sqrt().clamp_min(1e-12) * budget
         candidate = self._finish_l2(x, torch.where(both, 0.0, delta) + new, lower, upper, mutable)
         return candidate, (candidate != cur).flatten(1).any(1)
@@ -566,7 +628,7 @@ def _tile_starts(length: int, side: int) -> list[int]:
 def _nonempty_subsets(n: int, c: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
     """``(n, c)`` indicators of a uniformly drawn non-empty subset of ``c`` channels."""
     if c <= 62:
-        code = torch.randint(1, 2 ** c, (n, 1), generator=generator, device=like.device)
+        code = torch.randint(1, 2**c, (n, 1), generator=generator, device=like.device)
         bits = (code >> torch.arange(c, device=like.device)) & 1
     else:  # independent coins, and one channel forced where none came up
         bits = torch.randint(0, 2, (n, c), generator=generator, device=like.device)

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..losses import is_adversarial
 from ..threat import ThreatModel
-from .base import Attack, Outcome, _check_positive_int, frozen, model_device
+from ..util import check_positive_int
+from .base import Attack, Outcome, frozen, model_device
 from .registry import make_attack, register
 
 
@@ -68,7 +69,9 @@ class Transfer(Attack):
         if not isinstance(attack, Attack):
             raise AdvtrainError(f"attack must be an Attack or a name, got {type(attack).__name__}")
         if isinstance(attack, Transfer):
-            raise AdvtrainError("the crafting attack of a transfer attack cannot be another transfer")
+            raise AdvtrainError(
+                "the crafting attack of a transfer attack cannot be another transfer"
+            )
         self.surrogate = surrogate
         self.crafting = attack
 
@@ -76,7 +79,11 @@ class Transfer(Attack):
         return {**super()._hyperparameters(), "attack": self.crafting}
 
     def run(
-        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
         with torch.no_grad():
@@ -84,22 +91,27 @@ class Transfer(Attack):
         x_adv = x.clone()
         standing = (~already).nonzero().squeeze(1)
         if len(standing):
-            crafted = self._craft(x[standing], y[standing],
-                                  None if target is None else target[standing], generator)
+            crafted = self._craft(
+                x[standing], y[standing], None if target is None else target[standing], generator
+            )
             x_adv[standing] = self.threat.project(crafted.to(x.device), x[standing])
         with torch.no_grad():
             logits = model(x_adv)
         success = is_adversarial(logits, y, target)
         return Outcome(x_adv, success, _margin(logits, y, target))
 
-
-    def _craft(self, x: Tensor, y: Tensor, target: Tensor | None,
-               generator: torch.Generator | None) -> Tensor:
+    def _craft(
+        self, x: Tensor, y: Tensor, target: Tensor | None, generator: torch.Generator | None
+    ) -> Tensor:
         """The crafting attack on the surrogate, drawing from our generator when it can."""
         device = model_device(self.surrogate, default=x.device)
         if device != x.device or generator is None:
-            return self.crafting(self.surrogate, x.to(device), y.to(device),
-                                 target=None if target is None else target.to(device))
+            return self.crafting(
+                self.surrogate,
+                x.to(device),
+                y.to(device),
+                target=None if target is None else target.to(device),
+            )
         with frozen(self.surrogate):  # restarts draw new starts from the shared generator
             return self.crafting._restarts(self.surrogate, x, y, target, generator).x_adv
 
@@ -137,7 +149,7 @@ def transfer_rate(
 
     if not isinstance(attack, Transfer):
         raise AdvtrainError("transfer_rate needs a Transfer attack")
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     both = (predict(model, x, batch_size) == y) & (predict(attack.surrogate, x, batch_size) == y)
     index = both.nonzero().squeeze(1)
     if len(index) == 0:
@@ -151,20 +163,27 @@ def transfer_rate(
     fools_target = predict(model, crafted, batch_size) != y
     carried = (fools_surrogate & fools_target).sum()
     rate = float(carried / fools_surrogate.sum()) if bool(fools_surrogate.any()) else float("nan")
-    return TransferReport(len(index), float(fools_surrogate.float().mean()),
-                          float(fools_target.float().mean()), rate)
+    return TransferReport(
+        len(index), float(fools_surrogate.float().mean()), float(fools_target.float().mean()), rate
+    )
 
 
 def fit_surrogate(
-    model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 10, lr: float = 3e-3,
-    batch_size: int = 64, seed: int = 0,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int = 10,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
 ) -> nn.Module:
     """Train ``model`` as a surrogate on ``(x, y)`` (standard training, Adam); returns it in eval mode.
 
     For a transfer attack when the target's weights are unknown but its task's data is at hand.
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        _check_positive_int(name, value)
+        check_positive_int(name, value)
     device = model_device(model, default=x.device)
     x, y = x.to(device), y.to(device)
     generator = torch.Generator().manual_seed(seed)

@@ -36,9 +36,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Layers applied to each value on its own (in eval mode): they run on the changed patch only.
-POINTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-             nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout,
-             nn.Dropout2d, nn.BatchNorm2d)
+POINTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.BatchNorm2d,
+)
 
 #: Commits after which the kept output of the head's first linear layer is recomputed whole.
 REANCHOR = 100
@@ -61,15 +77,18 @@ class _Stage:
 
     def patch(self, changed: tuple[int, int]) -> tuple[int, int]:
         """Height and width of the output patch a changed ``changed`` input patch reaches."""
-        return tuple(min(out, (r + k - 2) // s + 1) for r, k, s, out  # type: ignore[return-value]
-                     in zip(changed, self.kernel, self.stride, self.size_out))
+        return tuple(
+            min(out, (r + k - 2) // s + 1)
+            for r, k, s, out in zip(changed, self.kernel, self.stride, self.size_out)  # type: ignore[return-value]
+        )
 
     def local(self, crop: Tensor) -> Tensor:
         """The layer on an input crop (already padded), then the pointwise layers."""
         layer = self.layer
         if isinstance(layer, nn.Conv2d):
-            out = F.conv2d(crop, layer.weight, layer.bias, layer.stride, 0, layer.dilation,
-                           layer.groups)
+            out = F.conv2d(
+                crop, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups
+            )
         else:
             out = F.max_pool2d(crop, layer.kernel_size, layer.stride, 0, layer.dilation)
         for module in self.after:
@@ -90,8 +109,11 @@ class _Stage:
 def _pair(value: object) -> tuple[int, int] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         return int(value[0]), int(value[1])
     return None
 
@@ -115,8 +137,11 @@ def _layers(model: nn.Module) -> list[nn.Module] | None:
 def _has_hooks(model: nn.Module) -> bool:
     from torch.nn.modules import module as module_globals
 
-    names = ("_global_forward_hooks", "_global_forward_pre_hooks",
-             "_global_forward_hooks_always_called")
+    names = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_forward_hooks_always_called",
+    )
     if any(getattr(module_globals, name, None) for name in names):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
@@ -141,12 +166,21 @@ def _stage(layer: nn.Module, size_in: tuple[int, int]) -> _Stage | None:
     if kernel is None or stride is None or padding is None or dilation is None:
         return None
     extent = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
-    size_out = tuple((n + 2 * p - e) // s + 1
-                     for n, p, e, s in zip(size_in, padding, extent, stride))
+    size_out = tuple(
+        (n + 2 * p - e) // s + 1 for n, p, e, s in zip(size_in, padding, extent, stride)
+    )
     if min(size_out) < 1:
         return None
-    return _Stage(layer, (), extent, stride, padding, fill,  # type: ignore[arg-type]
-                  size_in, size_out)
+    return _Stage(
+        layer,
+        (),
+        extent,
+        stride,
+        padding,
+        fill,  # type: ignore[arg-type]
+        size_in,
+        size_out,
+    )
 
 
 def _pointwise(module: nn.Module) -> bool:
@@ -168,7 +202,7 @@ class Patch:
     def cells(self, feature: Tensor) -> Tensor:
         """The patch's place in ``feature`` (an unpadded map), a view."""
         h, w = self.values.shape[2:]
-        return feature[:, :, self.top:self.top + h, self.left:self.left + w]
+        return feature[:, :, self.top : self.top + h, self.left : self.left + w]
 
 
 @dataclass
@@ -193,9 +227,14 @@ class WindowForward:
     def __init__(self, stages: list[_Stage], head: list[nn.Module]) -> None:
         self.stages, self.head = stages, head
         self.linear: nn.Linear | None = None
-        if (len(head) >= 2 and type(head[0]) is nn.Flatten and type(head[1]) is nn.Linear
-                and head[0].start_dim == 1 and head[0].end_dim == -1
-                and not any("forward" in vars(m) for m in head[:2])):
+        if (
+            len(head) >= 2
+            and type(head[0]) is nn.Flatten
+            and type(head[1]) is nn.Linear
+            and head[0].start_dim == 1
+            and head[0].end_dim == -1
+            and not any("forward" in vars(m) for m in head[:2])
+        ):
             self.linear = head[1]
         self.n_maps = len(stages) + (self.linear is not None)
         self._commits = 0
@@ -280,8 +319,9 @@ class WindowForward:
         maps.append(out)
         return self._run(self.head[2:], out), maps
 
-    def __call__(self, candidate: Tensor, maps: list[Tensor], top: int, left: int,
-                 window: tuple[int, int]) -> tuple[Tensor, Change]:
+    def __call__(
+        self, candidate: Tensor, maps: list[Tensor], top: int, left: int, window: tuple[int, int]
+    ) -> tuple[Tensor, Change]:
         """Logits of ``candidate``, which equals the points of state ``maps`` outside the window
         ``window`` at ``(top, left)``, with what changed (for :meth:`commit`). The state is left
         as it was."""
@@ -294,21 +334,31 @@ class WindowForward:
             o_left = min(max(_first_reached(left, stage, 1), 0), stage.size_out[1] - out_w)
             crop_top = o_top * stage.stride[0] - stage.padding[0]
             crop_left = o_left * stage.stride[1] - stage.padding[1]
-            crop_size = (stage.stride[0] * (out_h - 1) + stage.kernel[0],
-                         stage.stride[1] * (out_w - 1) + stage.kernel[1])
+            crop_size = (
+                stage.stride[0] * (out_h - 1) + stage.kernel[0],
+                stage.stride[1] * (out_w - 1) + stage.kernel[1],
+            )
             if k == 0:
                 crop = _crop(candidate, crop_top, crop_left, crop_size, stage.fill)
             else:  # from the kept map (padded), with the previous stage's changed patch in it
-                crop = _crop(maps[k - 1], crop_top + stage.padding[0],
-                             crop_left + stage.padding[1], crop_size, stage.fill)
+                crop = _crop(
+                    maps[k - 1],
+                    crop_top + stage.padding[0],
+                    crop_left + stage.padding[1],
+                    crop_size,
+                    stage.fill,
+                )
                 _paste(crop, patches[-1].values, top - crop_top, left - crop_left)
             patches.append(Patch(o_top, o_left, stage.local(crop)))
             top, left, size = o_top, o_left, (out_h, out_w)
         last, patch = maps[len(self.stages) - 1], patches[-1]
         cells = patch.cells(last)
         if self.linear is not None:
-            out = torch.addmm(maps[-1], (patch.values - cells).flatten(1),
-                              self.linear.weight[:, _flat_index(patch, last.shape[1:])].t())
+            out = torch.addmm(
+                maps[-1],
+                (patch.values - cells).flatten(1),
+                self.linear.weight[:, _flat_index(patch, last.shape[1:])].t(),
+            )
             return self._run(self.head[2:], out), Change(patches, out)
         kept = cells.clone()
         cells.copy_(patch.values)
@@ -326,7 +376,7 @@ class WindowForward:
         for k, patch in enumerate(change.patches):
             (pad_h, pad_w), (h, w) = self._margin(k), patch.values.shape[2:]
             top, left = patch.top + pad_h, patch.left + pad_w
-            maps[k][dest, :, top:top + h, left:left + w] = patch.values[source]
+            maps[k][dest, :, top : top + h, left : left + w] = patch.values[source]
         if change.linear_out is None:
             return
         maps[-1][dest] = change.linear_out[source]
@@ -342,8 +392,9 @@ def _flat_index(patch: Patch, shape: torch.Size) -> Tensor:
     device = patch.values.device
     rows = torch.arange(patch.top, patch.top + ph, device=device)
     cols = torch.arange(patch.left, patch.left + pw, device=device)
-    return (torch.arange(channels, device=device)[:, None, None] * (h * w)
-            + rows[:, None] * w + cols).flatten()
+    return (
+        torch.arange(channels, device=device)[:, None, None] * (h * w) + rows[:, None] * w + cols
+    ).flatten()
 
 
 def _first_reached(start: int, stage: _Stage, axis: int) -> int:
@@ -370,4 +421,4 @@ def _paste(crop: Tensor, patch: Tensor, top: int, left: int) -> None:
     r0, r1 = max(top, 0), min(top + ph, h)
     c0, c1 = max(left, 0), min(left + pw, w)
     if r0 < r1 and c0 < c1:
-        crop[:, :, r0:r1, c0:c1] = patch[:, :, r0 - top:r1 - top, c0 - left:c1 - left]
+        crop[:, :, r0:r1, c0:c1] = patch[:, :, r0 - top : r1 - top, c0 - left : c1 - left]

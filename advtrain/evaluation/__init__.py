@@ -5,6 +5,13 @@ from .report import Check, ClassMetrics, Escalation, Report, robustness_score
 from .suite import evaluate
 
 __all__ = [
-    "AccuracyPair", "Check", "ClassMetrics", "Escalation", "Report", "clean_and_robust_accuracy",
-    "evaluate", "predict", "robustness_score",
+    "AccuracyPair",
+    "Check",
+    "ClassMetrics",
+    "Escalation",
+    "Report",
+    "clean_and_robust_accuracy",
+    "evaluate",
+    "predict",
+    "robustness_score",
 ]

@@ -40,8 +40,9 @@ class Step:
     min_norm: bool = False
 
 
-def suite_attacks(suite: str, threat: ThreatModel, n_classes: int, seed: int,
-                  batch_size: int | None = None) -> list[Step]:
+def suite_attacks(
+    suite: str, threat: ThreatModel, n_classes: int, seed: int, batch_size: int | None = None
+) -> list[Step]:
     """The attacks of a suite, in the order they run.
 
     - ``quick``: APGD-CE (100 iterations), APGD-T over 3 targets, Square with 1,000 queries.
@@ -63,51 +64,83 @@ def suite_attacks(suite: str, threat: ThreatModel, n_classes: int, seed: int,
     targets = min(9, max(n_classes - 1, 1))
     if threat.norm == "l1":
         restarts = {"quick": 1, "standard": 2, "thorough": 5}[suite]
-        return [Step(f"pgd-l1-{loss}", PGD(threat, steps=100, loss=loss, restarts=restarts, **common))
-                for loss in ("ce", "cw", "dlr")]
+        return [
+            Step(f"pgd-l1-{loss}", PGD(threat, steps=100, loss=loss, restarts=restarts, **common))
+            for loss in ("ce", "cw", "dlr")
+        ]
     steps = [Step("apgd-ce", APGD(threat, **common))]
     if suite == "quick":
-        return steps + [Step("apgd-t", APGDT(threat, n_targets=min(3, targets), **common)),
-                        Step("square", Square(threat, n_queries=1000, **common))]
+        return steps + [
+            Step("apgd-t", APGDT(threat, n_targets=min(3, targets), **common)),
+            Step("square", Square(threat, n_queries=1000, **common)),
+        ]
     fab_targets = targets if suite == "thorough" else min(3, targets)
     steps += [
         Step("apgd-t", APGDT(threat, n_targets=targets, **common)),
-        Step("fab-t", FABT(threat.replace(eps=float("inf")), n_targets=fab_targets, **common),
-             min_norm=True),
+        Step(
+            "fab-t",
+            FABT(threat.replace(eps=float("inf")), n_targets=fab_targets, **common),
+            min_norm=True,
+        ),
         Step("square", Square(threat, n_queries=5000, **common)),
     ]
     if suite == "thorough":
         steps += [
             Step("apgd-ce x5", APGD(threat, restarts=5, **{**common, "seed": seed + 1})),
-            Step("apgd-dlr x5", APGD(threat, loss="dlr", restarts=5, **{**common, "seed": seed + 2})),
-            Step("apgd-t all", APGDT(threat, n_targets=max(n_classes - 1, 1), **{**common, "seed": seed + 3})),
-            Step("square 10k x2", Square(threat, n_queries=10000, restarts=2, **{**common, "seed": seed + 4})),
+            Step(
+                "apgd-dlr x5", APGD(threat, loss="dlr", restarts=5, **{**common, "seed": seed + 2})
+            ),
+            Step(
+                "apgd-t all",
+                APGDT(threat, n_targets=max(n_classes - 1, 1), **{**common, "seed": seed + 3}),
+            ),
+            Step(
+                "square 10k x2",
+                Square(threat, n_queries=10000, restarts=2, **{**common, "seed": seed + 4}),
+            ),
         ]
     return steps
 
 
-def gradient_step(threat: ThreatModel, *, loss: str = "ce", steps: int = 100, restarts: int = 1,
-                  seed: int = 0, batch_size: int | None = None, note: str = "") -> Step:
+def gradient_step(
+    threat: ThreatModel,
+    *,
+    loss: str = "ce",
+    steps: int = 100,
+    restarts: int = 1,
+    seed: int = 0,
+    batch_size: int | None = None,
+    note: str = "",
+) -> Step:
     """APGD with ``loss`` (Croce & Hein 2020), or for l1, where APGD is not offered here, PGD
     with the sparse l1 step: the white-box attack the diagnostics and escalations call on.
     Named ``apgd-ce``, ``pgd-l1-dlr 400 x3``, ... (with ``note`` appended)."""
     attack: Attack
     if threat.norm == "l1":
         name = f"pgd-l1-{loss}"
-        attack = PGD(threat, steps=steps, loss=loss, restarts=restarts, seed=seed, batch_size=batch_size)
+        attack = PGD(
+            threat, steps=steps, loss=loss, restarts=restarts, seed=seed, batch_size=batch_size
+        )
     else:
         name = f"apgd-{loss}"
-        attack = APGD(threat, steps=steps, loss=loss, restarts=restarts, seed=seed, batch_size=batch_size)
+        attack = APGD(
+            threat, steps=steps, loss=loss, restarts=restarts, seed=seed, batch_size=batch_size
+        )
     name += (f" {steps}" if steps != 100 else "") + (f" x{restarts}" if restarts > 1 else "")
     return Step(name + (f" {note}" if note else ""), attack)
 
 
-def margin_attack(threat: ThreatModel, n_classes: int, seed: int,
-                  batch_size: int | None = None) -> MinNormAttack:
+def margin_attack(
+    threat: ThreatModel, n_classes: int, seed: int, batch_size: int | None = None
+) -> MinNormAttack:
     """The minimum-norm attack that measures the robust margin of points broken before FAB-T ran:
     FAB-T over the ``min(3, n_classes - 1)`` most likely other classes, as in the cascade."""
-    return FABT(threat.replace(eps=float("inf")), n_targets=min(3, max(n_classes - 1, 1)),
-                seed=seed, batch_size=batch_size)
+    return FABT(
+        threat.replace(eps=float("inf")),
+        n_targets=min(3, max(n_classes - 1, 1)),
+        seed=seed,
+        batch_size=batch_size,
+    )
 
 
 @dataclass
@@ -163,8 +196,13 @@ class Cascade:
         count = min(len(index), max(least, math.ceil(share * len(index))))
         return index[self.margin[index].argsort(stable=True)[:count]]
 
-    def run(self, step: Step, attack_model: nn.Module, label: str | None = None,
-            among: Tensor | None = None) -> int:
+    def run(
+        self,
+        step: Step,
+        attack_model: nn.Module,
+        label: str | None = None,
+        among: Tensor | None = None,
+    ) -> int:
         """Run one attack on the standing points (those of ``among`` only, when given: indices),
         chunk by chunk (:mod:`.shards`); returns how many it broke."""
         name = label or step.name
@@ -173,9 +211,11 @@ class Cascade:
         if among is not None:
             chosen &= torch.isin(torch.arange(len(self.x)), among.cpu())
         before = self._snapshot()
-        broken = self._each_chunk(chosen, step.attack,
-                                  lambda attack, index: self._attack(step, attack, attack_model,
-                                                                     index, name))
+        broken = self._each_chunk(
+            chosen,
+            step.attack,
+            lambda attack, index: self._attack(step, attack, attack_model, index, name),
+        )
         broken = self._exchange(before, broken)
         self.per_attack[name] = self.robust_accuracy
         return broken
@@ -183,12 +223,16 @@ class Cascade:
     def measure(self, attack: MinNormAttack, attack_model: nn.Module) -> None:
         """Robust margins of the correctly classified points not measured yet (nothing broken)."""
         before = self._snapshot()
-        self._each_chunk(self.correct & ~self.measured, attack,
-                         lambda chunk_attack, index: self._margins(chunk_attack, attack_model, index))
+        self._each_chunk(
+            self.correct & ~self.measured,
+            attack,
+            lambda chunk_attack, index: self._margins(chunk_attack, attack_model, index),
+        )
         self._exchange(before, 0)
 
-    def _each_chunk(self, chosen: Tensor, attack: Attack,
-                    work: Callable[[Attack, Tensor], int]) -> int:
+    def _each_chunk(
+        self, chosen: Tensor, attack: Attack, work: Callable[[Attack, Tensor], int]
+    ) -> int:
         """``work(attack seeded for the chunk, indices)`` on the ``chosen`` points of each chunk of
         this rank, with torch's global generator seeded for the chunk; the sum of its results."""
         total = 0
@@ -206,8 +250,9 @@ class Cascade:
         self.measured[index] = True
         return 0
 
-    def _attack(self, step: Step, attack: Attack, attack_model: nn.Module, index: Tensor,
-                name: str) -> int:
+    def _attack(
+        self, step: Step, attack: Attack, attack_model: nn.Module, index: Tensor, name: str
+    ) -> int:
         """One attack on the points ``index`` (of one chunk); returns how many it broke."""
         x, y = self.x[index], self.y[index]
         if step.min_norm:
@@ -215,8 +260,9 @@ class Cascade:
             found = result.success & (result.norm <= self.threat.eps * (1 + 1e-6) + 1e-7)
             self.margin[index] = torch.minimum(self.margin[index], result.norm.cpu())
             self.measured[index] = True
-            x_adv = torch.where(found.reshape((-1,) + (1,) * (x.dim() - 1)),
-                                self.threat.project(result.x_adv, x), x)
+            x_adv = torch.where(
+                found.reshape((-1,) + (1,) * (x.dim() - 1)), self.threat.project(result.x_adv, x), x
+            )
             standing = self.standing[index]
             index, x_adv = index[standing], x_adv[standing.to(x_adv.device)]
         else:
@@ -234,8 +280,12 @@ class Cascade:
             return broken
         changed = (self.standing != before[0]) | (self.measured != before[1])
         index = (changed & self.shards.owned()).nonzero().squeeze(1)
-        rows = {"index": index, "broken": broken, "broken_by": [self.broken_by[i] for i in index.tolist()],
-                **{f: getattr(self, f)[index.to(getattr(self, f).device)].cpu() for f in _ROW_FIELDS}}
+        rows = {
+            "index": index,
+            "broken": broken,
+            "broken_by": [self.broken_by[i] for i in index.tolist()],
+            **{f: getattr(self, f)[index.to(getattr(self, f).device)].cpu() for f in _ROW_FIELDS},
+        }
         total = 0
         for sent in self.shards.all_gather(rows):
             total += sent["broken"]

@@ -35,15 +35,22 @@ def _rate(broken: Tensor) -> float:
 
 
 def randomness(randomized: bool, eot_samples: int, votes: int) -> Check:
-    detail = (f"repeated forward passes on the same inputs disagree: the model is randomised; "
-              f"attacked through EOT over {eot_samples} passes and judged by a majority vote of "
-              f"{votes} passes" if randomized else "repeated forward passes agree")
+    detail = (
+        f"repeated forward passes on the same inputs disagree: the model is randomised; "
+        f"attacked through EOT over {eot_samples} passes and judged by a majority vote of "
+        f"{votes} passes"
+        if randomized
+        else "repeated forward passes agree"
+    )
     return Check("randomness", randomized, detail, WARNING, {"randomized": randomized})
 
 
 def probability_outputs(is_probs: bool) -> Check:
-    detail = ("the model returns probabilities, not logits: attacked through log(p)" if is_probs
-              else "the model returns logits")
+    detail = (
+        "the model returns probabilities, not logits: attacked through log(p)"
+        if is_probs
+        else "the model returns logits"
+    )
     return Check("probabilities instead of logits", is_probs, detail, WARNING)
 
 
@@ -65,58 +72,89 @@ def gradients(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Check, Check]:
     bad = float((nan | zero).float().mean()) if n else 0.0
     evidence = {"points": n, "zero_gradient": int(zero.sum()), "nan_gradient": int(nan.sum())}
     masked = Check(
-        "zero or NaN gradients", bad > 0.1,
+        "zero or NaN gradients",
+        bad > 0.1,
         f"the gradient of the logit margin is zero at {int(zero.sum())} and NaN at "
         f"{int(nan.sum())} of {n} points: gradients are shattered or obfuscated"
-        if bad > 0.1 else f"the logit margin has a usable gradient at {n - int((nan | zero).sum())} of {n} points",
-        VERDICT, evidence)
+        if bad > 0.1
+        else f"the logit margin has a usable gradient at {n - int((nan | zero).sum())} of {n} points",
+        VERDICT,
+        evidence,
+    )
     share = float(ce_zero.float().mean()) if n else 0.0
     logit_gap = float(-margin.detach().median()) if n else 0.0
     saturated = Check(
-        "saturated softmax", share > 0.1,
+        "saturated softmax",
+        share > 0.1,
         f"cross-entropy has an exactly zero gradient at {int(ce_zero.sum())} of {n} points "
         f"(median logit margin {logit_gap:.3g}): huge logits, as after defensive distillation; "
-        "margin and DLR losses are used" if share > 0.1
+        "margin and DLR losses are used"
+        if share > 0.1
         else f"cross-entropy gradients are non-zero (median logit margin {logit_gap:.3g})",
-        WARNING, {"points": n, "ce_zero_gradient": int(ce_zero.sum()), "median_logit_margin": logit_gap})
+        WARNING,
+        {"points": n, "ce_zero_gradient": int(ce_zero.sum()), "median_logit_margin": logit_gap},
+    )
     return masked, saturated
 
 
-def single_step(model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y: Tensor,
-                iterative_broken: Tensor, iterative_name: str, seed: int) -> Check:
+def single_step(
+    model: nn.Module,
+    judge: Judge,
+    threat: ThreatModel,
+    x: Tensor,
+    y: Tensor,
+    iterative_broken: Tensor,
+    iterative_name: str,
+    seed: int,
+) -> Check:
     """FGSM against the cascade's first iterative attack (``iterative_name``) on the same
     points."""
     fgsm_broken = (judge(FGSM(threat, seed=seed)(model, x, y)) != y).cpu()
     extra = fgsm_broken & ~iterative_broken
     fired = _rate(fgsm_broken) > _rate(iterative_broken) and int(extra.sum()) >= 2
     return Check(
-        "single step stronger than iterative", fired,
+        "single step stronger than iterative",
+        fired,
         f"FGSM breaks {_rate(fgsm_broken):.1%} of {len(x)} points, {iterative_name.upper()} "
         f"{_rate(iterative_broken):.1%}; "
         f"{int(extra.sum())} points fall to FGSM only",
-        VERDICT, {"points": len(x), "fgsm": _rate(fgsm_broken), "iterative": _rate(iterative_broken),
-                  "fgsm_only": int(extra.sum())})
+        VERDICT,
+        {
+            "points": len(x),
+            "fgsm": _rate(fgsm_broken),
+            "iterative": _rate(iterative_broken),
+            "fgsm_only": int(extra.sum()),
+        },
+    )
 
 
-def unbounded(model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y: Tensor,
-              seed: int) -> Check:
+def unbounded(
+    model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y: Tensor, seed: int
+) -> Check:
     """A PGD with the margin loss and a radius spanning the whole input box must succeed."""
     lower, upper = threat._bounds_like(x)
     span = threat.apply_mask((upper - lower).expand_as(x[:1]))
-    radius = float(span.abs().amax()) if threat.norm == "linf" else float(
-        span.flatten().norm(p=2 if threat.norm == "l2" else 1))
+    radius = (
+        float(span.abs().amax())
+        if threat.norm == "linf"
+        else float(span.flatten().norm(p=2 if threat.norm == "l2" else 1))
+    )
     big = threat.replace(eps=max(radius, threat.eps))
     broken = (judge(PGD(big, steps=100, loss="cw", seed=seed)(model, x, y)) != y).cpu()
     rate = _rate(broken)
     return Check(
-        "unbounded attack fails", rate < 0.95,
+        "unbounded attack fails",
+        rate < 0.95,
         f"PGD at eps={big.eps:.3g}, which reaches any valid input, breaks {rate:.1%} of "
         f"{len(x)} points" + (" (it should break all)" if rate < 0.95 else ""),
-        VERDICT, {"points": len(x), "eps": big.eps, "success": rate})
+        VERDICT,
+        {"points": len(x), "eps": big.eps, "success": rate},
+    )
 
 
-def eps_growth(model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y: Tensor,
-               seed: int) -> Check:
+def eps_growth(
+    model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y: Tensor, seed: int
+) -> Check:
     """Success of one attack at growing radii must not fall."""
     factors = (0.25, 0.5, 1.0, 2.0)
     rates = []
@@ -126,9 +164,13 @@ def eps_growth(model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y
     tolerance = max(0.05, 2 / max(len(x), 1))
     drops = [(a, b) for a, b in zip(rates, rates[1:]) if b < a - tolerance]
     curve = ", ".join(f"{f:g} eps: {r:.1%}" for f, r in zip(factors, rates))
-    return Check("success does not grow with eps", bool(drops),
-                 f"PGD-50 (margin loss) success rate at {curve}", VERDICT,
-                 {"points": len(x), "factors": list(factors), "success": rates})
+    return Check(
+        "success does not grow with eps",
+        bool(drops),
+        f"PGD-50 (margin loss) success rate at {curve}",
+        VERDICT,
+        {"points": len(x), "factors": list(factors), "success": rates},
+    )
 
 
 def black_box(white_box_survivors: int, broken_by_square: int) -> Check:
@@ -136,15 +178,24 @@ def black_box(white_box_survivors: int, broken_by_square: int) -> Check:
     share = broken_by_square / white_box_survivors if white_box_survivors else 0.0
     fired = broken_by_square >= 3 and share >= 0.05
     return Check(
-        "black-box stronger than white-box", fired or broken_by_square > 0,
+        "black-box stronger than white-box",
+        fired or broken_by_square > 0,
         f"Square (no gradients) breaks {broken_by_square} of the {white_box_survivors} points "
         f"that survived every gradient attack ({share:.1%})",
         VERDICT if fired else WARNING,
-        {"white_box_survivors": white_box_survivors, "square_broke": broken_by_square})
+        {"white_box_survivors": white_box_survivors, "square_broke": broken_by_square},
+    )
 
 
-def incomplete(model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y: Tensor,
-               cascade_broken: Tensor, seed: int) -> Check:
+def incomplete(
+    model: nn.Module,
+    judge: Judge,
+    threat: ThreatModel,
+    x: Tensor,
+    y: Tensor,
+    cascade_broken: Tensor,
+    seed: int,
+) -> Check:
     """A four-times longer APGD-CE (PGD-l1 for l1), on the subset: does it break what the
     cascade missed?"""
     survivors = ~cascade_broken
@@ -155,8 +206,11 @@ def incomplete(model: nn.Module, judge: Judge, threat: ThreatModel, x: Tensor, y
         extra = int((judge(step.attack(model, xs, ys)) != ys).sum())
     fired = extra >= 2 and extra >= 0.02 * len(x)
     return Check(
-        "loss still improving", fired,
+        "loss still improving",
+        fired,
         f"{'PGD-l1' if threat.norm == 'l1' else 'APGD-CE'} with 400 iterations breaks {extra} "
         f"more of {len(x)} points than "
         "the cascade" + ("; the optimisation had not converged" if fired else ""),
-        WARNING, {"points": len(x), "extra_broken": extra})
+        WARNING,
+        {"points": len(x), "extra_broken": extra},
+    )

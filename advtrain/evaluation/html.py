@@ -22,7 +22,7 @@ from typing import Any
 
 from .report import VERDICT, Report
 
-__all__ = ["render_html", "percent", "number"]
+__all__ = ["number", "percent", "render_html"]
 
 DASH = "\u2014"
 #: Settings shown in the summary table; the rest go to the "all settings" table.
@@ -122,12 +122,18 @@ def _png(figure: Any) -> str:
 
 
 def _img(uri: str, alt: str, caption: str) -> str:
-    return (f'<figure><img src="{uri}" alt="{_e(alt)}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="{uri}" alt="{_e(alt)}"><figcaption>{_e(caption)}</figcaption></figure>'
+    )
 
 
-def _curve_png(curve: list[list[float]], clean: float | None, threshold: float | None,
-               eps: float | None, radius: float | None) -> str:
+def _curve_png(
+    curve: list[list[float]],
+    clean: float | None,
+    threshold: float | None,
+    eps: float | None,
+    radius: float | None,
+) -> str:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.5, 3.8))
@@ -138,14 +144,25 @@ def _curve_png(curve: list[list[float]], clean: float | None, threshold: float |
     if isinstance(clean, (int, float)):
         ax.axhline(100 * clean, color="#888", linestyle=":", linewidth=1, label="clean accuracy")
         if isinstance(threshold, (int, float)):
-            ax.axhline(100 * clean * threshold, color="#d68910", linestyle="--", linewidth=1,
-                       label=f"{threshold:g} \u00d7 clean")
+            ax.axhline(
+                100 * clean * threshold,
+                color="#d68910",
+                linestyle="--",
+                linewidth=1,
+                label=f"{threshold:g} \u00d7 clean",
+            )
     if isinstance(eps, (int, float)):
         ax.axvline(eps, color="#c0392b", linestyle="--", linewidth=1, label=f"eps = {eps:.4g}")
     at_radius = {eps_: acc for eps_, acc in curve}.get(radius)
     if at_radius is not None:
-        ax.plot([radius], [100 * at_radius], "D", color="#d68910", markersize=7,
-                label=f"radius = {radius:.4g}")
+        ax.plot(
+            [radius],
+            [100 * at_radius],
+            "D",
+            color="#d68910",
+            markersize=7,
+            label=f"radius = {radius:.4g}",
+        )
     ax.set_xlabel("eps")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
@@ -161,8 +178,15 @@ def _histogram_png(edges: Sequence[float], counts: Sequence[float], eps: float |
     figure = Figure(figsize=(7.5, 3.4))
     ax = figure.subplots()
     widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-    ax.bar(list(edges[:-1]), list(counts), width=widths, align="edge", color="#3d6fb6",
-           edgecolor="white", linewidth=0.6)
+    ax.bar(
+        list(edges[:-1]),
+        list(counts),
+        width=widths,
+        align="edge",
+        color="#3d6fb6",
+        edgecolor="white",
+        linewidth=0.6,
+    )
     if isinstance(eps, (int, float)):
         ax.axvline(eps, color="#c0392b", linestyle="--", linewidth=1, label=f"eps = {eps:.4g}")
         ax.legend(fontsize=8)
@@ -178,9 +202,15 @@ def _examples_png(examples: dict[str, Any]) -> str:
     from ..visualize import adversarial_grid
 
     with tempfile.TemporaryDirectory() as folder:
-        path = adversarial_grid(examples["x"], examples["x_adv"], examples["y"],
-                                examples["clean_pred"], examples["adv_pred"],
-                                Path(folder) / "examples.png", rows=8)
+        path = adversarial_grid(
+            examples["x"],
+            examples["x_adv"],
+            examples["y"],
+            examples["clean_pred"],
+            examples["adv_pred"],
+            Path(folder) / "examples.png",
+            rows=8,
+        )
         data = path.read_bytes()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
@@ -193,32 +223,48 @@ def _summary(d: dict[str, Any], report: Report) -> str:
     rows = [
         ("clean accuracy", _metric("clean_accuracy", percent(d.get("clean_accuracy")))),
         ("robust accuracy", _metric("robust_accuracy", percent(d.get("robust_accuracy")))),
-        ("robustness score (harmonic mean)",
-         _metric("robustness_score", percent(d.get("robustness_score")))),
+        (
+            "robustness score (harmonic mean)",
+            _metric("robustness_score", percent(d.get("robustness_score"))),
+        ),
         ("adversarial radius", _metric("adversarial_radius", number(d.get("adversarial_radius")))),
-        ("radius threshold (\u00d7 clean accuracy)",
-         _metric("radius_threshold", number(d.get("radius_threshold")))),
-        ("median robust margin",
-         _metric("robust_margin_median", number((d.get("robust_margin") or {}).get("median")))),
+        (
+            "radius threshold (\u00d7 clean accuracy)",
+            _metric("radius_threshold", number(d.get("radius_threshold"))),
+        ),
+        (
+            "median robust margin",
+            _metric("robust_margin_median", number((d.get("robust_margin") or {}).get("median"))),
+        ),
     ]
-    rows += [(key, _metric(f"settings:{key}", number(settings.get(key))))
-             for key in SUMMARY_SETTINGS]
+    rows += [
+        (key, _metric(f"settings:{key}", number(settings.get(key)))) for key in SUMMARY_SETTINGS
+    ]
     if d.get("positive_class") is not None:
         rows.append(("positive class", _metric("positive_class", number(d["positive_class"]))))
     if report.masking_suspected:
-        banner = ('<div class="banner bad">Gradient masking suspected: a verdict-level check '
-                  "fired or an escalation lowered robust accuracy. Treat the robust accuracy "
-                  "as an upper bound.</div>")
+        banner = (
+            '<div class="banner bad">Gradient masking suspected: a verdict-level check '
+            "fired or an escalation lowered robust accuracy. Treat the robust accuracy "
+            "as an upper bound.</div>"
+        )
     else:
         banner = '<div class="banner good">No sign of gradient masking.</div>'
     body = "".join(f"<tr><th>{_e(k)}</th>{v}</tr>" for k, v in rows)
     others = [k for k in settings if k not in SUMMARY_SETTINGS]
     rest = ""
     if others:
-        rest = ("<details><summary>all settings</summary>" + _table(
-            ("setting", "value"),
-            (f"<tr><th>{_e(k)}</th>{_metric(f'settings:{k}', number(settings[k]), css='')}</tr>"
-             for k in others)) + "</details>")
+        rest = (
+            "<details><summary>all settings</summary>"
+            + _table(
+                ("setting", "value"),
+                (
+                    f"<tr><th>{_e(k)}</th>{_metric(f'settings:{k}', number(settings[k]), css='')}</tr>"
+                    for k in others
+                ),
+            )
+            + "</details>"
+        )
     return f"<h2>Summary</h2>{banner}<table><tbody>{body}</tbody></table>{rest}"
 
 
@@ -233,9 +279,11 @@ def _attacks(d: dict[str, Any]) -> str:
             pp = 100 * (previous - value)
             drop = f'<span class="down">\u2212{pp:.2f} pp</span>' if pp > 0 else "0"
         width = max(0.0, min(100.0, 100 * value)) if isinstance(value, (int, float)) else 0
-        rows.append(f"<tr><td>{_e(name)}</td>{_metric(f'per_attack:{name}', percent(value))}"
-                    f'<td class="num">{drop}</td>'
-                    f'<td><div class="bar"><div style="width:{width:.1f}%"></div></div></td></tr>')
+        rows.append(
+            f"<tr><td>{_e(name)}</td>{_metric(f'per_attack:{name}', percent(value))}"
+            f'<td class="num">{drop}</td>'
+            f'<td><div class="bar"><div style="width:{width:.1f}%"></div></div></td></tr>'
+        )
         previous = value
     broken: dict[str, int] = {}
     for sample in d.get("per_sample") or []:
@@ -244,32 +292,45 @@ def _attacks(d: dict[str, Any]) -> str:
         broken[key] = broken.get(key, 0) + 1
     fell = ""
     if broken:
-        fell = ("<h3>What broke each point</h3>" + _table(
+        fell = "<h3>What broke each point</h3>" + _table(
             ("broken by", "points"),
-            (f"<tr><td>{_e(k)}</td>{_metric(f'broken_by:{k}', str(v))}</tr>"
-             for k, v in broken.items())))
-    return ("<h2>Attacks</h2><p class='note'>Robust accuracy after each attack of the cascade, "
-            "in the order run (each counts the points still standing after it and all before "
-            "it).</p>" + _table(("attack", "robust accuracy", "drop", ""), rows) + fell)
+            (
+                f"<tr><td>{_e(k)}</td>{_metric(f'broken_by:{k}', str(v))}</tr>"
+                for k, v in broken.items()
+            ),
+        )
+    return (
+        "<h2>Attacks</h2><p class='note'>Robust accuracy after each attack of the cascade, "
+        "in the order run (each counts the points still standing after it and all before "
+        "it).</p>" + _table(("attack", "robust accuracy", "drop", ""), rows) + fell
+    )
 
 
 def _escalations(d: dict[str, Any]) -> str:
     escalations = d.get("escalations") or []
     if not escalations:
-        return ("<h2>Escalations</h2><p class='note'>None: no check called for a stronger "
-                "attack.</p>")
+        return (
+            "<h2>Escalations</h2><p class='note'>None: no check called for a stronger attack.</p>"
+        )
     rows = []
     for i, e in enumerate(escalations):
         before, after = e.get("robust_before"), e.get("robust_after")
-        lowered = isinstance(before, (int, float)) and isinstance(after, (int, float)) \
-            and after < before
-        rows.append(f"<tr><td>{_e(e.get('reason'))}</td><td>{_e(e.get('action'))}</td>"
-                    f"{_metric(f'escalation:{i}:robust_before', percent(before))}"
-                    f'<td class="num">\u2192</td>'
-                    + _metric(f"escalation:{i}:robust_after", percent(after),
-                              css="num down" if lowered else "num") + "</tr>")
-    return ("<h2>Escalations</h2><p class='note'>Stronger attacks run because a check fired.</p>"
-            + _table(("reason", "action", "robust before", "", "robust after"), rows))
+        lowered = (
+            isinstance(before, (int, float)) and isinstance(after, (int, float)) and after < before
+        )
+        rows.append(
+            f"<tr><td>{_e(e.get('reason'))}</td><td>{_e(e.get('action'))}</td>"
+            f"{_metric(f'escalation:{i}:robust_before', percent(before))}"
+            f'<td class="num">\u2192</td>'
+            + _metric(
+                f"escalation:{i}:robust_after", percent(after), css="num down" if lowered else "num"
+            )
+            + "</tr>"
+        )
+    return (
+        "<h2>Escalations</h2><p class='note'>Stronger attacks run because a check fired.</p>"
+        + _table(("reason", "action", "robust before", "", "robust after"), rows)
+    )
 
 
 def _diagnostics(d: dict[str, Any]) -> str:
@@ -283,52 +344,86 @@ def _diagnostics(d: dict[str, Any]) -> str:
         state = "triggered" if fired else "ok"
         evidence = "".join(
             f'{_e(k)} = <span data-metric="{_e(f"evidence:{name}:{k}")}">{_e(number(v))}</span>; '
-            for k, v in (c.get("evidence") or {}).items())
+            for k, v in (c.get("evidence") or {}).items()
+        )
         evidence = f'<div class="evidence">{evidence.rstrip("; ")}</div>' if evidence else ""
         css = f"triggered {'verdict' if severity == VERDICT else 'warning'}" if fired else ""
-        rows.append(f'<tr class="{css}"><td>{_e(name)}</td><td>{_e(severity)}</td>'
-                    f'<td><span class="tag {state}" data-metric="{_e(f"diagnostic:{name}")}">'
-                    f"{state}</span></td><td>{_e(c.get('detail'))}{evidence}</td></tr>")
-    return ("<h2>Gradient-masking diagnostics</h2><p class='note'>A <b>verdict</b> fires only "
-            "when the evaluation is provably incomplete; a <b>warning</b> can fire on an honest "
-            "model and calls for a closer look.</p>"
-            + _table(("check", "severity", "verdict", "detail"), rows))
+        rows.append(
+            f'<tr class="{css}"><td>{_e(name)}</td><td>{_e(severity)}</td>'
+            f'<td><span class="tag {state}" data-metric="{_e(f"diagnostic:{name}")}">'
+            f"{state}</span></td><td>{_e(c.get('detail'))}{evidence}</td></tr>"
+        )
+    return (
+        "<h2>Gradient-masking diagnostics</h2><p class='note'>A <b>verdict</b> fires only "
+        "when the evaluation is provably incomplete; a <b>warning</b> can fire on an honest "
+        "model and calls for a closer look.</p>"
+        + _table(("check", "severity", "verdict", "detail"), rows)
+    )
 
 
 def _curve(d: dict[str, Any]) -> str:
-    curve = [p for p in d.get("accuracy_vs_eps") or []
-             if len(p) == 2 and all(isinstance(v, (int, float)) for v in p)]
+    curve = [
+        p
+        for p in d.get("accuracy_vs_eps") or []
+        if len(p) == 2 and all(isinstance(v, (int, float)) for v in p)
+    ]
     head = "<h2>Accuracy versus eps</h2>"
     if not curve:
         return head + "<p class='note'>No accuracy-versus-eps curve.</p>"
     settings = d.get("settings") or {}
-    uri = _curve_png(curve, d.get("clean_accuracy"), d.get("radius_threshold"),
-                     settings.get("eps"), d.get("adversarial_radius"))
-    rows = (f"<tr>{_metric(f'accuracy_vs_eps:{i}:eps', number(eps))}"
-            f"{_metric(f'accuracy_vs_eps:{i}:accuracy', percent(acc))}</tr>"
-            for i, (eps, acc) in enumerate(d.get("accuracy_vs_eps") or []))
-    return (head + _img(uri, "accuracy versus eps",
-                        "Accuracy at each radius, from the minimum-norm results and the attacks "
-                        "at fixed eps.")
-            + "<details><summary>curve points</summary>"
-            + _table(("eps", "accuracy"), rows) + "</details>")
+    uri = _curve_png(
+        curve,
+        d.get("clean_accuracy"),
+        d.get("radius_threshold"),
+        settings.get("eps"),
+        d.get("adversarial_radius"),
+    )
+    rows = (
+        f"<tr>{_metric(f'accuracy_vs_eps:{i}:eps', number(eps))}"
+        f"{_metric(f'accuracy_vs_eps:{i}:accuracy', percent(acc))}</tr>"
+        for i, (eps, acc) in enumerate(d.get("accuracy_vs_eps") or [])
+    )
+    return (
+        head
+        + _img(
+            uri,
+            "accuracy versus eps",
+            "Accuracy at each radius, from the minimum-norm results and the attacks at fixed eps.",
+        )
+        + "<details><summary>curve points</summary>"
+        + _table(("eps", "accuracy"), rows)
+        + "</details>"
+    )
 
 
 def _margin(d: dict[str, Any]) -> str:
     margin = d.get("robust_margin") or {}
-    stats = [f"<tr><th>{_e(k)}</th>"
-             + _metric(f"robust_margin_{k}", percent(v) if k == "found" else number(v)) + "</tr>"
-             for k, v in margin.items() if k not in ("histogram", "median")]
-    head = ("<h2>Robust margin</h2><p class='note'>Smallest perturbation norm that changes the "
-            "prediction of each clean-correct point (median in the summary; <i>found</i>: "
-            "fraction with one found).</p>")
+    stats = [
+        f"<tr><th>{_e(k)}</th>"
+        + _metric(f"robust_margin_{k}", percent(v) if k == "found" else number(v))
+        + "</tr>"
+        for k, v in margin.items()
+        if k not in ("histogram", "median")
+    ]
+    head = (
+        "<h2>Robust margin</h2><p class='note'>Smallest perturbation norm that changes the "
+        "prediction of each clean-correct point (median in the summary; <i>found</i>: "
+        "fraction with one found).</p>"
+    )
     table = f"<table><tbody>{''.join(stats)}</tbody></table>" if stats else ""
     eps = (d.get("settings") or {}).get("eps")
     histogram = margin.get("histogram") or {}
     edges, counts = histogram.get("edges") or [], histogram.get("counts") or []
     if counts and len(edges) == len(counts) + 1:
-        return head + table + _img(_histogram_png(edges, counts, eps), "robust-margin histogram",
-                                   "Histogram of the finite minimum-norm perturbations.")
+        return (
+            head
+            + table
+            + _img(
+                _histogram_png(edges, counts, eps),
+                "robust-margin histogram",
+                "Histogram of the finite minimum-norm perturbations.",
+            )
+        )
     values = [s.get("min_norm") for s in d.get("per_sample") or [] if s.get("broken_by") != "clean"]
     values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not values:
@@ -336,9 +431,15 @@ def _margin(d: dict[str, Any]) -> str:
     import numpy as np
 
     counts_, edges_ = np.histogram(values, bins=min(20, max(5, len(values) // 2)))
-    return head + table + _img(_histogram_png(edges_.tolist(), counts_.tolist(), eps),
-                               "robust-margin histogram",
-                               "Histogram of the finite per-sample minimum-norm perturbations.")
+    return (
+        head
+        + table
+        + _img(
+            _histogram_png(edges_.tolist(), counts_.tolist(), eps),
+            "robust-margin histogram",
+            "Histogram of the finite per-sample minimum-norm perturbations.",
+        )
+    )
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -359,20 +460,28 @@ def _confidence(d: dict[str, Any]) -> str:
         for key, value in values.items():
             side = _split(key)
             if side is None:
-                rows.append(f"<tr><td>{_e(f'{group} {key}')}</td>"
-                            + _metric(f"{group}:{key}", number(value)) + "<td></td></tr>")
+                rows.append(
+                    f"<tr><td>{_e(f'{group} {key}')}</td>"
+                    + _metric(f"{group}:{key}", number(value))
+                    + "<td></td></tr>"
+                )
                 continue
             name = side[1] or label or group
             pairs.setdefault(name, {})[side[0]] = _metric(f"{group}:{key}", number(value))
         for name, cells in pairs.items():
-            rows.append(f"<tr><td>{_e(name.replace('_', ' '))}</td>"
-                        + cells.get("clean", "<td></td>")
-                        + cells.get("adversarial", "<td></td>") + "</tr>")
+            rows.append(
+                f"<tr><td>{_e(name.replace('_', ' '))}</td>"
+                + cells.get("clean", "<td></td>")
+                + cells.get("adversarial", "<td></td>")
+                + "</tr>"
+            )
     if not rows:
         return ""
-    return ("<h2>Entropy and defensive margin</h2><p class='note'>Mean predictive entropy, "
-            "true-class probability and logit margin, on clean and adversarial inputs.</p>"
-            + _table(("quantity", "clean", "adversarial"), rows))
+    return (
+        "<h2>Entropy and defensive margin</h2><p class='note'>Mean predictive entropy, "
+        "true-class probability and logit margin, on clean and adversarial inputs.</p>"
+        + _table(("quantity", "clean", "adversarial"), rows)
+    )
 
 
 def _classification(d: dict[str, Any]) -> str:
@@ -381,8 +490,9 @@ def _classification(d: dict[str, Any]) -> str:
     tables = []
     for side in ("clean", "adversarial"):
         block = classification.get(side) or {}
-        entries = [(str(c), m, str(c) == str(positive))
-                   for c, m in (block.get("per_class") or {}).items()]
+        entries = [
+            (str(c), m, str(c) == str(positive)) for c, m in (block.get("per_class") or {}).items()
+        ]
         if block.get("macro"):
             entries.append(("macro", block["macro"], False))
         if not entries:
@@ -391,15 +501,24 @@ def _classification(d: dict[str, Any]) -> str:
         for c, m, is_positive in entries:
             css = "positive" if is_positive else "macro" if c == "macro" else ""
             mark = " (positive)" if is_positive else ""
-            rows.append(f'<tr class="{css}"><td>{_e(c + mark)}</td>' + "".join(
-                _metric(f"classification:{side}:{c}:{k}", number((m or {}).get(k)))
-                for k in ("precision", "recall", "f1", "support")) + "</tr>")
-        tables.append(f"<div><h3>{_e(side)}</h3>"
-                      + _table(("class", "precision", "recall", "F1", "support"), rows) + "</div>")
+            rows.append(
+                f'<tr class="{css}"><td>{_e(c + mark)}</td>'
+                + "".join(
+                    _metric(f"classification:{side}:{c}:{k}", number((m or {}).get(k)))
+                    for k in ("precision", "recall", "f1", "support")
+                )
+                + "</tr>"
+            )
+        tables.append(
+            f"<div><h3>{_e(side)}</h3>"
+            + _table(("class", "precision", "recall", "F1", "support"), rows)
+            + "</div>"
+        )
     if not tables:
         return ""
-    return "<h2>Per-class precision, recall and F1</h2><div class='side'>" + "".join(tables) \
-        + "</div>"
+    return (
+        "<h2>Per-class precision, recall and F1</h2><div class='side'>" + "".join(tables) + "</div>"
+    )
 
 
 def _examples(report: Report) -> str:
@@ -413,10 +532,13 @@ def _examples(report: Report) -> str:
     except Exception as exc:  # a picture must never cost the whole report
         return head + f"<p class='note'>Could not draw the examples: {_e(exc)}</p>"
     tabular = getattr(examples["x"], "ndim", 0) == 2
-    caption = ("Perturbation x_adv \u2212 x by feature (blue negative, red positive); rows "
-               "labelled with label and predictions (red: wrong)." if tabular else
-               "Clean input, perturbation (grey is 0) and adversarial input; predictions in red "
-               "when wrong.")
+    caption = (
+        "Perturbation x_adv \u2212 x by feature (blue negative, red positive); rows "
+        "labelled with label and predictions (red: wrong)."
+        if tabular
+        else "Clean input, perturbation (grey is 0) and adversarial input; predictions in red "
+        "when wrong."
+    )
     return head + _img(uri, "adversarial examples", caption)
 
 
@@ -428,11 +550,23 @@ def render_html(report: Report) -> str:
     d = report.to_dict()
     settings = d.get("settings") or {}
     subtitle = ", ".join(f"{k} {number(settings[k])}" for k in SUMMARY_SETTINGS if k in settings)
-    sections = (_summary(d, report), _attacks(d), _escalations(d), _diagnostics(d), _curve(d),
-                _margin(d), _confidence(d), _classification(d), _examples(report))
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            "<title>advtrain evaluation report</title>"
-            f"<style>{CSS}</style></head><body><main>"
-            f"<h1>Robustness evaluation</h1><p class='note'>{_e(subtitle)}</p>"
-            + "".join(sections) + "</main></body></html>\n")
+    sections = (
+        _summary(d, report),
+        _attacks(d),
+        _escalations(d),
+        _diagnostics(d),
+        _curve(d),
+        _margin(d),
+        _confidence(d),
+        _classification(d),
+        _examples(report),
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        "<title>advtrain evaluation report</title>"
+        f"<style>{CSS}</style></head><body><main>"
+        f"<h1>Robustness evaluation</h1><p class='note'>{_e(subtitle)}</p>"
+        + "".join(sections)
+        + "</main></body></html>\n"
+    )

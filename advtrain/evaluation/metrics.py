@@ -54,16 +54,22 @@ def classification_metrics(y: Tensor, pred: Tensor, n_classes: int) -> dict[str,
 
     labels = list(range(n_classes))
     precision, recall, f1, support = precision_recall_fscore_support(
-        y.cpu().numpy(), pred.cpu().numpy(), labels=labels, zero_division=0)
-    per_class = {c: ClassMetrics(float(precision[c]), float(recall[c]), float(f1[c]),
-                                 int(support[c])) for c in labels}
-    macro = ClassMetrics(float(precision.mean()), float(recall.mean()), float(f1.mean()),
-                         int(support.sum()))
+        y.cpu().numpy(), pred.cpu().numpy(), labels=labels, zero_division=0
+    )
+    per_class = {
+        c: ClassMetrics(float(precision[c]), float(recall[c]), float(f1[c]), int(support[c]))
+        for c in labels
+    }
+    macro = ClassMetrics(
+        float(precision.mean()), float(recall.mean()), float(f1.mean()), int(support.sum())
+    )
     return {"per_class": per_class, "macro": macro}
 
 
 def accuracy_vs_eps(
-    margins: Tensor, correct: Tensor, grid: Sequence[float],
+    margins: Tensor,
+    correct: Tensor,
+    grid: Sequence[float],
     broken_at: Sequence[tuple[float, Tensor]] = (),
 ) -> list[tuple[float, float]]:
     """Accuracy at each eps of ``grid``: a point counts when clean-correct, its margin is above
@@ -79,8 +85,9 @@ def accuracy_vs_eps(
     return curve
 
 
-def adversarial_radius(curve: Sequence[tuple[float, float]], clean_accuracy: float,
-                       threshold: float = 0.5) -> float | None:
+def adversarial_radius(
+    curve: Sequence[tuple[float, float]], clean_accuracy: float, threshold: float = 0.5
+) -> float | None:
     """The largest eps at which accuracy is at least ``threshold * clean_accuracy``, before the
     curve first drops below it (``None`` when even the smallest eps is below)."""
     radius = None
@@ -112,7 +119,7 @@ def margin_summary(margins: Tensor, correct: Tensor, bins: int = 20) -> dict[str
         "median": float(values.median()) if len(values) else None,
         "mean": float(finite.mean()) if len(finite) else None,
         "found": float(torch.isfinite(values).float().mean()) if len(values) else None,
-        "n": int(len(values)),
+        "n": len(values),
     }
     if len(finite):
         top = float(finite.max())

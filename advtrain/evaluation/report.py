@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import atomic_write_json, atomic_write_text
+from ..util import atomic_write_json, atomic_write_text
 
 #: Severity of a diagnostic: a verdict says masking beyond doubt, a warning says "look here".
 VERDICT, WARNING = "verdict", "warning"
@@ -119,16 +119,19 @@ class Report:
     def masking_suspected(self) -> bool:
         """True when a verdict-level check fired or an escalation lowered robust accuracy."""
         return any(c.triggered and c.severity == VERDICT for c in self.diagnostics) or any(
-            e.robust_after < e.robust_before for e in self.escalations)
+            e.robust_after < e.robust_before for e in self.escalations
+        )
 
     def summary(self) -> str:
         """One line: clean and robust accuracy, the attacks, and what the diagnostics said."""
         s = self.settings
         verdicts = [c.name for c in self.triggered]
         said = f"; checks fired: {', '.join(verdicts)}" if verdicts else "; no check fired"
-        return (f"clean accuracy {self.clean_accuracy:.2%}  robust accuracy "
-                f"{self.robust_accuracy:.2%}  ({s.get('suite')} suite, {s.get('norm')} "
-                f"eps={s.get('eps'):g}, n={s.get('n')}, {s.get('seconds', 0):.1f}s){said}")
+        return (
+            f"clean accuracy {self.clean_accuracy:.2%}  robust accuracy "
+            f"{self.robust_accuracy:.2%}  ({s.get('suite')} suite, {s.get('norm')} "
+            f"eps={s.get('eps'):g}, n={s.get('n')}, {s.get('seconds', 0):.1f}s){said}"
+        )
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

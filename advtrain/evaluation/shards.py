@@ -42,8 +42,11 @@ def chunk_seed(seed: int, chunk: int) -> int:
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """torch's global generators (CPU and ``device``) seeded with ``seed``, restored on exit."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
@@ -73,8 +76,10 @@ class Shards:
     def mine(self) -> list[tuple[int, slice]]:
         """``(chunk index, rows)`` of the chunks this rank attacks."""
         count = -(-self.n // self.size)
-        return [(c, slice(c * self.size, min((c + 1) * self.size, self.n)))
-                for c in range(self.rank, count, self.world)]
+        return [
+            (c, slice(c * self.size, min((c + 1) * self.size, self.n)))
+            for c in range(self.rank, count, self.world)
+        ]
 
     def owned(self) -> Tensor:
         """Bool per point: in a chunk of this rank."""

@@ -10,16 +10,24 @@ def as_shape(name: str, in_shape: tuple[int, ...]) -> tuple[int, ...]:
     try:
         shape = tuple(in_shape)
     except TypeError:
-        raise AdvtrainError(f"model {name!r}: in_shape must be a tuple of sizes, got {in_shape!r}") from None
-    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-        raise AdvtrainError(f"model {name!r}: in_shape must be positive integer sizes, got {in_shape!r}")
+        raise AdvtrainError(
+            f"model {name!r}: in_shape must be a tuple of sizes, got {in_shape!r}"
+        ) from None
+    if not shape or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise AdvtrainError(
+            f"model {name!r}: in_shape must be positive integer sizes, got {in_shape!r}"
+        )
     return shape
 
 
 def expect_shape(name: str, in_shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
     """Refuse any input shape but ``expected``."""
     if as_shape(name, in_shape) != expected:
-        raise AdvtrainError(f"model {name!r} expects inputs of shape {expected}, got {tuple(in_shape)}")
+        raise AdvtrainError(
+            f"model {name!r} expects inputs of shape {expected}, got {tuple(in_shape)}"
+        )
 
 
 def expect_rank(name: str, in_shape: tuple[int, ...], rank: int, layout: str) -> tuple[int, ...]:

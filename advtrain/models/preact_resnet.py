@@ -27,7 +27,9 @@ class PreActBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x))

@@ -22,7 +22,9 @@ def digits_cnn_bn(in_shape: tuple[int, ...], n_classes: int) -> nn.Sequential:
     return _digits_cnn("digits-cnn-bn", in_shape, n_classes, batchnorm=True)
 
 
-def _digits_cnn(name: str, in_shape: tuple[int, ...], n_classes: int, batchnorm: bool) -> nn.Sequential:
+def _digits_cnn(
+    name: str, in_shape: tuple[int, ...], n_classes: int, batchnorm: bool
+) -> nn.Sequential:
     channels, height, width = expect_rank(name, in_shape, 3, "(C, H, W)")
     # a 3x3 conv with stride 2 and padding 1 maps n pixels to ceil(n / 2)
     flat = 64 * ((height + 1) // 2) * ((width + 1) // 2)

@@ -13,8 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import load_weights_into, one_line
+from ..checkpoint import load_weights_into
 from ..errors import AdvtrainError
+from ..util import one_line
 
 _counter = itertools.count()
 
@@ -35,7 +36,9 @@ def _import_file(path: Path) -> ModuleType:
         loader.exec_module(module)
     except (Exception, SystemExit) as exc:
         del sys.modules[name]
-        raise AdvtrainError(f"importing model file {path} failed: {type(exc).__name__}: {one_line(exc)}") from None
+        raise AdvtrainError(
+            f"importing model file {path} failed: {type(exc).__name__}: {one_line(exc)}"
+        ) from None
     finally:
         try:
             sys.path.remove(folder)
@@ -44,7 +47,9 @@ def _import_file(path: Path) -> ModuleType:
     return module
 
 
-def load_user_model(spec: str, weights: str | Path | None = None, **factory_kwargs: Any) -> nn.Module:
+def load_user_model(
+    spec: str, weights: str | Path | None = None, **factory_kwargs: Any
+) -> nn.Module:
     """Build a model from ``spec`` = ``path/to/file.py:factory`` and optionally load ``weights``.
 
     The file is imported under a unique module name and ``factory(**factory_kwargs)`` must return
@@ -69,9 +74,13 @@ def load_user_model(spec: str, weights: str | Path | None = None, **factory_kwar
     try:
         model = factory(**factory_kwargs)
     except Exception as exc:
-        raise AdvtrainError(f"calling {file}:{attr} failed: {type(exc).__name__}: {one_line(exc)}") from None
+        raise AdvtrainError(
+            f"calling {file}:{attr} failed: {type(exc).__name__}: {one_line(exc)}"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise AdvtrainError(f"{file}:{attr} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise AdvtrainError(
+            f"{file}:{attr} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
     if weights is not None:
         load_weights_into(model, weights)
     return model

@@ -2,6 +2,14 @@
 
 from .config import TrainConfig, load_config
 from .methods import METHODS, make_method, method
-from .trainer import TrainResult, Trainer
+from .trainer import Trainer, TrainResult
 
-__all__ = ["METHODS", "TrainConfig", "TrainResult", "Trainer", "load_config", "make_method", "method"]
+__all__ = [
+    "METHODS",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "load_config",
+    "make_method",
+    "method",
+]

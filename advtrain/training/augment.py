@@ -59,11 +59,14 @@ def _clamp(x: Tensor, info: DatasetInfo) -> Tensor:
     return x.clamp(lower, upper)
 
 
-def random_crop(x: Tensor, generator: torch.Generator, info: DatasetInfo,
-                padding: int | None = None) -> Tensor:
+def random_crop(
+    x: Tensor, generator: torch.Generator, info: DatasetInfo, padding: int | None = None
+) -> Tensor:
     """Pad a batch of images ``(N, C, H, W)`` and cut a random ``H x W`` window from each."""
     if x.dim() != 4:
-        raise AdvtrainError(f"crop needs a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
+        raise AdvtrainError(
+            f"crop needs a batch of images (N, C, H, W), got shape {tuple(x.shape)}"
+        )
     pad = crop_padding(info) if padding is None else padding
     if pad == 0:
         return x
@@ -85,13 +88,16 @@ def random_flip(x: Tensor, generator: torch.Generator, info: DatasetInfo) -> Ten
     """Mirror each image of ``(N, C, H, W)`` left-right with probability 1/2."""
     del info
     if x.dim() != 4:
-        raise AdvtrainError(f"flip needs a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
+        raise AdvtrainError(
+            f"flip needs a batch of images (N, C, H, W), got shape {tuple(x.shape)}"
+        )
     flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def gaussian_noise(x: Tensor, generator: torch.Generator, info: DatasetInfo,
-                   std: float = 0.05) -> Tensor:
+def gaussian_noise(
+    x: Tensor, generator: torch.Generator, info: DatasetInfo, std: float = 0.05
+) -> Tensor:
     """``x + std * N(0, 1)`` on the mutable features, clamped into the bounds."""
     noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype) * std
     if info.mutable is not None:
@@ -106,16 +112,23 @@ def check_augment(names: Iterable[str], info: DatasetInfo) -> None:
     """A one-line error if an augmentation does not suit the dataset."""
     for name in names:
         if name not in AUGMENTATIONS:
-            raise AdvtrainError(f"unknown augmentation {name!r}; choose from: {', '.join(AUGMENTATIONS)}")
+            raise AdvtrainError(
+                f"unknown augmentation {name!r}; choose from: {', '.join(AUGMENTATIONS)}"
+            )
         if name in ("crop", "flip") and (info.kind != "image" or len(info.shape) != 3):
-            raise AdvtrainError(f"augment {name!r} is for images; dataset {info.name!r} is "
-                                f"{info.kind} with inputs of shape {tuple(info.shape)}")
+            raise AdvtrainError(
+                f"augment {name!r} is for images; dataset {info.name!r} is "
+                f"{info.kind} with inputs of shape {tuple(info.shape)}"
+            )
         if name == "flip" and info.name in NOT_MIRROR_SYMMETRIC:
-            raise AdvtrainError(f"augment 'flip' refused for {info.name!r}: "
-                                f"{NOT_MIRROR_SYMMETRIC[info.name]}")
+            raise AdvtrainError(
+                f"augment 'flip' refused for {info.name!r}: {NOT_MIRROR_SYMMETRIC[info.name]}"
+            )
 
 
-def make_augment(names: Iterable[str], info: DatasetInfo, noise_std: float = 0.05) -> Augment | None:
+def make_augment(
+    names: Iterable[str], info: DatasetInfo, noise_std: float = 0.05
+) -> Augment | None:
     """The augmentations ``names`` for ``info``'s data as one function ``(x, generator) -> x``
     (None when there are none), applied in the order crop, flip, noise (noise last, so that the
     bounds hold at the end)."""

@@ -95,11 +95,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AdvtrainError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+        if (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not 0 <= self.seed < 2**32
+        ):
             raise AdvtrainError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         for name in ("dataset", "model", "method", "norm", "optimizer", "out", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise AdvtrainError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+                raise AdvtrainError(
+                    f"{name} must be a non-empty string, got {getattr(self, name)!r}"
+                )
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise AdvtrainError(f"data_dir must be a string, got {self.data_dir!r}")
         for name in ("val_fraction", "test_fraction"):
@@ -152,11 +158,16 @@ class TrainConfig:
         object.__setattr__(self, "augment", _augment_names(self.augment))
         if not _finite_nonnegative(self.adv_ratio) or self.adv_ratio > 1:
             raise AdvtrainError(f"adv_ratio must be a number in [0, 1], got {self.adv_ratio!r}")
-        for name, choices in (("schedule", tuple(SCHEDULES)), ("catastrophic", CATASTROPHIC),
-                              ("amp", AMP)):
+        for name, choices in (
+            ("schedule", tuple(SCHEDULES)),
+            ("catastrophic", CATASTROPHIC),
+            ("amp", AMP),
+        ):
             value = getattr(self, name)
             if value not in choices:
-                raise AdvtrainError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+                raise AdvtrainError(
+                    f"unknown {name} {value!r}; choose one of: {', '.join(choices)}"
+                )
         for name in ("warmup_epochs", "checkpoint_every"):
             value = getattr(self, name)
             if name == "warmup_epochs" and value is None:
@@ -164,14 +175,20 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise AdvtrainError(f"{name} must be an integer >= 0, got {value!r}")
         if self.warmup_epochs is not None and self.warmup_epochs > self.epochs:
-            raise AdvtrainError(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs "
-                                f"({self.epochs}): eps would never reach its full value")
-        if self.ema_decay is not None and (not _finite_nonnegative(self.ema_decay)
-                                           or self.ema_decay >= 1):
-            raise AdvtrainError(f"ema_decay must be a number in [0, 1) (0: no weight average), "
-                                f"got {self.ema_decay!r}")
+            raise AdvtrainError(
+                f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs "
+                f"({self.epochs}): eps would never reach its full value"
+            )
+        if self.ema_decay is not None and (
+            not _finite_nonnegative(self.ema_decay) or self.ema_decay >= 1
+        ):
+            raise AdvtrainError(
+                f"ema_decay must be a number in [0, 1) (0: no weight average), "
+                f"got {self.ema_decay!r}"
+            )
         if self.early_stop is not None and (
-            not isinstance(self.early_stop, int) or isinstance(self.early_stop, bool)
+            not isinstance(self.early_stop, int)
+            or isinstance(self.early_stop, bool)
             or self.early_stop < 1
         ):
             raise AdvtrainError(
@@ -180,20 +197,28 @@ class TrainConfig:
         if not _finite_nonnegative(self.noise_std):
             raise AdvtrainError(f"noise_std must be finite and >= 0, got {self.noise_std!r}")
         if not _finite_nonnegative(self.co_threshold) or not 0 < self.co_threshold <= 1:
-            raise AdvtrainError(f"co_threshold must be a number in (0, 1], got {self.co_threshold!r}")
+            raise AdvtrainError(
+                f"co_threshold must be a number in (0, 1], got {self.co_threshold!r}"
+            )
         if not isinstance(self.tensorboard, bool):
             raise AdvtrainError(f"tensorboard must be true or false, got {self.tensorboard!r}")
         channels_last = self.channels_last
         if isinstance(channels_last, bool):
             channels_last = "on" if channels_last else "off"
         if channels_last not in CHANNELS_LAST:
-            raise AdvtrainError(f"channels_last must be one of {', '.join(CHANNELS_LAST)} (or "
-                                f"true/false), got {self.channels_last!r}")
+            raise AdvtrainError(
+                f"channels_last must be one of {', '.join(CHANNELS_LAST)} (or "
+                f"true/false), got {self.channels_last!r}"
+            )
         object.__setattr__(self, "channels_last", channels_last)
         if self.compile not in COMPILE:
-            raise AdvtrainError(f"unknown compile {self.compile!r}; choose one of: {', '.join(COMPILE)}")
+            raise AdvtrainError(
+                f"unknown compile {self.compile!r}; choose one of: {', '.join(COMPILE)}"
+            )
         if not isinstance(self.sync_batchnorm, bool):
-            raise AdvtrainError(f"sync_batchnorm must be true or false, got {self.sync_batchnorm!r}")
+            raise AdvtrainError(
+                f"sync_batchnorm must be true or false, got {self.sync_batchnorm!r}"
+            )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -234,8 +259,10 @@ def _method_options(value: object) -> dict[str, Any]:
         if isinstance(item, float) and not math.isfinite(item):
             raise AdvtrainError(f"method option {name} must be finite, got {item!r}")
         if not isinstance(item, (bool, int, float, str)):
-            raise AdvtrainError(f"method option {name} must be a number, true/false or text, "
-                                f"got {type(item).__name__}")
+            raise AdvtrainError(
+                f"method option {name} must be a number, true/false or text, "
+                f"got {type(item).__name__}"
+            )
         if name in options:
             raise AdvtrainError(f"method option {name} is given twice")
         options[name] = item
@@ -249,7 +276,9 @@ def _augment_names(value: object) -> tuple[str, ...]:
     elif isinstance(value, (list, tuple)):
         items = list(value)
     else:
-        raise AdvtrainError(f"augment must be a list of names or a comma-separated string, got {value!r}")
+        raise AdvtrainError(
+            f"augment must be a list of names or a comma-separated string, got {value!r}"
+        )
     names: list[str] = []
     for item in items:
         if not isinstance(item, str):
@@ -258,7 +287,9 @@ def _augment_names(value: object) -> tuple[str, ...]:
         if name in ("", "none"):
             continue
         if name not in AUGMENTATIONS:
-            raise AdvtrainError(f"unknown augmentation {name!r}; choose from: {', '.join(AUGMENTATIONS)}")
+            raise AdvtrainError(
+                f"unknown augmentation {name!r}; choose from: {', '.join(AUGMENTATIONS)}"
+            )
         if name in names:
             raise AdvtrainError(f"augmentation {name!r} is listed twice")
         names.append(name)
@@ -297,8 +328,10 @@ def parse_method_options(items: Iterable[str]) -> dict[str, Any]:
 
 def _finite_nonnegative(value: object) -> bool:
     return (
-        isinstance(value, (int, float)) and not isinstance(value, bool)
-        and math.isfinite(value) and value >= 0
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
     )
 
 
@@ -317,7 +350,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     if path is not None:
         values.update(_read_toml(Path(path)))
     given = {k: v for k, v in overrides.items() if v is not None}
-    if isinstance(values.get("method_options"), dict) and isinstance(given.get("method_options"), dict):
+    if isinstance(values.get("method_options"), dict) and isinstance(
+        given.get("method_options"), dict
+    ):
         given["method_options"] = {**values["method_options"], **given["method_options"]}
     values.update(given)
     unknown = sorted(set(values) - set(config_keys()))
@@ -345,7 +380,9 @@ def load_run_config(run_dir: str | Path, **given: Any) -> TrainConfig:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise AdvtrainError(f"cannot resume: '{path}' is missing (not an advtrain run directory)") from None
+        raise AdvtrainError(
+            f"cannot resume: '{path}' is missing (not an advtrain run directory)"
+        ) from None
     except (ValueError, UnicodeDecodeError):
         raise AdvtrainError(f"cannot resume: '{path}' is not valid JSON") from None
     if not isinstance(saved, dict):

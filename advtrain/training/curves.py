@@ -12,7 +12,7 @@ import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..checkpoint import atomic_write_bytes
+from ..util import atomic_write_bytes
 
 
 def render_curves(history: Sequence[Mapping[str, float]]) -> bytes:
@@ -28,8 +28,9 @@ def render_curves(history: Sequence[Mapping[str, float]]) -> bytes:
     figure.subplots_adjust(left=0.05, right=0.95, bottom=0.16, top=0.9, wspace=0.3)
     marker = "o" if len(epochs) <= 40 else None
     accuracy.plot(epochs, [r["val_clean_accuracy"] for r in history], marker=marker, label="clean")
-    accuracy.plot(epochs, [r["val_robust_accuracy"] for r in history], marker=marker,
-                  label="robust (PGD)")
+    accuracy.plot(
+        epochs, [r["val_robust_accuracy"] for r in history], marker=marker, label="robust (PGD)"
+    )
     accuracy.set_ylim(0, 1)
     accuracy.set_title("validation accuracy")
     accuracy.legend(loc="lower right")

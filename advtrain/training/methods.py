@@ -30,7 +30,6 @@ A loss function may carry optional attributes; a trainer must honour them:
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 from ..attacks import PGD, frozen
 from ..errors import AdvtrainError, unknown
 from ..threat import ThreatModel
+from ..util import check_finite, check_positive_int
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 MethodFactory = Callable[..., LossFn]
@@ -82,23 +82,8 @@ def make_method(name: str, threat: ThreatModel, **options: Any) -> LossFn:
 # ---------------------------------------------------------------------- option checks
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AdvtrainError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _finite(name: str, value: object, *, minimum: float = 0.0, strict: bool = False) -> float:
-    """``value`` as a float; a one-line error unless it is a finite number >= (or >) ``minimum``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and (value > minimum if strict else value >= minimum):
-        return float(value)
-    sign = ">" if strict else ">="
-    raise AdvtrainError(f"{name} must be a finite number {sign} {minimum:g}, got {value!r}")
-
-
 def _step_size(step_size: object, default: float) -> float:
-    return default if step_size is None else _finite("step_size", step_size)
+    return default if step_size is None else check_finite("step_size", step_size)
 
 
 # ---------------------------------------------------------------------- the pure losses
@@ -146,7 +131,11 @@ def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) 
 
 
 def _ascend(
-    model: nn.Module, x: Tensor, threat: ThreatModel, steps: int, step_size: float,
+    model: nn.Module,
+    x: Tensor,
+    threat: ThreatModel,
+    steps: int,
+    step_size: float,
     objective: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """PGD on ``objective(logits)`` (per sample) from ``x + 0.001 * N(0, 1)``, last iterate.
@@ -182,7 +171,7 @@ def mix(loss_fn: LossFn, adv_ratio: float) -> LossFn:
     trainer-contract attributes (``replays``, ``on_epoch_start``, ``uses_input_grad``) carry over;
     ``.method`` is the wrapped loss function and ``.adv_ratio`` the ratio.
     """
-    ratio = _finite("adv_ratio", adv_ratio)
+    ratio = check_finite("adv_ratio", adv_ratio)
     if ratio > 1:
         raise AdvtrainError(f"adv_ratio must lie in [0, 1], got {adv_ratio!r}")
     if not callable(loss_fn):
@@ -250,7 +239,7 @@ def fgsm_rs(threat: ThreatModel, *, steps: int = 10, step_size: float | None = N
     is ``1.25 * eps`` unless given: the authors' MNIST setting (``alpha = 0.375`` at
     ``eps = 0.3``) and their CIFAR-10 one (10/255 at 8/255). ``steps`` is accepted and ignored.
     """
-    _positive_int("steps", steps)
+    check_positive_int("steps", steps)
     size = _step_size(step_size, 1.25 * threat.eps)
 
     def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -259,7 +248,9 @@ def fgsm_rs(threat: ThreatModel, *, steps: int = 10, step_size: float | None = N
             with torch.enable_grad():
                 value = F.cross_entropy(model(start), y, reduction="sum")
             (grad,) = torch.autograd.grad(value, start)
-            x_adv = threat.project(start.detach() + size * threat.ascent_direction(grad, start.detach()), x)
+            x_adv = threat.project(
+                start.detach() + size * threat.ascent_direction(grad, start.detach()), x
+            )
         logits = model(x_adv.detach())
         return F.cross_entropy(logits, y), logits
 
@@ -286,8 +277,11 @@ class FreeLoss:
 
     def _current_delta(self, x: Tensor) -> Tensor:
         delta = self.delta
-        if delta is None or delta.shape != x.shape or delta.device != x.device or (
-            delta.dtype != x.dtype
+        if (
+            delta is None
+            or delta.shape != x.shape
+            or delta.device != x.device
+            or (delta.dtype != x.dtype)
         ):
             # Shafahi et al. start from zero; a batch of another shape starts afresh
             return torch.zeros_like(x)
@@ -329,8 +323,8 @@ def free(
     ``ceil(epochs / replays)`` epochs) and ``uses_input_grad`` (``delta.grad`` comes from the
     trainer's ``loss.backward()``). ``steps`` is accepted and ignored.
     """
-    _positive_int("steps", steps)
-    _positive_int("replays", replays)
+    check_positive_int("steps", steps)
+    check_positive_int("replays", replays)
     return FreeLoss(threat, replays, _step_size(step_size, threat.eps))
 
 
@@ -348,8 +342,8 @@ def trades(
     unless given (the rule of the ``pgd`` method), which at the default 10 steps is ``eps / 4``,
     near the authors' 0.007 at eps 0.031. The logits returned are the adversarial ones.
     """
-    _positive_int("steps", steps)
-    beta = _finite("beta", beta)
+    check_positive_int("steps", steps)
+    beta = check_finite("beta", beta)
     size = _step_size(step_size, 2.5 * threat.eps / steps)
 
     def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -383,15 +377,21 @@ def mart(
     does not tune it for MNIST). The step is ``2.5 * eps / steps`` unless given (``eps / 4`` at
     10 steps, near their 0.007 at eps 0.031). The logits returned are the adversarial ones.
     """
-    _positive_int("steps", steps)
-    beta = _finite("beta", beta)
+    check_positive_int("steps", steps)
+    beta = check_finite("beta", beta)
     size = _step_size(step_size, 2.5 * threat.eps / steps)
 
     def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         threat.validate(x)
         x = x.detach()
-        x_adv = _ascend(model, x, threat, steps, size,
-                        lambda logits: F.cross_entropy(logits, y, reduction="none"))
+        x_adv = _ascend(
+            model,
+            x,
+            threat,
+            steps,
+            size,
+            lambda logits: F.cross_entropy(logits, y, reduction="none"),
+        )
         logits_clean, logits_adv = model(x), model(x_adv)
         return mart_loss(logits_clean, logits_adv, y, beta), logits_adv
 
@@ -415,8 +415,8 @@ class DistillationLoss:
         return (epochs + 1) // 2
 
     def on_epoch_start(self, model: nn.Module, epoch: int, epochs: int) -> None:
-        _positive_int("epochs", epochs)
-        _positive_int("epoch", epoch)
+        check_positive_int("epochs", epochs)
+        check_positive_int("epoch", epoch)
         if epoch <= self.teacher_epochs(epochs):
             self.teacher = None  # (a new run with the same loss function starts over)
         elif self.teacher is None:
@@ -437,7 +437,10 @@ class DistillationLoss:
 
 @method("distillation")
 def distillation(
-    threat: ThreatModel, *, steps: int = 10, step_size: float | None = None,
+    threat: ThreatModel,
+    *,
+    steps: int = 10,
+    step_size: float | None = None,
     temperature: float = 100.0,
 ) -> LossFn:
     """Defensive distillation: Papernot, McDaniel, Wu, Jha & Swami, "Distillation as a defense
@@ -456,7 +459,7 @@ def distillation(
     phase runs. Trainer contract: ``on_epoch_start``.
     """
     del threat
-    _positive_int("steps", steps)
+    check_positive_int("steps", steps)
     if step_size is not None:
-        _finite("step_size", step_size)
-    return DistillationLoss(_finite("temperature", temperature, strict=True))
+        check_finite("step_size", step_size)
+    return DistillationLoss(check_finite("temperature", temperature, strict=True))

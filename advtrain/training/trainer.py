@@ -38,14 +38,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from ..attacks import PGD
 from .. import distributed
-from ..checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, one_line, save_checkpoint
+from ..attacks import PGD
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import Dataset
 from ..data.base import DatasetInfo, Split
 from ..errors import AdvtrainError, CheckpointError
 from ..evaluation import clean_and_robust_accuracy
 from ..threat import ThreatModel
+from ..util import atomic_write_json, atomic_write_text, one_line, resolve_device
 from .augment import make_augment
 from .averaging import WeightAverage
 from .config import FGSM_TYPE, TrainConfig
@@ -69,26 +70,6 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 #: Rank r > 0 of a distributed run seeds its own random draws with ``seed + r * stride``.
 RANK_SEED_STRIDE = 7919
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU; an unusable device is an AdvtrainError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise AdvtrainError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AdvtrainError(f"device {name!r} asked for, but CUDA is not available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise AdvtrainError(
-                f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
-            )
-    elif device.type != "cpu":
-        raise AdvtrainError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -137,8 +118,9 @@ class TrainResult:
 # ---------------------------------------------------------------------- pure helpers
 
 
-def warmup_eps(eps: float, epoch: int, batch: int, batches: int, warmup_epochs: int,
-               replays: int = 1) -> float:
+def warmup_eps(
+    eps: float, epoch: int, batch: int, batches: int, warmup_epochs: int, replays: int = 1
+) -> float:
     """eps for batch ``batch`` (0-based) of epoch ``epoch`` (1-based) of ``batches``: a linear
     ramp from 0 that reaches ``eps`` with the last batch of epoch ``warmup_epochs``.
 
@@ -157,9 +139,12 @@ def warmup_eps(eps: float, epoch: int, batch: int, batches: int, warmup_epochs: 
 CO_MIN_ROBUST = 0.2
 
 
-def catastrophic_overfitting(history: list[EpochRecord], threshold: float = 0.5,
-                             clean_holds: float = CLEAN_HOLDS,
-                             min_robust: float = CO_MIN_ROBUST) -> str | None:
+def catastrophic_overfitting(
+    history: list[EpochRecord],
+    threshold: float = 0.5,
+    clean_holds: float = CLEAN_HOLDS,
+    min_robust: float = CO_MIN_ROBUST,
+) -> str | None:
     """A message when the last epoch shows catastrophic overfitting, else None.
 
     Catastrophic overfitting (Wong, Rice & Kolter, "Fast is better than free", ICLR 2020): with
@@ -211,8 +196,10 @@ def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         if mode == "auto":
             return None
-        raise AdvtrainError(f"amp {mode!r} needs a CUDA device; this run's device is {device} "
-                            "(use amp = \"auto\" or \"off\")")
+        raise AdvtrainError(
+            f"amp {mode!r} needs a CUDA device; this run's device is {device} "
+            '(use amp = "auto" or "off")'
+        )
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
@@ -223,8 +210,10 @@ def _use_channels_last(mode: str, device: torch.device, info: DatasetInfo) -> bo
     if mode == "auto":
         return device.type == "cuda" and images
     if mode == "on" and not images:
-        raise AdvtrainError(f"channels_last is for images (C, H, W); dataset {info.name!r} has "
-                            f"inputs of shape {tuple(info.shape)}")
+        raise AdvtrainError(
+            f"channels_last is for images (C, H, W); dataset {info.name!r} has "
+            f"inputs of shape {tuple(info.shape)}"
+        )
     return mode == "on"
 
 
@@ -232,8 +221,10 @@ def _summary_writer_class() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise AdvtrainError("tensorboard = true needs the tensorboard package "
-                            f"(pip install tensorboard): {one_line(exc, 120)}") from None
+        raise AdvtrainError(
+            "tensorboard = true needs the tensorboard package "
+            f"(pip install tensorboard): {one_line(exc, 120)}"
+        ) from None
     return SummaryWriter
 
 
@@ -287,16 +278,20 @@ class Trainer:
         # pinned host memory lets each batch's copy to the GPU run without blocking the host
         self.pin_memory = self.device.type == "cuda"
         # the model the training loss calls (compiled when asked); it shares self.model's weights
-        self.train_model = (self.model if config.compile == "off"
-                            else torch.compile(self.model, backend=config.compile))
+        self.train_model = (
+            self.model
+            if config.compile == "off"
+            else torch.compile(self.model, backend=config.compile)
+        )
         self.threat: ThreatModel = data.info.threat_model(norm=config.norm, eps=config.eps)
         self._base_loss = self._build_method(self.threat)
         self._loss_eps = self.threat.eps
         self.loss_fn = self._mixed(self._base_loss)
         replays = getattr(self._base_loss, "replays", 1)
         if not isinstance(replays, int) or isinstance(replays, bool) or replays < 1:
-            raise AdvtrainError(f"method {config.method!r}: replays must be an integer >= 1, "
-                                f"got {replays!r}")
+            raise AdvtrainError(
+                f"method {config.method!r}: replays must be an integer >= 1, got {replays!r}"
+            )
         self.replays = replays
         self.run_epochs = math.ceil(config.epochs / replays)
         self.batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
@@ -354,12 +349,19 @@ class Trainer:
         test_attack = self.test_attack()
         test_clean, test_robust = self._measure(self.data.test, test_attack, self.model)
         result = TrainResult(
-            best_epoch=self.best_epoch, history=list(self.history),
-            test_clean_accuracy=test_clean, test_robust_accuracy=test_robust,
+            best_epoch=self.best_epoch,
+            history=list(self.history),
+            test_clean_accuracy=test_clean,
+            test_robust_accuracy=test_robust,
             seconds=time.perf_counter() - start,
-            extra={"test_attack": repr(test_attack), "eps": self.threat.eps,
-                   "norm": self.threat.norm, "epochs_run": len(self.history),
-                   "stop_reason": self.stop_reason, "warnings": list(self.warnings)},
+            extra={
+                "test_attack": repr(test_attack),
+                "eps": self.threat.eps,
+                "norm": self.threat.norm,
+                "epochs_run": len(self.history),
+                "stop_reason": self.stop_reason,
+                "warnings": list(self.warnings),
+            },
         )
         if self.run_dir is not None:
             atomic_write_json(self.run_dir / "summary.json", result.to_dict())
@@ -374,18 +376,26 @@ class Trainer:
     def validation_attack(self) -> PGD:
         """The cheap PGD run on the validation split after each epoch."""
         steps = self.config.eval_steps
-        return PGD(self.threat, steps=steps, step_size=2.5 * self.threat.eps / steps,
-                   seed=self.config.seed)
+        return PGD(
+            self.threat, steps=steps, step_size=2.5 * self.threat.eps / steps, seed=self.config.seed
+        )
 
     def test_attack(self) -> PGD:
         """The PGD that measures the kept model on the test split (40 steps)."""
-        return PGD(self.threat, steps=40, step_size=2.5 * self.threat.eps / 40, seed=self.config.seed)
+        return PGD(
+            self.threat, steps=40, step_size=2.5 * self.threat.eps / 40, seed=self.config.seed
+        )
 
     # ------------------------------------------------------------------ the method
     def _build_method(self, threat: ThreatModel) -> LossFn:
         cfg = self.config
-        return make_method(cfg.method, threat, steps=cfg.attack_steps,
-                           step_size=cfg.attack_step_size, **cfg.method_options)
+        return make_method(
+            cfg.method,
+            threat,
+            steps=cfg.attack_steps,
+            step_size=cfg.attack_step_size,
+            **cfg.method_options,
+        )
 
     def _mixed(self, loss_fn: LossFn) -> LossFn:
         if self.config.adv_ratio == 1:
@@ -430,11 +440,14 @@ class Trainer:
                     done = batch + 1  # a rank without rows could not join the statistics
                     continue
                 if self.world > 1:  # this rank's share: rows rank, rank + world, ...
-                    x, y = x[self.rank::self.world], y[self.rank::self.world]
+                    x, y = x[self.rank :: self.world], y[self.rank :: self.world]
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                self._set_eps(warmup_eps(self.threat.eps, epoch, batch, batches,
-                                         cfg.eps_warmup_epochs, self.replays))
+                self._set_eps(
+                    warmup_eps(
+                        self.threat.eps, epoch, batch, batches, cfg.eps_warmup_epochs, self.replays
+                    )
+                )
                 for _ in range(self.replays):
                     multiplier = self.schedule(self.global_step + 0.5, self.total_steps)
                     for group in self.optimizer.param_groups:
@@ -445,29 +458,41 @@ class Trainer:
                     total_loss = total_loss + loss.detach().double() * len(y)
                     total_correct = total_correct + (logits.detach().argmax(1) == y).sum()
                     seen += len(y)
-                advance(lambda: f"loss {float(total_loss) / max(seen, 1):.4f}  "
-                                f"acc {int(total_correct) / max(seen, 1):.2%}")
+                advance(
+                    lambda: (
+                        f"loss {float(total_loss) / max(seen, 1):.4f}  "
+                        f"acc {int(total_correct) / max(seen, 1):.2%}"
+                    )
+                )
                 done = batch + 1
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < batches:
-                    self._save_resume(epoch, done, order,
-                                      (float(total_loss), int(total_correct), seen))
+                    self._save_resume(
+                        epoch, done, order, (float(total_loss), int(total_correct), seen)
+                    )
         total_loss, total_correct = float(total_loss), int(total_correct)
         if self.world > 1:
             total_loss, total_correct, seen = distributed.sum_over_ranks(
-                [total_loss, total_correct, seen], self.device)
+                [total_loss, total_correct, seen], self.device
+            )
         clean, robust = self._validate()
         return EpochRecord(
-            epoch=epoch, train_loss=total_loss / max(seen, 1),
+            epoch=epoch,
+            train_loss=total_loss / max(seen, 1),
             train_accuracy=total_correct / max(seen, 1),
-            val_clean_accuracy=clean, val_robust_accuracy=robust,
-            lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start,
+            val_clean_accuracy=clean,
+            val_robust_accuracy=robust,
+            lr=self.optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - start,
             eps=self._loss_eps,
         )
 
     def _step(self, x: Tensor, y: Tensor, batch_rows: int | None = None) -> tuple[Tensor, Tensor]:
         """One optimiser step on this rank's rows ``x, y`` of a batch of ``batch_rows``."""
-        autocast = (torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype is not None else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
         if len(y):
             with autocast:
                 loss, logits = self.loss_fn(self.train_model, x, y)
@@ -515,7 +540,10 @@ class Trainer:
         clean = robust = 0.0
         if self.rank == 0:
             found = clean_and_robust_accuracy(
-                model, split.x.to(self.device), split.y.to(self.device), attack,
+                model,
+                split.x.to(self.device),
+                split.y.to(self.device),
+                attack,
                 batch_size=self.config.eval_batch_size,
             )
             clean, robust = found.clean_accuracy, found.robust_accuracy
@@ -536,11 +564,14 @@ class Trainer:
         self._save(LAST, record)
         self._append_metrics(record)
         if writer is not None:
-            for tag, value in (("loss/train", record.train_loss),
-                               ("accuracy/train", record.train_accuracy),
-                               ("accuracy/val_clean", record.val_clean_accuracy),
-                               ("accuracy/val_robust", record.val_robust_accuracy),
-                               ("lr", record.lr), ("eps", record.eps)):
+            for tag, value in (
+                ("loss/train", record.train_loss),
+                ("accuracy/train", record.train_accuracy),
+                ("accuracy/val_clean", record.val_clean_accuracy),
+                ("accuracy/val_robust", record.val_robust_accuracy),
+                ("lr", record.lr),
+                ("eps", record.eps),
+            ):
                 writer.add_scalar(tag, value, epoch)
             writer.flush()
         extra = ""
@@ -567,8 +598,12 @@ class Trainer:
             elif message is not None:
                 self.warnings.append(message)
                 self.log(f"warning: {message}")
-        if (self.stop_reason is None and cfg.early_stop is not None and epoch < self.run_epochs
-                and epoch - self.best_epoch >= cfg.early_stop):
+        if (
+            self.stop_reason is None
+            and cfg.early_stop is not None
+            and epoch < self.run_epochs
+            and epoch - self.best_epoch >= cfg.early_stop
+        ):
             self.stop_reason = (
                 f"early stop after epoch {epoch}: no better validation accuracy for "
                 f"{cfg.early_stop} epoch(s) since epoch {self.best_epoch}, which is kept"
@@ -606,8 +641,10 @@ class Trainer:
     def _open_writer(self, resumed: bool) -> Any:
         if self._writer_class is None or self.run_dir is None:
             return None
-        return self._writer_class(log_dir=str(self.run_dir / "tensorboard"),
-                                  purge_step=self._next_epoch if resumed else None)
+        return self._writer_class(
+            log_dir=str(self.run_dir / "tensorboard"),
+            purge_step=self._next_epoch if resumed else None,
+        )
 
     # ------------------------------------------------------------------ files
     def _save(self, name: str, record: EpochRecord) -> None:
@@ -615,9 +652,14 @@ class Trainer:
             return
         info = self.data.info
         meta = {
-            "model": self.config.model, "dataset": info.name, "in_shape": list(info.shape),
-            "n_classes": info.n_classes, "norm": self.threat.norm, "eps": self.threat.eps,
-            "method": self.config.method, **record.to_dict(),
+            "model": self.config.model,
+            "dataset": info.name,
+            "in_shape": list(info.shape),
+            "n_classes": info.n_classes,
+            "norm": self.threat.norm,
+            "eps": self.threat.eps,
+            "method": self.config.method,
+            **record.to_dict(),
         }
         save_checkpoint(self.run_dir / name, self.kept_model.state_dict(), meta)
 
@@ -643,8 +685,13 @@ class Trainer:
         self._curves_due = now + CURVES_BUDGET * (now - started)
 
     # ------------------------------------------------------------------ checkpoints to resume from
-    def _save_resume(self, next_epoch: int, next_batch: int, order: Tensor | None,
-                     totals: tuple[float, int, int] | None) -> None:
+    def _save_resume(
+        self,
+        next_epoch: int,
+        next_batch: int,
+        order: Tensor | None,
+        totals: tuple[float, int, int] | None,
+    ) -> None:
         """Write everything needed to go on from batch ``next_batch`` of epoch ``next_epoch``."""
         # every rank's own random state (its random starts), method state (e.g. the perturbation
         # `free` carries) and running totals of the epoch, gathered by rank 0
@@ -652,9 +699,9 @@ class Trainer:
         if self.world > 1:
             own: dict[str, Tensor] = {}
             own_meta = _save_method_state(self._base_loss, own)
-            ranks = distributed.gathered_objects((torch.get_rng_state(),
-                                                  {k: v.cpu() for k, v in own.items()},
-                                                  own_meta, totals))
+            ranks = distributed.gathered_objects(
+                (torch.get_rng_state(), {k: v.cpu() for k, v in own.items()}, own_meta, totals)
+            )
         if self.run_dir is None:
             return
         self._serial += 1
@@ -682,20 +729,27 @@ class Trainer:
         if order is not None:
             tensors["epoch.order"] = order
         meta = {
-            "kind": RESUME_KIND, "serial": self._serial, "config": self.config.to_dict(),
-            "next_epoch": next_epoch, "next_batch": next_batch,
+            "kind": RESUME_KIND,
+            "serial": self._serial,
+            "config": self.config.to_dict(),
+            "next_epoch": next_epoch,
+            "next_batch": next_batch,
             "epoch_totals": list(totals) if totals is not None else None,
-            "global_step": self.global_step, "cuda_rng_states": len(cuda_states),
+            "global_step": self.global_step,
+            "cuda_rng_states": len(cuda_states),
             "average_updates": self.average.updates if self.average is not None else None,
             "history": [r.to_dict() for r in self.history],
             "best_epoch": self.best_epoch,
             "best_key": list(self.best_key) if self.best_key is not None else None,
-            "stop_reason": self.stop_reason, "warnings": self.warnings,
+            "stop_reason": self.stop_reason,
+            "warnings": self.warnings,
             "optimizer": {"param_groups": optimizer["param_groups"], "scalars": scalars},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "method_state": _save_method_state(self._base_loss, tensors),
-            "ranks": [{"method_state": m, "epoch_totals": list(t) if t is not None else None}
-                      for _, _, m, t in ranks],
+            "ranks": [
+                {"method_state": m, "epoch_totals": list(t) if t is not None else None}
+                for _, _, m, t in ranks
+            ],
         }
         save_checkpoint(self.run_dir / RESUME_SLOTS[self._serial % 2], tensors, meta)
 
@@ -708,14 +762,17 @@ class Trainer:
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise AdvtrainError(f"cannot resume: '{path}' is missing (not an advtrain run "
-                                "directory)") from None
+            raise AdvtrainError(
+                f"cannot resume: '{path}' is missing (not an advtrain run directory)"
+            ) from None
         except (ValueError, UnicodeDecodeError):
             raise AdvtrainError(f"cannot resume: '{path}' is not valid JSON") from None
         differences = _config_differences(saved, self.config)
         if differences:
-            raise AdvtrainError(f"cannot resume {source}: the configuration differs from its "
-                                f"config.json in {differences}")
+            raise AdvtrainError(
+                f"cannot resume {source}: the configuration differs from its "
+                f"config.json in {differences}"
+            )
         newest: tuple[dict[str, Tensor], dict[str, Any]] | None = None
         for slot in RESUME_SLOTS:
             if not (source / slot).exists():
@@ -734,8 +791,10 @@ class Trainer:
             return None
         differences = _config_differences(newest[1]["config"], self.config)
         if differences:
-            raise AdvtrainError(f"cannot resume {source}: its checkpoint was written with "
-                                f"another configuration ({differences})")
+            raise AdvtrainError(
+                f"cannot resume {source}: its checkpoint was written with "
+                f"another configuration ({differences})"
+            )
         return newest
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -743,7 +802,7 @@ class Trainer:
         self._reset_state()
 
         def take(prefix: str) -> dict[str, Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         try:
             self.model.load_state_dict(take("model."))
@@ -757,7 +816,11 @@ class Trainer:
             torch.set_rng_state(tensors.get(f"rng.torch.rank{self.rank}", tensors["rng.torch"]))
             self.generator.set_state(tensors["rng.batches"])
             cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(meta["cuda_rng_states"])]
-            if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            if (
+                cuda_states
+                and torch.cuda.is_available()
+                and len(cuda_states) == torch.cuda.device_count()
+            ):
                 torch.cuda.set_rng_state_all(cuda_states)
             self.history = [EpochRecord(**r) for r in meta["history"]]
             self.best_epoch = meta["best_epoch"]
@@ -772,26 +835,49 @@ class Trainer:
             own = meta.get("ranks") or []
             own = own[self.rank] if len(own) == self.world else None
             if meta["next_batch"]:
-                totals = (own["epoch_totals"] if own is not None
-                          else meta["epoch_totals"] if self.rank == 0 else (0, 0, 0))
+                totals = (
+                    own["epoch_totals"]
+                    if own is not None
+                    else meta["epoch_totals"]
+                    if self.rank == 0
+                    else (0, 0, 0)
+                )
                 total_loss, total_correct, seen = totals
-                self._partial = (tensors["epoch.order"], meta["next_batch"], total_loss,
-                                 total_correct, seen)
+                self._partial = (
+                    tensors["epoch.order"],
+                    meta["next_batch"],
+                    total_loss,
+                    total_correct,
+                    seen,
+                )
             if own is not None:
-                _load_method_state(self._base_loss, take(f"ranks.{self.rank}.method."),
-                                   own["method_state"], self.model, self.device)
+                _load_method_state(
+                    self._base_loss,
+                    take(f"ranks.{self.rank}.method."),
+                    own["method_state"],
+                    self.model,
+                    self.device,
+                )
             else:
-                _load_method_state(self._base_loss, take("method."), meta["method_state"],
-                                   self.model, self.device)
+                _load_method_state(
+                    self._base_loss, take("method."), meta["method_state"], self.model, self.device
+                )
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot resume {self.source_dir}: its checkpoint does not fit "
-                                  f"this run ({type(exc).__name__}: {one_line(exc, 120)})") from None
+            raise CheckpointError(
+                f"cannot resume {self.source_dir}: its checkpoint does not fit "
+                f"this run ({type(exc).__name__}: {one_line(exc, 120)})"
+            ) from None
         if self.run_dir is not None:
             # metrics.jsonl may hold epochs done after the checkpoint: they will be done again
-            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
-                json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in self.history))
-        where = (f"epoch {self._next_epoch}, batch {meta['next_batch']}" if meta["next_batch"]
-                 else f"the start of epoch {self._next_epoch}")
+            atomic_write_text(
+                self.run_dir / "metrics.jsonl",
+                "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in self.history),
+            )
+        where = (
+            f"epoch {self._next_epoch}, batch {meta['next_batch']}"
+            if meta["next_batch"]
+            else f"the start of epoch {self._next_epoch}"
+        )
         self.log(f"resuming {self.run_dir} at {where} (optimizer step {self.global_step})")
 
     def _optimizer_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -816,12 +902,14 @@ class Trainer:
 
 def _stateful(loss_fn: object) -> bool:
     return not isinstance(loss_fn, (types.FunctionType, types.BuiltinFunctionType)) and hasattr(
-        loss_fn, "__dict__")
+        loss_fn, "__dict__"
+    )
 
 
 def _has_state_dict(loss_fn: object) -> bool:
     return callable(getattr(loss_fn, "state_dict", None)) and callable(
-        getattr(loss_fn, "load_state_dict", None))
+        getattr(loss_fn, "load_state_dict", None)
+    )
 
 
 def _save_method_state(loss_fn: object, tensors: dict[str, Tensor]) -> dict[str, Any]:
@@ -837,21 +925,32 @@ def _save_method_state(loss_fn: object, tensors: dict[str, Tensor]) -> dict[str,
         if isinstance(value, nn.Module):
             for key, item in value.state_dict().items():
                 tensors[f"method.{name}.{key}"] = item
-            entries[name] = {"type": "module", "training": value.training,
-                             "requires_grad": [p.requires_grad for p in value.parameters()]}
+            entries[name] = {
+                "type": "module",
+                "training": value.training,
+                "requires_grad": [p.requires_grad for p in value.parameters()],
+            }
         elif isinstance(value, Tensor):
             tensors[f"method.{name}"] = value.detach()
             if value.grad is not None:
                 tensors[f"method.{name}.grad"] = value.grad.detach()
-            entries[name] = {"type": "tensor", "requires_grad": value.requires_grad,
-                             "grad": value.grad is not None}
+            entries[name] = {
+                "type": "tensor",
+                "requires_grad": value.requires_grad,
+                "grad": value.grad is not None,
+            }
         elif value is None:
             entries[name] = {"type": "none"}
     return {"kind": "attributes", "entries": entries}
 
 
-def _load_method_state(loss_fn: object, tensors: dict[str, Tensor], meta: dict[str, Any],
-                       model: nn.Module, device: torch.device) -> None:
+def _load_method_state(
+    loss_fn: object,
+    tensors: dict[str, Tensor],
+    meta: dict[str, Any],
+    model: nn.Module,
+    device: torch.device,
+) -> None:
     if meta["kind"] == "state_dict":
         loss_fn.load_state_dict(tensors)  # type: ignore[attr-defined]
         return
@@ -872,8 +971,9 @@ def _load_method_state(loss_fn: object, tensors: dict[str, Tensor], meta: dict[s
             if not isinstance(module, nn.Module):  # e.g. a teacher: a copy of the model
                 module = copy.deepcopy(model)
             prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                    if k.startswith(prefix)})
+            module.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
             module.train(entry["training"])
             for parameter, flag in zip(module.parameters(), entry["requires_grad"]):
                 parameter.requires_grad_(flag)
@@ -901,7 +1001,8 @@ def _config_differences(saved: dict[str, Any], config: TrainConfig) -> str:
     ours, theirs = config.to_dict(), reference.to_dict()
     differing = [
         f"{key} ({theirs[key]!r} in the run, {ours[key]!r} here)"
-        for key in ours if key != "out" and ours[key] != theirs[key]
+        for key in ours
+        if key != "out" and ours[key] != theirs[key]
     ]
     return ", ".join(differing)
 
@@ -912,8 +1013,9 @@ def _config_differences(saved: dict[str, Any], config: TrainConfig) -> str:
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -941,13 +1043,18 @@ class _bar:
         if not self.enabled or not console.is_terminal:
             return lambda text: None
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            transient=True,
             console=console,
         )
         self.progress.start()
-        task = self.progress.add_task(self.label, total=self.total, completed=self.completed,
-                                      status="")
+        task = self.progress.add_task(
+            self.label, total=self.total, completed=self.completed, status=""
+        )
         progress, count = self.progress, [self.completed]
 
         def advance(text: Callable[[], str]) -> None:
