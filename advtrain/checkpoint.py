@@ -24,14 +24,11 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from .errors import CheckpointError
-from .util import atomic_write_bytes, atomic_write_json, atomic_write_text, one_line
+from .util import atomic_write_bytes, atomic_write_text, json_text, one_line
 
 __all__ = [
     "FORMAT",
     "VERSION",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
     "load_checkpoint",
     "load_state_dict",
     "load_weights_into",
@@ -98,7 +95,7 @@ def save_checkpoint(
     except Exception as exc:  # safetensors' own error type for odd tensors
         raise CheckpointError(f"cannot save checkpoint {path}: {one_line(exc)}") from None
     sidecar = {**meta, "format": FORMAT, "version": VERSION, "sha256": _sha256(data)}
-    text = _json_text(sidecar, f"the metadata of {path}")
+    text = json_text(sidecar, f"the metadata of {path}")
     atomic_write_bytes(path, data)
     atomic_write_text(sidecar_path(path), text)
 

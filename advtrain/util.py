@@ -24,13 +24,15 @@ __all__ = [
     "atomic_write_text",
     "check_finite",
     "check_positive_int",
+    "json_text",
     "one_line",
     "resolve_device",
 ]
 
 
 def one_line(text: object, limit: int = 200) -> str:
-    """``text`` (or an exception's message) on one line, whitespace collapsed, at most ``limit`` chars."""
+    """``text`` (or an exception's message) on one line, whitespace collapsed, at most ``limit``
+    characters."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
@@ -50,7 +52,7 @@ def _new_file_mode() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` all at once: readers see the old file or the new one, never a part.
+    """Write ``data`` to ``path`` at once: readers see the old file or the new one, never a part.
 
     The bytes go to a temporary file in the same directory, which is flushed, fsynced and then
     renamed over ``path``; on any failure the temporary file is removed and ``path`` is untouched.
@@ -98,7 +100,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _json_text(obj: Any, what: str) -> str:
+def json_text(obj: Any, what: str) -> str:
     try:
         return json.dumps(obj, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as exc:
@@ -107,7 +109,7 @@ def _json_text(obj: Any, what: str) -> str:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON (indent 2, sorted keys, trailing newline) to ``path`` atomically."""
-    atomic_write_text(path, _json_text(obj, str(path)))
+    atomic_write_text(path, json_text(obj, str(path)))
 
 
 # ---------------------------------------------------------------------- devices
@@ -137,7 +139,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_positive_int(name: str, value: object) -> int:
-    """``value`` when it is an integer >= 1 (not a bool); a one-line error naming ``name`` otherwise."""
+    """``value`` when it is an integer >= 1 (not a bool), else a one-line error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AdvtrainError(f"{name} must be a positive integer, got {value!r}")
     return value

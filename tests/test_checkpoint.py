@@ -11,11 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import advtrain.checkpoint as ckpt
+import advtrain.util as util
 from advtrain.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
     load_checkpoint,
     load_state_dict,
     load_weights_into,
@@ -23,6 +20,7 @@ from advtrain.checkpoint import (
     sidecar_path,
 )
 from advtrain.errors import AdvtrainError, CheckpointError
+from advtrain.util import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 class Arbitrary:
@@ -131,7 +129,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_save_refuses_other_suffix_and_bad_meta(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match=".safetensors"):
+    with pytest.raises(CheckpointError, match=r"\.safetensors"):
         save_checkpoint(tmp_path / "m.pt", small_net().state_dict(), {})
     with pytest.raises(AdvtrainError, match="JSON"):
         save_checkpoint(tmp_path / "m.safetensors", small_net().state_dict(), {"bad": object()})
@@ -258,7 +256,7 @@ def test_atomic_write_keeps_old_file_when_replace_fails(
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(ckpt.os, "replace", broken_replace)
+    monkeypatch.setattr(util.os, "replace", broken_replace)
     with pytest.raises(AdvtrainError, match="disk on fire") as exc:
         atomic_write_json(path, {"new": True})
     assert_one_line(exc)
@@ -275,7 +273,7 @@ def test_atomic_write_cleans_up_when_write_fails_midway(
     def broken_fsync(fd: int) -> None:
         raise KeyboardInterrupt  # not an OSError: must still clean up and propagate unchanged
 
-    monkeypatch.setattr(ckpt.os, "fsync", broken_fsync)
+    monkeypatch.setattr(util.os, "fsync", broken_fsync)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_bytes(path, b"new" * 1000)
     assert path.read_bytes() == b"old"
@@ -288,7 +286,7 @@ def test_checkpoint_save_failure_keeps_old_checkpoint(
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, small_net().state_dict(), {"run": 1})
     before = path.read_bytes(), sidecar_path(path).read_bytes()
-    monkeypatch.setattr(ckpt.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("no space")))
+    monkeypatch.setattr(util.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("no space")))
     with pytest.raises(AdvtrainError):
         save_checkpoint(path, {"w": torch.ones(3)}, {"run": 2})
     assert (path.read_bytes(), sidecar_path(path).read_bytes()) == before
