@@ -1,70 +1,60 @@
-"""Training methods, each a function ``(model, x, y) -> (loss, logits)`` built for a threat model.
+"""Training methods, each a :class:`~advtrain.training.method.Method` built for a threat model.
 
-The loss is the batch mean to minimise; the logits are those of the inputs the model was trained
-on in that step (adversarial ones for adversarial methods), for the running accuracy.
-
-A method is registered by name with :func:`method`; :func:`make_method` builds the loss
-function the trainer calls on every batch. The adversarial example inside a loss is crafted
-with the model frozen (eval mode, no parameter gradients), as every advtrain attack does.
-
-The trainer's side of the contract
-----------------------------------
-A loss function may carry optional attributes; a trainer must honour them:
-
-``replays`` (int, 1 when absent)
-    Call the loss function this many times on the same minibatch, with
-    ``zero_grad(); loss.backward(); optimizer.step()`` after each call, and run
-    ``ceil(epochs / replays)`` epochs so that the number of gradient steps stays that of
-    ``epochs`` epochs (free adversarial training).
-``on_epoch_start(model, epoch, epochs)``
-    Call it before each epoch (``epoch`` counts from 1, ``epochs`` is the number of epochs the
-    trainer runs); methods with phases (distillation) switch there.
-``uses_input_grad`` (bool)
-    The loss function keeps a perturbation with ``requires_grad=True`` and reads its ``.grad``,
-    filled by the trainer's ``loss.backward()``, at its next call: the trainer must call
-    ``backward()`` on the returned loss (not ``torch.autograd.grad`` on the parameters only).
-
-:func:`mix` blends any method with clean cross-entropy and keeps these attributes.
+A method is registered by name with :func:`method`; :func:`make_method` builds it from its
+options (unknown or invalid options are one-line errors). The adversarial example inside a loss
+is crafted with the model frozen (eval mode, no parameter gradients), as every advtrain attack
+does, by the projected steepest ascent of :mod:`advtrain.attacks.ascent`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks import PGD, frozen
+from ..attacks.ascent import projected_ascent
 from ..errors import AdvtrainError, unknown
 from ..threat import ThreatModel
 from ..util import check_finite, check_positive_int
+from .method import Method, Mixed, check_replays, mix
 
-LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
-MethodFactory = Callable[..., LossFn]
+MethodFactory = Callable[..., Method]
 METHODS: dict[str, MethodFactory] = {}
-
-#: The optional attributes of a loss function that a trainer honours (see the module docstring).
-CONTRACT_ATTRIBUTES = ("replays", "on_epoch_start", "uses_input_grad")
+_Factory = TypeVar("_Factory", bound=MethodFactory)
 
 #: Standard deviation of the Gaussian start of the TRADES and MART inner maximisations.
 SMALL_START = 0.001
 
+__all__ = [
+    "METHODS",
+    "Method",
+    "Mixed",
+    "make_method",
+    "mart_loss",
+    "method",
+    "mix",
+    "trades_loss",
+]
 
-def method(name: str) -> Callable[[MethodFactory], MethodFactory]:
-    """Register a method factory under ``name``."""
 
-    def decorate(factory: MethodFactory) -> MethodFactory:
+def method(name: str) -> Callable[[_Factory], _Factory]:
+    """Register a method factory (a :class:`Method` subclass, or a function returning one) under
+    ``name``; it is called as ``factory(threat, **options)``."""
+
+    def decorate(factory: _Factory) -> _Factory:
         METHODS[name] = factory
         return factory
 
     return decorate
 
 
-def make_method(name: str, threat: ThreatModel, **options: Any) -> LossFn:
-    """The batch loss of method ``name`` for ``threat``; unknown options are an error.
+def make_method(name: str, threat: ThreatModel, **options: Any) -> Method:
+    """The method ``name`` for ``threat``; unknown options are an error.
 
     Every method takes the options of the attack inside training (``steps``, ``step_size``),
     whether it uses them or not, so that a trainer can pass them to any method.
@@ -74,16 +64,22 @@ def make_method(name: str, threat: ThreatModel, **options: Any) -> LossFn:
     except KeyError:
         raise unknown("method", name, list(METHODS)) from None
     try:
-        return factory(threat, **options)
+        built = factory(threat, **options)
     except TypeError as exc:
         raise AdvtrainError(f"method {name!r}: {exc}") from None
+    if not isinstance(built, Method):
+        raise AdvtrainError(
+            f"method {name!r}: its factory returned a {type(built).__name__}, not a Method"
+        )
+    check_replays(name, built)
+    return built
 
 
 # ---------------------------------------------------------------------- option checks
 
 
-def _step_size(step_size: object, default: float) -> float:
-    return default if step_size is None else check_finite("step_size", step_size)
+def _step_size(step_size: object) -> float | None:
+    return None if step_size is None else check_finite("step_size", step_size)
 
 
 # ---------------------------------------------------------------------- the pure losses
@@ -127,107 +123,55 @@ def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) 
     return (boosted_ce + beta * kl * weight).mean()
 
 
-# ---------------------------------------------------------------------- helpers
-
-
-def _ascend(
-    model: nn.Module,
-    x: Tensor,
-    threat: ThreatModel,
-    steps: int,
-    step_size: float,
-    objective: Callable[[Tensor], Tensor],
-) -> Tensor:
-    """PGD on ``objective(logits)`` (per sample) from ``x + 0.001 * N(0, 1)``, last iterate.
-
-    The start of TRADES and MART; each step goes along the norm's ascent direction and is
-    projected into the threat model (ball, bounds, mask). The model is frozen meanwhile.
-    """
-    with frozen(model):
-        x_adv = threat.project(x + SMALL_START * torch.randn_like(x), x).detach()
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                value = objective(model(x_adv)).sum()
-            (grad,) = torch.autograd.grad(value, x_adv)
-            x_adv = threat.project(
-                x_adv.detach() + step_size * threat.ascent_direction(grad, x_adv.detach()), x
-            ).detach()
-    return x_adv
-
-
-def _copy_contract(source: object, target: Any) -> None:
-    for name in CONTRACT_ATTRIBUTES:
-        if hasattr(source, name):
-            setattr(target, name, getattr(source, name))
-
-
-def mix(loss_fn: LossFn, adv_ratio: float) -> LossFn:
-    """Blend a method with clean training: ``r * method_loss + (1 - r) * CE(model(x), y)``.
-
-    ``adv_ratio`` ``r`` lies in [0, 1]: 1 is the method alone (returned as it is computed, with no
-    extra clean forward pass), 0 is standard training (the method is not called at all, so no
-    attack is run). The returned logits are the method's, or the clean ones at ``r = 0``. The
-    trainer-contract attributes (``replays``, ``on_epoch_start``, ``uses_input_grad``) carry over;
-    ``.method`` is the wrapped loss function and ``.adv_ratio`` the ratio.
-    """
-    ratio = check_finite("adv_ratio", adv_ratio)
-    if ratio > 1:
-        raise AdvtrainError(f"adv_ratio must lie in [0, 1], got {adv_ratio!r}")
-    if not callable(loss_fn):
-        raise AdvtrainError(f"mix needs a loss function, got {type(loss_fn).__name__}")
-
-    def mixed(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        if ratio == 0:
-            logits = model(x)
-            return F.cross_entropy(logits, y), logits
-        loss, logits = loss_fn(model, x, y)
-        if ratio == 1:
-            return loss, logits
-        clean = F.cross_entropy(model(x), y)
-        return ratio * loss + (1 - ratio) * clean, logits
-
-    _copy_contract(loss_fn, mixed)
-    mixed.method = loss_fn  # type: ignore[attr-defined]
-    mixed.adv_ratio = ratio  # type: ignore[attr-defined]
-    return mixed
-
-
 # ---------------------------------------------------------------------- methods
 
 
 @method("standard")
-def standard(threat: ThreatModel, *, steps: int = 10, step_size: float | None = None) -> LossFn:
+class Standard(Method):
     """Empirical risk minimisation on clean inputs (the undefended baseline); no attack."""
-    del threat, steps, step_size
 
-    def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def __init__(
+        self, threat: ThreatModel, *, steps: int = 10, step_size: float | None = None
+    ) -> None:
+        super().__init__(threat)
+        del steps, step_size
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = model(x)
         return F.cross_entropy(logits, y), logits
 
-    return loss
-
 
 @method("pgd")
-def pgd(threat: ThreatModel, *, steps: int = 10, step_size: float | None = None) -> LossFn:
+class PGDTraining(Method):
     """PGD adversarial training (Madry et al., ICLR 2018): cross-entropy on the PGD point.
 
     Each batch is replaced by the last iterate of ``steps`` PGD steps from a random start,
     step ``2.5 * eps / steps`` unless given.
     """
-    if step_size is None:
-        step_size = 2.5 * threat.eps / steps
-    attack = PGD(threat, steps=steps, step_size=step_size, early_stop=False)
 
-    def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = model(attack(model, x, y))
+    def __init__(
+        self, threat: ThreatModel, *, steps: int = 10, step_size: float | None = None
+    ) -> None:
+        super().__init__(threat)
+        self.steps = check_positive_int("steps", steps)
+        self.step_size = step_size
+        self._attack = self._build_attack()
+
+    def _build_attack(self) -> PGD:
+        size = 2.5 * self.threat.eps / self.steps if self.step_size is None else self.step_size
+        return PGD(self.threat, steps=self.steps, step_size=size, early_stop=False)
+
+    def set_eps(self, eps: float) -> None:
+        super().set_eps(eps)
+        self._attack = self._build_attack()
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = model(self._attack(model, x, y))
         return F.cross_entropy(logits, y), logits
-
-    return loss
 
 
 @method("fgsm-rs")
-def fgsm_rs(threat: ThreatModel, *, steps: int = 10, step_size: float | None = None) -> LossFn:
+class FGSMRandomStart(Method):
     """FGSM adversarial training with a random start: Wong, Rice & Kolter, "Fast is better than
     free: revisiting adversarial training" (ICLR 2020).
 
@@ -239,41 +183,86 @@ def fgsm_rs(threat: ThreatModel, *, steps: int = 10, step_size: float | None = N
     is ``1.25 * eps`` unless given: the authors' MNIST setting (``alpha = 0.375`` at
     ``eps = 0.3``) and their CIFAR-10 one (10/255 at 8/255). ``steps`` is accepted and ignored.
     """
-    check_positive_int("steps", steps)
-    size = _step_size(step_size, 1.25 * threat.eps)
 
-    def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def __init__(
+        self, threat: ThreatModel, *, steps: int = 10, step_size: float | None = None
+    ) -> None:
+        super().__init__(threat)
+        check_positive_int("steps", steps)
+        self.step_size = _step_size(step_size)
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        threat = self.threat
+        size = 1.25 * threat.eps if self.step_size is None else self.step_size
         with frozen(model):
-            start = (x + threat.random_delta(x)).requires_grad_(True)
-            with torch.enable_grad():
-                value = F.cross_entropy(model(start), y, reduction="sum")
-            (grad,) = torch.autograd.grad(value, start)
-            x_adv = threat.project(
-                start.detach() + size * threat.ascent_direction(grad, start.detach()), x
+            x_adv = projected_ascent(
+                lambda points: F.cross_entropy(model(points), y, reduction="none"),
+                x,
+                x + threat.random_delta(x),
+                threat,
+                1,
+                size,
             )
-        logits = model(x_adv.detach())
+        logits = model(x_adv)
         return F.cross_entropy(logits, y), logits
 
-    return loss
 
+@method("free")
+class Free(Method):
+    """Free adversarial training: Shafahi et al., "Adversarial training for free!" (NeurIPS 2019).
 
-class FreeLoss:
-    """The loss function of free adversarial training (see :func:`free`).
-
-    ``delta`` is the perturbation carried between calls (``None`` before the first one).
+    Each minibatch is replayed ``replays`` times (``m``, default 8, the value of the paper's
+    CIFAR-10 results). One backward pass gives both the parameter gradient and the gradient of
+    a perturbation ``delta``, carried over between replays and minibatches: at each call
+    ``delta`` first takes the ascent step of the previous call's gradient (``eps * sign(grad)``
+    for linf, the norm's ascent direction of length ``step_size`` otherwise, step ``eps`` unless
+    given, as in the paper) and is projected into the threat model (ball and mask); the model is
+    then trained with cross-entropy on ``x + delta`` clamped into the bounds. ``delta`` starts at
+    zero and restarts from zero when the batch shape changes; it is the method's state
+    (``state_dict``), its gradient filled by the trainer's ``loss.backward()``. ``steps`` is
+    accepted and ignored.
     """
 
-    uses_input_grad = True
-
-    def __init__(self, threat: ThreatModel, replays: int, step_size: float) -> None:
-        self.threat = threat
-        self.replays = replays
-        self.step_size = step_size
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 10,
+        step_size: float | None = None,
+        replays: int = 8,
+    ) -> None:
+        super().__init__(threat)
+        check_positive_int("steps", steps)
+        self.replays = check_positive_int("replays", replays)
+        self._step_size = _step_size(step_size)
         self.delta: Tensor | None = None
+
+    @property
+    def step_size(self) -> float:
+        """The ascent step: as given, else eps."""
+        return self.threat.eps if self._step_size is None else self._step_size
 
     def reset(self) -> None:
         """Forget the perturbation; the next call starts from zero."""
         self.delta = None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.delta is None:
+            return {}
+        state = {"delta": self.delta.detach()}
+        if self.delta.grad is not None:
+            state["delta.grad"] = self.delta.grad.detach()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Tensor], model: nn.Module) -> None:
+        del model
+        if "delta" not in state:
+            self.delta = None
+            return
+        delta = state["delta"].detach().clone().requires_grad_(True)
+        if "delta.grad" in state:
+            delta.grad = state["delta.grad"].detach().clone()
+        self.delta = delta
 
     def _current_delta(self, x: Tensor) -> Tensor:
         delta = self.delta
@@ -295,7 +284,7 @@ class FreeLoss:
             )
         return delta
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.threat.validate(x)
         x = x.detach()
         delta = self._current_delta(x).requires_grad_(True)
@@ -304,34 +293,39 @@ class FreeLoss:
         return F.cross_entropy(logits, y), logits
 
 
-@method("free")
-def free(
-    threat: ThreatModel, *, steps: int = 10, step_size: float | None = None, replays: int = 8
-) -> LossFn:
-    """Free adversarial training: Shafahi et al., "Adversarial training for free!" (NeurIPS 2019).
+class _SmallStartAscent(Method):
+    """The shared shape of TRADES and MART: ``steps`` projected ascent steps on a per-sample
+    objective from ``x + 0.001 * N(0, 1)`` (projected), step ``2.5 * eps / steps`` unless given
+    (the rule of the ``pgd`` method: ``eps / 4`` at the default 10 steps, near the authors'
+    0.007 at eps 0.031), then a loss of the clean and adversarial logits."""
 
-    Each minibatch is replayed ``replays`` times (``m``, default 8, the value of the paper's
-    CIFAR-10 results). One backward pass gives both the parameter gradient and the gradient of
-    a perturbation ``delta``, carried over between replays and minibatches: at each call
-    ``delta`` first takes the ascent step of the previous call's gradient (``eps * sign(grad)``
-    for linf, the norm's ascent direction of length ``step_size`` otherwise, step ``eps`` unless
-    given, as in the paper) and is projected into the threat model (ball and mask); the model is
-    then trained with cross-entropy on ``x + delta`` clamped into the bounds. ``delta`` starts at
-    zero and restarts from zero when the batch shape changes.
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 10,
+        step_size: float | None = None,
+        beta: float = 6.0,
+    ) -> None:
+        super().__init__(threat)
+        self.steps = check_positive_int("steps", steps)
+        self.beta = check_finite("beta", beta)
+        self.step_size = _step_size(step_size)
 
-    Trainer contract: ``replays`` (call it that many times per minibatch, run
-    ``ceil(epochs / replays)`` epochs) and ``uses_input_grad`` (``delta.grad`` comes from the
-    trainer's ``loss.backward()``). ``steps`` is accepted and ignored.
-    """
-    check_positive_int("steps", steps)
-    check_positive_int("replays", replays)
-    return FreeLoss(threat, replays, _step_size(step_size, threat.eps))
+    def _ascend(
+        self, model: nn.Module, x: Tensor, objective: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        threat = self.threat
+        size = 2.5 * threat.eps / self.steps if self.step_size is None else self.step_size
+        with frozen(model):
+            start = threat.project(x + SMALL_START * torch.randn_like(x), x).detach()
+            return projected_ascent(
+                lambda points: objective(model(points)), x, start, threat, self.steps, size
+            )
 
 
 @method("trades")
-def trades(
-    threat: ThreatModel, *, steps: int = 10, step_size: float | None = None, beta: float = 6.0
-) -> LossFn:
+class TRADES(_SmallStartAscent):
     """TRADES: Zhang et al., "Theoretically principled trade-off between robustness and accuracy"
     (ICML 2019).
 
@@ -342,12 +336,9 @@ def trades(
     unless given (the rule of the ``pgd`` method), which at the default 10 steps is ``eps / 4``,
     near the authors' 0.007 at eps 0.031. The logits returned are the adversarial ones.
     """
-    check_positive_int("steps", steps)
-    beta = check_finite("beta", beta)
-    size = _step_size(step_size, 2.5 * threat.eps / steps)
 
-    def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        threat.validate(x)
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        self.threat.validate(x)
         x = x.detach()
         with frozen(model), torch.no_grad():
             log_p_clean = F.log_softmax(model(x), dim=1)
@@ -356,17 +347,13 @@ def trades(
             log_p_adv = F.log_softmax(logits_adv, dim=1)
             return (log_p_clean.exp() * (log_p_clean - log_p_adv)).sum(dim=1)
 
-        x_adv = _ascend(model, x, threat, steps, size, kl)
+        x_adv = self._ascend(model, x, kl)
         logits_clean, logits_adv = model(x), model(x_adv)
-        return trades_loss(logits_clean, logits_adv, y, beta), logits_adv
-
-    return loss
+        return trades_loss(logits_clean, logits_adv, y, self.beta), logits_adv
 
 
 @method("mart")
-def mart(
-    threat: ThreatModel, *, steps: int = 10, step_size: float | None = None, beta: float = 6.0
-) -> LossFn:
+class MART(_SmallStartAscent):
     """MART: Wang et al., "Improving adversarial robustness requires revisiting misclassified
     examples" (ICLR 2020).
 
@@ -377,36 +364,47 @@ def mart(
     does not tune it for MNIST). The step is ``2.5 * eps / steps`` unless given (``eps / 4`` at
     10 steps, near their 0.007 at eps 0.031). The logits returned are the adversarial ones.
     """
-    check_positive_int("steps", steps)
-    beta = check_finite("beta", beta)
-    size = _step_size(step_size, 2.5 * threat.eps / steps)
 
-    def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        threat.validate(x)
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        self.threat.validate(x)
         x = x.detach()
-        x_adv = _ascend(
-            model,
-            x,
-            threat,
-            steps,
-            size,
-            lambda logits: F.cross_entropy(logits, y, reduction="none"),
+        x_adv = self._ascend(
+            model, x, lambda logits: F.cross_entropy(logits, y, reduction="none")
         )
         logits_clean, logits_adv = model(x), model(x_adv)
-        return mart_loss(logits_clean, logits_adv, y, beta), logits_adv
-
-    return loss
+        return mart_loss(logits_clean, logits_adv, y, self.beta), logits_adv
 
 
-class DistillationLoss:
-    """The loss function of defensive distillation (see :func:`distillation`).
+@method("distillation")
+class Distillation(Method):
+    """Defensive distillation: Papernot, McDaniel, Wu, Jha & Swami, "Distillation as a defense
+    to adversarial perturbations" (IEEE S&P 2016). A defence that MASKS gradients: kept as the
+    classic example of false robustness, not to be trusted.
 
-    ``teacher`` is ``None`` during the first phase, then the frozen copy whose soft labels the
-    second phase fits.
+    One run, two phases: during the first half of the epochs (rounded up) the network is trained
+    as the teacher on ``CE(logits / T, y)``; at the midpoint (``on_epoch_start``) a frozen copy
+    becomes the teacher (the method's state) and the rest of the epochs fit its soft labels
+    ``softmax(teacher(x) / T)`` with ``CE(logits / T, soft)``. The deployed model returns its raw
+    logits (``T = 1`` at test time), about ``T`` times larger than usual, so its softmax saturates
+    and cross-entropy gradients vanish: attacks on the CE loss fail while margin (CW) or DLR
+    attacks do not. ``T`` is 100 unless given, the temperature of the paper's headline results
+    on MNIST and CIFAR-10 (it studies T from 1 to 100). No attack runs inside, so ``threat``,
+    ``steps`` and ``step_size`` are accepted and ignored. With a single epoch only the first
+    phase runs.
     """
 
-    def __init__(self, temperature: float) -> None:
-        self.temperature = temperature
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 10,
+        step_size: float | None = None,
+        temperature: float = 100.0,
+    ) -> None:
+        super().__init__(threat)
+        check_positive_int("steps", steps)
+        _step_size(step_size)
+        self.temperature = check_finite("temperature", temperature, strict=True)
         self.teacher: nn.Module | None = None
 
     @staticmethod
@@ -414,18 +412,36 @@ class DistillationLoss:
         """Epochs of the first phase: the first half, rounded up."""
         return (epochs + 1) // 2
 
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        teacher = copy.deepcopy(model).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+        return teacher
+
     def on_epoch_start(self, model: nn.Module, epoch: int, epochs: int) -> None:
         check_positive_int("epochs", epochs)
         check_positive_int("epoch", epoch)
         if epoch <= self.teacher_epochs(epochs):
-            self.teacher = None  # (a new run with the same loss function starts over)
+            self.teacher = None  # (a new run with the same method starts over)
         elif self.teacher is None:
-            teacher = copy.deepcopy(model).eval()
-            for parameter in teacher.parameters():
-                parameter.requires_grad_(False)
-            self.teacher = teacher
+            self.teacher = self._frozen_copy(model)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.teacher is None:
+            return {}
+        return {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor], model: nn.Module) -> None:
+        weights = {k[len("teacher.") :]: v for k, v in state.items() if k.startswith("teacher.")}
+        if not weights:
+            self.teacher = None
+            return
+        teacher = self._frozen_copy(model)
+        teacher.load_state_dict(weights)
+        self.teacher = teacher
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = model(x)
         scaled = logits / self.temperature
         if self.teacher is None:
@@ -433,33 +449,3 @@ class DistillationLoss:
         with torch.no_grad():
             soft = F.softmax(self.teacher(x) / self.temperature, dim=1)
         return F.cross_entropy(scaled, soft), logits
-
-
-@method("distillation")
-def distillation(
-    threat: ThreatModel,
-    *,
-    steps: int = 10,
-    step_size: float | None = None,
-    temperature: float = 100.0,
-) -> LossFn:
-    """Defensive distillation: Papernot, McDaniel, Wu, Jha & Swami, "Distillation as a defense
-    to adversarial perturbations" (IEEE S&P 2016). A defence that MASKS gradients: kept as the
-    classic example of false robustness, not to be trusted.
-
-    One run, two phases: during the first half of the epochs (rounded up) the network is trained
-    as the teacher on ``CE(logits / T, y)``; at the midpoint (``on_epoch_start``) a frozen copy
-    becomes the teacher and the rest of the epochs fit its soft labels
-    ``softmax(teacher(x) / T)`` with ``CE(logits / T, soft)``. The deployed model returns its raw
-    logits (``T = 1`` at test time), about ``T`` times larger than usual, so its softmax saturates
-    and cross-entropy gradients vanish: attacks on the CE loss fail while margin (CW) or DLR
-    attacks do not. ``T`` is 100 unless given, the temperature of the paper's headline results
-    on MNIST and CIFAR-10 (it studies T from 1 to 100). No attack runs inside, so ``threat``,
-    ``steps`` and ``step_size`` are accepted and ignored. With a single epoch only the first
-    phase runs. Trainer contract: ``on_epoch_start``.
-    """
-    del threat
-    check_positive_int("steps", steps)
-    if step_size is not None:
-        check_finite("step_size", step_size)
-    return DistillationLoss(check_finite("temperature", temperature, strict=True))
