@@ -19,7 +19,8 @@ import torch
 
 from advtrain.attacks import ATTACKS, FGSM
 from advtrain.checkpoint import load_weights_into
-from advtrain.cli import _init_parameters, _parse_attack_options, run
+from advtrain.cli import run
+from advtrain.cli.attack_options import init_parameters, parse_attack_options
 from advtrain.data import load_dataset
 from advtrain.models import build_model
 from advtrain.threat import lp_norm
@@ -373,7 +374,7 @@ def test_tabular_attack_keeps_immutable_features(capsys, tmp_path):
 
 
 def test_option_values_are_typed():
-    parsed = _parse_attack_options(
+    parsed = parse_attack_options(
         ("steps=7", "step-size=0.5", "random_start=False", "loss=cw", "rho=1e-2")
     )
     assert parsed == {
@@ -402,8 +403,8 @@ class _Closed(_Base):
 
 
 def test_constructor_parameters_follow_the_kwargs_chain():
-    assert {"threat", "steps", "seed", "progress"} == set(_init_parameters(_Forwarding))
-    assert {"threat", "steps"} == set(_init_parameters(_Closed))
+    assert {"threat", "steps", "seed", "progress"} == set(init_parameters(_Forwarding))
+    assert {"threat", "steps"} == set(init_parameters(_Closed))
 
 
 class _ProgressProbe(FGSM):

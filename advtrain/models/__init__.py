@@ -3,8 +3,17 @@
 Every model maps a batch of inputs to logits (no softmax).
 """
 
+from .checks import check_model_output
 from .preact_resnet import PreActBlock, PreActResNet
 from .registry import BUILDERS, MODELS, build_model
 from .user import load_user_model
 
-__all__ = ["BUILDERS", "MODELS", "PreActBlock", "PreActResNet", "build_model", "load_user_model"]
+__all__ = [
+    "BUILDERS",
+    "MODELS",
+    "PreActBlock",
+    "PreActResNet",
+    "build_model",
+    "check_model_output",
+    "load_user_model",
+]

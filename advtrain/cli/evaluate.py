@@ -1,0 +1,251 @@
+"""``advtrain evaluate``: the robustness of a run or a model file, by an evaluation suite
+(:func:`advtrain.evaluation.evaluate`) or by PGD alone (``--suite pgd``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from ..errors import AdvtrainError
+from .loading import load_model_and_data
+from .processes import echo, leave_process_group, speaker, torchrun
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+    from torch import nn
+
+    from ..evaluation import Report
+    from ..threat import ThreatModel
+
+
+@click.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--model-file", help="Your own model as path/to/file.py:factory.")
+@click.option("--model", "model_name", help="A built-in architecture name, with --weights.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="safetensors or .pth state dict.")
+@click.option("--dataset", help="Dataset whose test split is evaluated (default: the run's).")
+@click.option("--data-dir", help="Directory of data files.")
+@click.option("--norm", help="linf, l2 or l1 (default: the run's, else linf).")
+@click.option("--eps", type=float, help="Radius (default: the run's, else the dataset's).")
+@click.option(
+    "--suite",
+    default="standard",
+    show_default=True,
+    help="quick, standard (AutoAttack's recipe + diagnostics), thorough, or pgd "
+    "(PGD alone, with --steps/--step-size/--restarts).",
+)
+@click.option("--steps", type=int, help="PGD steps (--suite pgd; default 40).")
+@click.option("--step-size", type=float, help="PGD step (--suite pgd; default 2.5*eps/steps).")
+@click.option("--restarts", type=int, help="PGD restarts (--suite pgd; default 1).")
+@click.option("--n", "limit", type=int, help="Evaluate the first N test samples only.")
+@click.option("--batch-size", type=int, default=1000, show_default=True)
+@click.option(
+    "--seed", type=int, help="Seed of the split and the attack (default: the run's, else 0)."
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Also write the figures as JSON."
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    help="Also write a self-contained HTML report (not with --suite pgd).",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Processes on this machine sharing the points (runs torchrun; default 1). "
+    "Each attacks whole chunks of --batch-size points; the report equals one "
+    "process's.",
+)
+def evaluate(
+    run_dir: str | None,
+    model_file: str | None,
+    model_name: str | None,
+    weights: str | None,
+    dataset: str | None,
+    data_dir: str | None,
+    norm: str | None,
+    eps: float | None,
+    suite: str,
+    steps: int | None,
+    step_size: float | None,
+    restarts: int | None,
+    limit: int | None,
+    batch_size: int,
+    seed: int | None,
+    device: str,
+    json_path: str | None,
+    html_path: str | None,
+    nproc: int,
+) -> None:
+    """Robustness of a trained run (RUN_DIR) or of a model file with weights.
+
+    The default is the standard suite: a survivor cascade of APGD-CE, APGD-T, FAB-T and Square,
+    gradient-masking diagnostics with automatic escalation, and every metric. Under torchrun
+    (or with --nproc) the ranks share the points and rank 0 writes the report.
+    """
+    from ..distributed import env_world_size, init_from_env, rank_device
+    from ..util import resolve_device
+
+    _check_flags(suite, steps, step_size, restarts, limit, batch_size, html_path, nproc)
+    target_device = rank_device(resolve_device(device))
+    if nproc > 1 and env_world_size() == 1:
+        sys.exit(torchrun("evaluate", nproc))
+    rank, _ = init_from_env(target_device.type)
+    say = speaker(rank)
+    loaded = load_model_and_data(run_dir, model_file, model_name, weights, dataset, data_dir, seed)
+    model, data, dataset, seed = loaded.model, loaded.data, loaded.dataset, loaded.seed
+    threat = loaded.threat_model(norm, eps)
+    x, y = data.test.x[:limit], data.test.y[:limit]
+    model = model.to(target_device)
+    if suite == "pgd":
+        _evaluate_pgd(
+            model,
+            x.to(target_device),
+            y.to(target_device),
+            threat,
+            steps or 40,
+            step_size,
+            restarts or 1,
+            seed,
+            batch_size,
+            dataset,
+            json_path,
+        )
+        return
+    from ..evaluation import evaluate as run_evaluation
+
+    chunks, world = -(-len(x) // batch_size), env_world_size()
+    if world > chunks:
+        say(
+            f"note: {world} processes share {chunks} chunk(s) of --batch-size {batch_size}; "
+            f"--batch-size {-(-len(x) // world)} or less gives each of them work"
+        )
+    report = run_evaluation(
+        model,
+        x,
+        y,
+        threat=threat,
+        suite=suite,
+        seed=seed,
+        batch_size=batch_size,
+        n_classes=data.info.n_classes,
+        positive_class=1 if data.info.n_classes == 2 else None,
+    )
+    report.settings["dataset"] = dataset
+    _say_report(say, report, threat.norm)
+    if json_path and rank == 0:
+        report.to_json(json_path)
+    if html_path and rank == 0:
+        report.to_html(html_path)
+        say(f"report: {html_path}")
+    leave_process_group()
+
+
+def _check_flags(
+    suite: str,
+    steps: int | None,
+    step_size: float | None,
+    restarts: int | None,
+    limit: int | None,
+    batch_size: int,
+    html_path: str | None,
+    nproc: int,
+) -> None:
+    """Refuse an unknown suite, a count below 1 and flags that do not go with the suite."""
+    from ..distributed import env_world_size
+    from ..evaluation.cascade import SUITES
+
+    if suite not in (*SUITES, "pgd"):
+        raise AdvtrainError(
+            f"unknown suite {suite!r}; choose one of: {', '.join((*SUITES, 'pgd'))}"
+        )
+    counts: tuple[tuple[str, int | None], ...] = (
+        ("--steps", steps),
+        ("--batch-size", batch_size),
+        ("--restarts", restarts),
+        ("--n", limit),
+    )
+    for flag, count in counts:
+        if count is not None and count < 1:
+            raise AdvtrainError(f"{flag} must be a positive integer, got {count}")
+    if suite != "pgd":
+        pgd_only: tuple[tuple[str, float | None], ...] = (
+            ("--steps", steps),
+            ("--step-size", step_size),
+            ("--restarts", restarts),
+        )
+        for flag, value in pgd_only:
+            if value is not None:
+                raise AdvtrainError(f"{flag} applies to --suite pgd only")
+    elif html_path:
+        raise AdvtrainError("--html needs an evaluation suite (quick, standard, thorough), not pgd")
+    if suite == "pgd" and (nproc > 1 or env_world_size() > 1):
+        raise AdvtrainError("--suite pgd runs in one process; leave out --nproc and torchrun")
+
+
+def _say_report(say: Callable[[str], None], report: Report, norm: str) -> None:
+    """The report's summary, accuracy after each attack, triggered checks, escalations and the
+    robust margin, one line each."""
+    say(report.summary())
+    say(
+        "  after each attack: "
+        + ", ".join(f"{name} {acc:.2%}" for name, acc in report.per_attack.items())
+    )
+    for check in report.triggered:
+        say(f"  {check.severity} - {check.name}: {check.detail}")
+    for step in report.escalations:
+        say(
+            f"  escalated ({step.reason}): {step.action}; robust accuracy "
+            f"{step.robust_before:.2%} -> {step.robust_after:.2%}"
+        )
+    if report.robust_margin.get("median") is not None:
+        radius = report.adversarial_radius
+        say(
+            f"  median robust margin {report.robust_margin['median']:.4g} ({norm}); "
+            f"adversarial radius {'-' if radius is None else format(radius, '.4g')}"
+        )
+
+
+def _evaluate_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: ThreatModel,
+    steps: int,
+    step_size: float | None,
+    restarts: int,
+    seed: int,
+    batch_size: int,
+    dataset: str,
+    json_path: str | None,
+) -> None:
+    """Clean and PGD accuracy alone (``--suite pgd``)."""
+    from ..attacks import PGD
+    from ..evaluation import clean_and_robust_accuracy
+    from ..util import atomic_write_json
+
+    attack = PGD(
+        threat,
+        steps=steps,
+        step_size=2.5 * threat.eps / steps if step_size is None else step_size,
+        restarts=restarts,
+        seed=seed,
+    )
+    result = clean_and_robust_accuracy(model, x, y, attack, batch_size=batch_size)
+    echo(
+        f"clean accuracy {result.clean_accuracy:.2%}  robust accuracy {result.robust_accuracy:.2%}"
+        f"  (PGD-{steps}, {restarts} restart(s), {threat.norm} eps={threat.eps:g}, "
+        f"step {attack.step_size:g}, n={result.n})"
+    )
+    if json_path:
+        atomic_write_json(
+            json_path, {**result.to_dict(), "attack": repr(attack), "dataset": dataset}
+        )

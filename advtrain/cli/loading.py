@@ -1,0 +1,133 @@
+"""A model and its dataset as the command line names them: a run directory, or a model file
+(``--model-file path.py:factory``) or built-in architecture (``--model``) with ``--weights``;
+and the checks on output paths made before any work."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AdvtrainError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..data import Dataset
+    from ..threat import ThreatModel
+
+
+def check_output_paths(paths: dict[str, Path]) -> None:
+    """Before any work: every output goes to an existing directory, and no two to one file."""
+    seen: dict[Path, str] = {}
+    for flag, path in paths.items():
+        if path.is_dir():
+            raise AdvtrainError(f"{flag} {path} is a directory")
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise AdvtrainError(f"{flag} {path}: directory {parent} does not exist")
+        key = path.resolve()
+        if key in seen:
+            raise AdvtrainError(f"{seen[key]} and {flag} name the same file {path}")
+        seen[key] = flag
+
+
+@dataclass
+class Loaded:
+    """A model and its dataset, as named on the command line (``evaluate`` and ``attack``)."""
+
+    model: nn.Module
+    data: Dataset
+    run: dict[str, Any]  # what the run directory says (empty without one)
+    dataset: str
+    seed: int
+    source: str  # where the model came from, for the record
+
+    def threat_model(self, norm: str | None, eps: float | None) -> ThreatModel:
+        """The dataset's threat model (bounds, immutable features) with the given norm and eps,
+        else the run's, else linf and the dataset's default eps."""
+        return self.data.info.threat_model(
+            norm=norm or self.run.get("norm", "linf"),
+            eps=eps if eps is not None else self.run.get("eps"),
+        )
+
+
+def load_model_and_data(
+    run_dir: str | None,
+    model_file: str | None,
+    model_name: str | None,
+    weights: str | None,
+    dataset: str | None,
+    data_dir: str | None,
+    seed: int | None,
+) -> Loaded:
+    """Exactly one of RUN_DIR, ``--model-file`` or ``--model`` (the last two with ``--weights``
+    and ``--dataset``): the model with its weights loaded, and the dataset split with ``seed``
+    (default: the run's, else 0)."""
+    from ..checkpoint import load_weights_into
+    from ..data import load_dataset
+    from ..models import build_model, load_user_model
+
+    sources = [s for s in (run_dir, model_file, model_name) if s]
+    if len(sources) != 1:
+        raise AdvtrainError("give exactly one of RUN_DIR, --model-file or --model")
+    run: dict[str, Any] = {}
+    if run_dir:
+        run = _read_run(run_dir, weights)
+        weights = str(run["weights"])
+    elif weights is None:
+        raise AdvtrainError("--weights is required with --model-file or --model")
+    seed = run.get("seed", 0) if seed is None else seed
+    if not 0 <= seed < 2**32:
+        raise AdvtrainError(f"--seed must be in [0, 2**32), got {seed}")
+    dataset = dataset or run.get("dataset")
+    if dataset is None:
+        raise AdvtrainError("--dataset is required with --model-file or --model")
+    data = load_dataset(
+        dataset,
+        data_dir=data_dir or run.get("data_dir"),
+        seed=seed,
+        val_fraction=run.get("val_fraction", 0.1),
+        test_fraction=run.get("test_fraction", 0.2),
+    )
+    if model_file:
+        model = load_user_model(model_file, weights)
+        source = f"{model_file} with {weights}"
+    else:
+        name = run.get("model", model_name)
+        model = build_model(str(name), in_shape=data.info.shape, n_classes=data.info.n_classes)
+        load_weights_into(model, weights)
+        source = f"{name} with {weights}"
+    return Loaded(model, data, run, str(dataset), int(seed), source)
+
+
+def _read_run(run_dir: str, weights: str | None) -> dict[str, Any]:
+    """What a run directory says: its config, with the model, norm and eps of its checkpoint."""
+    from ..checkpoint import load_checkpoint
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise AdvtrainError(f"run directory '{run_dir}' does not exist")
+    weights_path = Path(weights) if weights else path / "model.safetensors"
+    _, meta = load_checkpoint(weights_path)
+    if "model" not in meta:
+        raise AdvtrainError(f"'{weights_path}' has no advtrain sidecar naming its model")
+    config = _read_json(path / "config.json")
+    return {
+        **config,
+        "weights": str(weights_path),
+        **{k: meta[k] for k in ("model", "norm", "eps") if k in meta},
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdvtrainError(f"'{path}' is missing: not an advtrain run directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdvtrainError(f"'{path}' is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise AdvtrainError(f"'{path}' does not hold a JSON object")
+    return data

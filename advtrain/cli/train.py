@@ -1,0 +1,201 @@
+"""``advtrain train``: build a dataset, a model and a :class:`~advtrain.training.Trainer` from the
+flags (over a TOML file, over the defaults) and fit; or resume an interrupted run."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+import torch
+
+from ..errors import AdvtrainError
+from .processes import echo, leave_process_group, speaker, torchrun
+
+
+@click.command()
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="TOML file of settings."
+)
+@click.option("--dataset", help="digits (default), mnist, breast-cancer, fraud.")
+@click.option(
+    "--model", help="digits-cnn (default), mnist-small, mnist-large, mlp, preact-resnet18."
+)
+@click.option(
+    "--method",
+    help="standard, pgd (default), fgsm-rs, free, trades, mart, distillation "
+    "(a wrong name lists those installed).",
+)
+@click.option(
+    "--method-option",
+    "method_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A method option, e.g. beta=6 or replays=8 (repeatable; int, float, true/false or text).",
+)
+@click.option(
+    "--adv-ratio",
+    type=float,
+    help="Weight of the method's loss against clean "
+    "cross-entropy, in [0, 1] (default 1: the method alone).",
+)
+@click.option("--norm", help="linf (default), l2 or l1.")
+@click.option("--eps", type=float, help="Perturbation radius (default: the dataset's).")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float, help="Learning rate.")
+@click.option("--optimizer", help="adam (default) or sgd.")
+@click.option("--attack-steps", type=int, help="PGD steps inside training (default 10).")
+@click.option("--eval-steps", type=int, help="PGD steps for the per-epoch validation (default 10).")
+@click.option(
+    "--schedule", help="Learning rate per batch: constant (default), piecewise, cosine, onecycle."
+)
+@click.option(
+    "--warmup-epochs",
+    type=int,
+    help="Ramp eps linearly from 0 over this many epochs "
+    "(default: a tenth of --epochs for fgsm and fgsm-rs, else 0).",
+)
+@click.option(
+    "--ema-decay",
+    type=float,
+    help="Validate, keep and save an exponential moving "
+    "average of the weights with this decay (default: 0.995 for fgsm and fgsm-rs, "
+    "else 0 = off).",
+)
+@click.option("--augment", help="Comma-separated: crop, flip (images; not digits/mnist), noise.")
+@click.option(
+    "--noise-std", type=float, help="Standard deviation of --augment noise (default 0.05)."
+)
+@click.option(
+    "--early-stop",
+    type=int,
+    metavar="PATIENCE",
+    help="Stop after this many epochs without a better validation accuracy.",
+)
+@click.option(
+    "--catastrophic",
+    help="Catastrophic-overfitting watch: auto (default: stop for "
+    "FGSM-type methods), stop, warn, off.",
+)
+@click.option(
+    "--co-threshold",
+    type=float,
+    help="Catastrophic when robust validation accuracy "
+    "falls below this fraction of the best (default 0.5).",
+)
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    metavar="N",
+    help="Also save a resumable checkpoint every N batches (default 0: per epoch only).",
+)
+@click.option(
+    "--tensorboard/--no-tensorboard",
+    default=None,
+    help="Also log to RUN_DIR/tensorboard (needs the tensorboard package).",
+)
+@click.option(
+    "--amp",
+    help="Mixed precision: auto (default: bf16/fp16 on CUDA, off on the CPU), off, bf16, fp16.",
+)
+@click.option("--channels-last", help="auto (default: on CUDA for images), on, off.")
+@click.option(
+    "--compile",
+    "compile",
+    help="torch.compile the model in the training loss with "
+    "this backend: inductor, aot_eager, eager (default off).",
+)
+@click.option(
+    "--sync-bn/--no-sync-bn",
+    "sync_batchnorm",
+    default=None,
+    help="BatchNorm statistics over the global batch across processes (--nproc, torchrun).",
+)
+@click.option("--seed", type=int)
+@click.option(
+    "--data-dir", help="Directory of data files (default: $ADVTRAIN_DATA or ~/.cache/advtrain)."
+)
+@click.option("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+@click.option("--out", help="Run directory (default runs/latest).")
+@click.option(
+    "--resume",
+    "resume",
+    type=click.Path(file_okay=False),
+    metavar="RUN_DIR",
+    help="Continue the interrupted run in RUN_DIR from its last checkpoint, with the "
+    "settings of its config.json.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Data-parallel processes on this machine (runs torchrun; default 1).",
+)
+def train(
+    config_path: str | None,
+    quiet: bool,
+    resume: str | None,
+    method_option: tuple[str, ...],
+    nproc: int,
+    **options: Any,
+) -> None:
+    """Train a model, adversarially by default; with no options, PGD training on digits."""
+    from ..data import load_dataset
+    from ..distributed import env_world_size
+    from ..models import build_model
+    from ..training import Trainer, load_config
+    from ..training.config import load_run_config, parse_method_options
+
+    if nproc > 1 and env_world_size() == 1:
+        sys.exit(torchrun("train", nproc))
+
+    if method_option:
+        options["method_options"] = parse_method_options(method_option)
+    if resume is not None:
+        if config_path is not None:
+            raise AdvtrainError(
+                "--resume takes the settings from RUN_DIR/config.json; leave out --config"
+            )
+        config = load_run_config(resume, **options)
+    else:
+        config = load_config(config_path, **options)
+    data = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+    )
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, in_shape=data.info.shape, n_classes=data.info.n_classes)
+    trainer = Trainer(
+        model, data, config, config.out, progress=not quiet, log=None if quiet else echo
+    )
+    say = speaker(trainer.rank)
+    quiet = quiet or trainer.rank > 0  # rank 0 speaks for the run
+    if not quiet:
+        echo(
+            f"training {config.model} on {config.dataset} ({len(data.train)} images) with "
+            f"{config.method}, {trainer.threat.norm} eps={trainer.threat.eps:g}, "
+            f"{config.epochs} epochs, device {trainer.device}"
+            + (
+                f"; keeping the weight average (decay {config.weight_averaging_decay:g})"
+                if config.weight_averaging_decay
+                else ""
+            )
+        )
+    result = trainer.fit(resume=resume is not None)
+    if quiet:  # otherwise already said after the epoch concerned
+        for line in [*result.extra["warnings"], result.extra["stop_reason"]]:
+            if line:
+                say(line)
+    say(
+        f"best epoch {result.best_epoch}; test clean accuracy "
+        f"{result.test_clean_accuracy:.2%}, robust accuracy "
+        f"{result.test_robust_accuracy:.2%} under PGD-40 ({trainer.threat.norm} "
+        f"eps={trainer.threat.eps:g}); {result.seconds:.1f}s"
+    )
+    say(f"run directory: {config.out}")
+    leave_process_group()
