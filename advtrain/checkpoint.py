@@ -194,7 +194,8 @@ def _non_tensor(obj: Mapping[Any, Any]) -> str | None:
 def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(
-            f"{path} is not a plain state dict (it holds a {type(obj).__name__}, not a mapping of tensors)"
+            f"{path} is not a plain state dict (it holds a {type(obj).__name__}, "
+            "not a mapping of tensors)"
         )
     problem = _non_tensor(obj)
     if problem is None:
@@ -224,7 +225,8 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     ``torch.load(weights_only=True)``. A mapping of str -> Tensor is accepted, or a dict holding
     exactly one such mapping under ``state_dict``, ``model`` or ``model_state_dict`` (other
     entries such as ``epoch`` are ignored). A ``module.`` prefix on every key (DataParallel) is
-    stripped. Pickled modules, arbitrary objects and unreadable files are a :class:`CheckpointError`.
+    stripped. Pickled modules, arbitrary objects and unreadable files are a
+    :class:`CheckpointError`.
     """
     path = Path(path)
     if path.suffix == SUFFIX:

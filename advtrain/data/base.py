@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import DataError
-from ..threat import ThreatModel
+from ..threat import Norm, ThreatModel
 
 Bound = float | Tensor
 
@@ -44,15 +44,15 @@ class DatasetInfo:
     def threat_model(self, norm: str = "linf", eps: float | None = None) -> ThreatModel:
         """A threat model with these bounds and mask; ``eps`` defaults to ``default_eps``."""
 
-        def copy(value: Bound | None) -> Bound | None:
+        def copy(value: Bound) -> Bound:
             return value.clone() if isinstance(value, Tensor) else value
 
         return ThreatModel(
-            norm=norm,  # type: ignore[arg-type]  # ThreatModel validates the name
+            norm=cast("Norm", norm),  # a str from the user: ThreatModel refuses unknown names
             eps=self.default_eps if eps is None else eps,
-            lower=copy(self.lower),  # type: ignore[arg-type]
-            upper=copy(self.upper),  # type: ignore[arg-type]
-            mask=copy(self.mutable),  # type: ignore[arg-type]
+            lower=copy(self.lower),
+            upper=copy(self.upper),
+            mask=None if self.mutable is None else self.mutable.clone(),
         )
 
 

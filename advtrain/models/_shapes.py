@@ -31,7 +31,8 @@ def expect_shape(name: str, in_shape: tuple[int, ...], expected: tuple[int, ...]
 
 
 def expect_rank(name: str, in_shape: tuple[int, ...], rank: int, layout: str) -> tuple[int, ...]:
-    """Refuse input shapes that do not have ``rank`` dimensions (``layout`` says which, e.g. "(C, H, W)")."""
+    """Refuse input shapes that do not have ``rank`` dimensions (``layout`` names them, e.g.
+    ``"(C, H, W)"``)."""
     shape = as_shape(name, in_shape)
     if len(shape) != rank:
         raise AdvtrainError(f"model {name!r} expects inputs of shape {layout}, got {shape}")

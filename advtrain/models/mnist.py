@@ -1,4 +1,5 @@
-"""The two standard MNIST CNNs of the adversarial-training literature; inputs (1, 28, 28) in [0, 1]."""
+"""The two standard MNIST CNNs of the adversarial-training literature; inputs (1, 28, 28) in
+[0, 1]."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ MNIST_SHAPE = (1, 28, 28)
 
 
 def mnist_small(in_shape: tuple[int, ...], n_classes: int) -> nn.Sequential:
-    """The small CNN of Wong, Rice & Kolter (2020), "Fast is better than free: revisiting adversarial
-    training" (ICLR). Laid out exactly as their released checkpoints (keys ``0.*, 2.*, 5.*, 7.*``)."""
+    """The small CNN of Wong, Rice & Kolter (2020), "Fast is better than free: revisiting
+    adversarial training" (ICLR). Laid out exactly as their released checkpoints (keys
+    ``0.*, 2.*, 5.*, 7.*``)."""
     expect_shape("mnist-small", in_shape, MNIST_SHAPE)
     return nn.Sequential(
         nn.Conv2d(1, 16, 4, stride=2, padding=1),

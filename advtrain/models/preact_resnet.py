@@ -33,7 +33,8 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x))
-        # the projection sees the pre-activated input; the identity sees the raw one (He et al. 2016, fig. 4e)
+        # the projection sees the pre-activated input; the identity sees the raw one
+        # (He et al. 2016, fig. 4e)
         shortcut = x if self.shortcut is None else self.shortcut(out)
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
