@@ -156,6 +156,10 @@ def run_attack(
     pred_adv = predict(model, x_adv, batch_size)
     seconds = time.perf_counter() - started
     success = (pred_adv != y) if target is None else (pred_adv == target) & attacked
+    if len(x):
+        norms = lp_norm(x_adv - x, attack.threat.norm)
+    else:  # lp_norm cannot flatten an empty batch
+        norms = torch.zeros(0, dtype=x.dtype)
     return AttackRun(
         x=x,
         x_adv=x_adv,
@@ -164,7 +168,7 @@ def run_attack(
         pred_adv=pred_adv,
         attacked=attacked,
         success=success,
-        perturbation_norm=lp_norm(x_adv - x, attack.threat.norm),
+        perturbation_norm=norms,
         target=target,
         seconds=seconds,
     )
