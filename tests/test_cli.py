@@ -106,7 +106,8 @@ def flip_byte(path: Path, where: float = 0.5) -> None:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """``advtrain train`` with tiny settings (digits, PGD): (exit status, stdout, stderr, run dir)."""
+    """``advtrain train`` with tiny settings (digits, PGD): (exit status, stdout, stderr, run
+    directory)."""
     run_dir = tmp_path_factory.mktemp("cli") / "run"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -184,7 +185,7 @@ def test_train_reads_toml_config_and_flags_override_it(capsys, tmp_path):
         "batch_size = 128\nseed = 3\neps = 0.15\n"
     )
     out_dir = tmp_path / "toml-run"
-    rc, out, err = cli(
+    rc, _, err = cli(
         capsys, "train", "--config", config, "--seed", "7", "--out", out_dir, "--quiet"
     )
     assert rc == 0, err
@@ -269,7 +270,7 @@ def test_evaluate_released_mnist_checkpoint(capsys, tmp_path):
     weights = require(MODELS_DIR / "pgd_madry.pth")
     data_dir = require(MNIST_DIR)
     target = tmp_path / "madry.json"
-    rc, out, err = cli(
+    rc, _, err = cli(
         capsys,
         "evaluate",
         "--model",
@@ -325,7 +326,7 @@ def test_evaluate_user_model_file(capsys, tmp_path):
     )
 
     target = tmp_path / "user.json"
-    rc, out, err = cli(
+    rc, _, err = cli(
         capsys,
         "evaluate",
         "--model-file",

@@ -12,6 +12,7 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -410,7 +411,7 @@ def test_constructor_parameters_follow_the_kwargs_chain():
 class _ProgressProbe(FGSM):
     """FGSM that records the progress flag it was given."""
 
-    seen: list[bool] = []
+    seen: ClassVar[list[bool]] = []
 
     def __init__(self, threat=None, *, progress: bool = False, **kwargs):
         type(self).seen.append(progress)
