@@ -11,7 +11,7 @@ def digits_cnn(in_shape: tuple[int, ...], n_classes: int) -> nn.Sequential:
     """A two-conv CNN for scikit-learn's 8x8 digits (any (C, H, W) works; the flatten size follows).
 
     Not from a paper: a LeNet-style stack (LeCun et al. 1998, "Gradient-based learning applied to
-    document recognition") shrunk until it trains in seconds on a CPU.
+    document recognition") shrunk for quick runs on a CPU.
     """
     return _digits_cnn("digits-cnn", in_shape, n_classes, batchnorm=False)
 
