@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 from advtrain.attacks import FGSM
-from advtrain.attacks.transfer import Transfer, fit_surrogate, transfer_rate
+from advtrain.attacks.transfer import Transfer
 from advtrain.errors import AdvtrainError
 from advtrain.evaluation import predict
+from advtrain.evaluation.transfer import transfer_rate
+from advtrain.training.surrogate import fit_surrogate
 
 
 class NoGradients(nn.Module):

@@ -11,7 +11,7 @@ from .hop_skip_jump import HopSkipJump
 from .pgd import PGD
 from .registry import ATTACKS, make_attack, register
 from .square import Square
-from .transfer import Transfer, TransferReport, fit_surrogate, transfer_rate
+from .transfer import Transfer
 
 __all__ = [
     "APGD",
@@ -33,12 +33,9 @@ __all__ = [
     "Outcome",
     "Square",
     "Transfer",
-    "TransferReport",
-    "fit_surrogate",
     "frozen",
     "is_randomized",
     "majority_vote",
     "make_attack",
     "register",
-    "transfer_rate",
 ]

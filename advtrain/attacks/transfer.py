@@ -4,7 +4,9 @@ Papernot, McDaniel & Goodfellow, "Transferability in machine learning: from phen
 attacks using adversarial samples" (2016); Tramèr et al., "The space of transferable adversarial
 examples" (2017). The target model is only asked for its predictions (to skip the points it
 already gets wrong and to judge success); every gradient comes from the surrogate. The
-surrogate is one the user gives, or one trained on the same data with :func:`fit_surrogate`.
+surrogate is one the user gives, or one trained on the same data with
+:func:`advtrain.training.fit_surrogate`; :func:`advtrain.evaluation.transfer_rate` measures how
+many of the examples carry over.
 
 The default crafting attack is PGD-40 with cross-entropy on the surrogate, every step taken
 (``early_stop=False``): the first point across the surrogate's boundary is too close to it to
@@ -14,21 +16,16 @@ library can be passed instead.
 Example:
     >>> attack = Transfer(surrogate, eps=0.3)              # PGD-40 on the surrogate
     >>> x_adv = attack(target_model, x, y)
-    >>> report = transfer_rate(target_model, attack, x, y)  # how many of them carry over
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
 from ..losses import is_adversarial
 from ..threat import ThreatModel
-from ..util import check_positive_int
 from .base import Attack, Outcome, frozen, model_device
 from .registry import make_attack, register
 
@@ -124,79 +121,4 @@ def _margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
     return logits.scatter(1, y[:, None], float("-inf")).amax(dim=1) - true
 
 
-@dataclass(frozen=True)
-class TransferReport:
-    """How well adversarial examples crafted on a surrogate carry over to a target model.
-
-    ``transfer_rate`` is the fraction of the points that fool the surrogate that also fool the
-    target, among the points both models classify correctly when clean.
-    """
-
-    n: int  # points both models classify correctly
-    surrogate_success: float  # fraction of them that fool the surrogate
-    target_success: float  # fraction of them that fool the target
-    transfer_rate: float  # P(fools target | fools surrogate)
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-def transfer_rate(
-    model: nn.Module, attack: Transfer, x: Tensor, y: Tensor, *, batch_size: int = 500
-) -> TransferReport:
-    """Craft on ``attack.surrogate`` and measure how many examples transfer to ``model``."""
-    from ..evaluation import predict
-
-    if not isinstance(attack, Transfer):
-        raise AdvtrainError("transfer_rate needs a Transfer attack")
-    check_positive_int("batch_size", batch_size)
-    both = (predict(model, x, batch_size) == y) & (predict(attack.surrogate, x, batch_size) == y)
-    index = both.nonzero().squeeze(1)
-    if len(index) == 0:
-        nan = float("nan")
-        return TransferReport(0, nan, nan, nan)
-    x, y = x[index], y[index]
-    surrogate_device = model_device(attack.surrogate, default=x.device)
-    crafted = attack.crafting(attack.surrogate, x.to(surrogate_device), y.to(surrogate_device))
-    crafted = attack.threat.project(crafted.to(x.device), x)
-    fools_surrogate = predict(attack.surrogate, crafted, batch_size) != y
-    fools_target = predict(model, crafted, batch_size) != y
-    carried = (fools_surrogate & fools_target).sum()
-    rate = float(carried / fools_surrogate.sum()) if bool(fools_surrogate.any()) else float("nan")
-    return TransferReport(
-        len(index), float(fools_surrogate.float().mean()), float(fools_target.float().mean()), rate
-    )
-
-
-def fit_surrogate(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    epochs: int = 10,
-    lr: float = 3e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> nn.Module:
-    """Train ``model`` as a surrogate on ``(x, y)`` (standard training, Adam); returns it in eval mode.
-
-    For a transfer attack when the target's weights are unknown but its task's data is at hand.
-    """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        check_positive_int(name, value)
-    device = model_device(model, default=x.device)
-    x, y = x.to(device), y.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for index in torch.randperm(len(x), generator=generator).split(batch_size):
-            index = index.to(device)
-            loss = F.cross_entropy(model(x[index]), y[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
-__all__ = ["Transfer", "TransferReport", "fit_surrogate", "transfer_rate"]
+__all__ = ["Transfer"]

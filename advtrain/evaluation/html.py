@@ -1,8 +1,9 @@
 """The evaluation report as one self-contained HTML page.
 
-Figures come from :meth:`Report.to_dict`, so the page shows exactly what the JSON file holds; each
-one sits in an element with a stable ``data-metric`` attribute (``clean_accuracy``,
-``per_attack:<name>``, ``diagnostic:<name>``, ...), which lets tools and tests read the page.
+Figures come from the report's ``to_dict`` (:class:`~advtrain.evaluation.report.Report`), so
+the page shows exactly what the JSON file holds; each one sits in an element with a stable
+``data-metric`` attribute (``clean_accuracy``, ``per_attack:<name>``, ``diagnostic:<name>``,
+...), which lets tools and tests read the page.
 Accuracies and other fractions are shown as percentages with 2 decimals, other floats with 4
 significant digits, and ``None``/``inf`` as a dash. Pictures are PNGs drawn with matplotlib's
 Agg canvas and inlined as ``data:`` URIs: the page loads nothing from anywhere.
@@ -18,9 +19,9 @@ import math
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .report import VERDICT, Report
+from .findings import VERDICT
 
 __all__ = ["number", "percent", "render_html"]
 
@@ -28,6 +29,19 @@ DASH = "\u2014"
 #: Settings shown in the summary table; the rest go to the "all settings" table.
 SUMMARY_SETTINGS = ("norm", "eps", "suite", "n", "seconds")
 SIDES = {"clean": "clean", "adversarial": "adversarial", "adv": "adversarial"}
+
+
+class Renderable(Protocol):
+    """What the page needs of a :class:`~advtrain.evaluation.report.Report` (named by its
+    methods, so this module does not import the report's, which imports it for ``to_html``)."""
+
+    examples: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @property
+    def masking_suspected(self) -> bool: ...
+
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f;
@@ -153,8 +167,8 @@ def _curve_png(
             )
     if isinstance(eps, (int, float)):
         ax.axvline(eps, color="#c0392b", linestyle="--", linewidth=1, label=f"eps = {eps:.4g}")
-    at_radius = {eps_: acc for eps_, acc in curve}.get(radius)
-    if at_radius is not None:
+    at_radius = None if radius is None else {eps_: acc for eps_, acc in curve}.get(radius)
+    if radius is not None and at_radius is not None:
         ax.plot(
             [radius],
             [100 * at_radius],
@@ -218,7 +232,7 @@ def _examples_png(examples: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- sections
 
 
-def _summary(d: dict[str, Any], report: Report) -> str:
+def _summary(d: dict[str, Any], report: Renderable) -> str:
     settings = d.get("settings") or {}
     rows = [
         ("clean accuracy", _metric("clean_accuracy", percent(d.get("clean_accuracy")))),
@@ -521,7 +535,7 @@ def _classification(d: dict[str, Any]) -> str:
     )
 
 
-def _examples(report: Report) -> str:
+def _examples(report: Renderable) -> str:
     examples = report.examples or {}
     keys = ("x", "x_adv", "y", "clean_pred", "adv_pred")
     if not all(k in examples and examples[k] is not None for k in keys) or len(examples["x"]) == 0:
@@ -545,7 +559,7 @@ def _examples(report: Report) -> str:
 # --------------------------------------------------------------------------- page
 
 
-def render_html(report: Report) -> str:
+def render_html(report: Renderable) -> str:
     """The whole report as one self-contained HTML5 page (no external resources)."""
     d = report.to_dict()
     settings = d.get("settings") or {}

@@ -2,13 +2,16 @@
 
 :class:`Report` is what :func:`advtrain.evaluate` returns. ``to_dict``/``to_json`` give every
 figure (the JSON file is the record other tools read); ``to_html`` writes a self-contained page
-(:mod:`advtrain.evaluation.html`). Tensors of example images are kept for the page only.
+(:mod:`advtrain.evaluation.html`, which knows the report only by the methods it calls, so the
+page's module does not import this one). Tensors of example images are kept for the page only.
+The diagnostics' records (:class:`Check`, :class:`Escalation`) live in :mod:`.findings`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -16,35 +19,19 @@ import torch
 from torch import Tensor
 
 from ..util import atomic_write_json, atomic_write_text
+from .findings import VERDICT, WARNING, Check, CheckName, Escalation
+from .html import render_html
 
-#: Severity of a diagnostic: a verdict says masking beyond doubt, a warning says "look here".
-VERDICT, WARNING = "verdict", "warning"
-
-
-@dataclass
-class Check:
-    """One gradient-masking diagnostic.
-
-    ``severity`` is ``"verdict"`` for checks that fire only when the evaluation is provably
-    incomplete (an honest robust model never triggers them) and ``"warning"`` for checks that
-    can fire on an honest model and call for a closer look. ``evidence`` holds the numbers.
-    """
-
-    name: str
-    triggered: bool
-    detail: str
-    severity: str = WARNING
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Escalation:
-    """A stronger attack the evaluation ran on its own because a check fired."""
-
-    reason: str  # the name of the check that called for it
-    action: str  # what was done, in plain words
-    robust_before: float
-    robust_after: float
+__all__ = [
+    "VERDICT",
+    "WARNING",
+    "Check",
+    "CheckName",
+    "ClassMetrics",
+    "Escalation",
+    "Report",
+    "robustness_score",
+]
 
 
 @dataclass
@@ -145,9 +132,8 @@ class Report:
         return Path(path)
 
     def to_html(self, path: str | Path) -> Path:
-        """Write the self-contained HTML report to ``path`` atomically; returns the path."""
-        from .html import render_html
-
+        """Write the self-contained HTML report (:func:`.html.render_html`) to ``path``
+        atomically; returns the path."""
         atomic_write_text(path, render_html(self))
         return Path(path)
 
@@ -164,6 +150,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, Tensor):
         return _jsonable(value.tolist())
+    if isinstance(value, Enum):
+        return _jsonable(value.value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, (bool, int, str)) or value is None:

@@ -2,6 +2,7 @@
 
 from .config import TrainConfig, load_config
 from .methods import METHODS, make_method, method
+from .surrogate import fit_surrogate as fit_surrogate
 from .trainer import Trainer, TrainResult
 
 __all__ = [
