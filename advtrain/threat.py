@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from .errors import ThreatModelError
 
 Norm = Literal["linf", "l2", "l1"]
 NORMS: tuple[str, ...] = ("linf", "l2", "l1")
-Bound = Union[float, Tensor]
+Bound = float | Tensor
 
 #: Absolute slack allowed by :meth:`ThreatModel.contains` for float32 rounding.
 DEFAULT_ATOL = 1e-5
@@ -35,6 +35,11 @@ def _flat(t: Tensor) -> Tensor:
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample vector so it broadcasts against a batch shaped like ``like``."""
     return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Uniform draws in [0, 1) of ``like``'s dtype and device."""
+    return torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 def lp_norm(delta: Tensor, norm: str) -> Tensor:
@@ -137,9 +142,9 @@ class ThreatModel:
         return math.isfinite(self.eps)
 
     # ------------------------------------------------------------------ construction helpers
-    def replace(self, **changes: object) -> ThreatModel:
+    def replace(self, **changes: Any) -> ThreatModel:
         """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ validation
     def validate(self, x: Tensor) -> None:
@@ -213,23 +218,23 @@ class ThreatModel:
             return x.clone()
         if math.isinf(self.eps):  # unbounded: uniform in the box
             lower, upper = self._bounds_like(x)
-            kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
-            uniform = lower + (upper - lower) * torch.rand(x.shape, **kwargs)
+            uniform = lower + (upper - lower) * _uniform(x.shape, generator, x)
             return self.clip_bounds(x + self.apply_mask(uniform - x))
         return self.clip_bounds(x + self.random_delta(x, generator))
 
     def random_delta(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A perturbation drawn uniformly from the (finite) ``eps``-ball, masked; bounds not applied."""
-        kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
+        """A perturbation drawn uniformly from the (finite) ``eps``-ball, masked; bounds not
+        applied."""
         if self.norm == "linf":
-            delta = (torch.rand(x.shape, **kwargs) * 2 - 1) * self.eps
+            delta = (_uniform(x.shape, generator, x) * 2 - 1) * self.eps
         else:
-            z = -torch.log1p(-torch.rand(x.shape[0], **kwargs))  # Exp(1)
+            z = -torch.log1p(-_uniform((x.shape[0],), generator, x))  # Exp(1)
             if self.norm == "l2":
-                g = torch.randn(x.shape, **kwargs) / math.sqrt(2.0)  # density ~ exp(-t^2)
+                g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                g = g / math.sqrt(2.0)  # density ~ exp(-t^2)
                 scale = (_flat(g).pow(2).sum(dim=1) + z).sqrt()
             else:
-                u = torch.rand(x.shape, **kwargs) - 0.5  # Laplace(1) by inverse CDF
+                u = _uniform(x.shape, generator, x) - 0.5  # Laplace(1) by inverse CDF
                 g = -u.sign() * torch.log1p(-2 * u.abs())
                 scale = _flat(g).abs().sum(dim=1) + z
             delta = g / _per_sample(scale, g) * self.eps
@@ -265,7 +270,8 @@ class ThreatModel:
         return (flat.sign() * chosen / count).reshape(grad.shape)
 
     def contains(self, x_adv: Tensor, x: Tensor, atol: float = DEFAULT_ATOL) -> Tensor:
-        """Per-sample check that ``x_adv`` is an allowed perturbation of ``x`` (float slack ``atol``)."""
+        """Per-sample check that ``x_adv`` is an allowed perturbation of ``x`` (float slack
+        ``atol``)."""
         delta = x_adv - x
         lower, upper = self._bounds_like(x)
         in_box = _flat((x_adv >= lower - atol) & (x_adv <= upper + atol)).all(dim=1)

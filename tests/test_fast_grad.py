@@ -56,3 +56,54 @@ def test_convolutions_that_train_or_have_many_channels_are_left_alone():
         trained = F.conv2d(x[:, :1], torch.randn(4, 1, 3, 3, requires_grad=True))
     for out in (wide, trained):
         assert "ConvInputGrad" not in type(out.grad_fn).__name__
+
+
+def _fast_mode_in_force() -> bool:
+    from advtrain.attacks.fast_grad import _FastInputGradMode, _mode_stack
+
+    return any(isinstance(mode, _FastInputGradMode) for mode in _mode_stack())
+
+
+def test_frozen_installs_the_fast_gradient_on_the_cpu_only():
+    """The speed-up is a strategy chosen by the model's device: on the CPU ``frozen`` installs it,
+    on any other device (here the meta device) no torch-function mode is pushed at all."""
+    from advtrain.attacks import frozen
+    from advtrain.attacks.fast_grad import input_gradient_speedup
+
+    cpu_model = torch.nn.Conv2d(1, 2, 3)
+    with frozen(cpu_model):
+        assert _fast_mode_in_force()
+    assert not _fast_mode_in_force()
+    meta_model = torch.nn.Conv2d(1, 2, 3, device="meta")
+    with frozen(meta_model):
+        assert not _fast_mode_in_force()
+    with input_gradient_speedup(torch.device("cuda")):
+        assert not _fast_mode_in_force()
+
+
+def test_an_attack_on_another_device_runs_without_the_mode(monkeypatch):
+    """An attack whose model is not on the CPU (the device check patched to say so) takes its
+    gradients without the fast-gradient mode."""
+    import advtrain.attacks.base as base
+    from advtrain.attacks import PGD
+
+    seen = []
+    real = base.input_gradient_speedup
+
+    def spy(device):
+        seen.append(device)
+        return real(torch.device("cuda")) if device.type == "cpu" else real(device)
+
+    monkeypatch.setattr(base, "input_gradient_speedup", spy)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    in_force = []
+    original = model.forward
+
+    def forward(x):
+        in_force.append(_fast_mode_in_force())
+        return original(x)
+
+    model.forward = forward
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    PGD(eps=0.1, steps=2, seed=0)(model, x, y)
+    assert seen and in_force and not any(in_force)

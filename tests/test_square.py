@@ -9,8 +9,8 @@ from torch import nn
 
 from advtrain import ThreatModel
 from advtrain.attacks.registry import make_attack
-from advtrain.attacks.square import (
-    Square,
+from advtrain.attacks.square import Square
+from advtrain.attacks.square_geometry import (
     bump,
     eta,
     p_selection,
@@ -68,12 +68,13 @@ def test_outputs_stay_inside_the_threat_model(norm, shape, eps):
     y = torch.randint(0, 3, (7,), generator=g)
     features = int(torch.tensor(shape).prod())
     attack = Square(threat, n_queries=40, seed=1)
-    x_adv = attack(_tiny_model(1, features), x, y)
+    result = attack.outcome(_tiny_model(1, features), x, y)
+    x_adv = result.x_adv
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert not bool(torch.isnan(x_adv).any())
     assert bool(threat.contains(x_adv, x).all())
     assert torch.equal(x_adv[:, ~mask], x[:, ~mask])  # immutable features exactly unchanged
-    assert attack.queries_used.shape == (7,) and bool((attack.queries_used <= 40).all())
+    assert result.queries.shape == (7,) and bool((result.queries <= 40).all())
     if eps == 0:
         assert torch.equal(x_adv, x)
 
@@ -84,9 +85,9 @@ def test_targeted_and_restarted_runs_stay_inside(norm):
     threat = ThreatModel(norm, 0.3 if norm == "linf" else 1.0, 0.0, 1.0, None)
     x, y = torch.rand(9, 1, 5, 5, generator=g), torch.randint(0, 4, (9,), generator=g)
     attack = Square(threat, n_queries=30, restarts=3, seed=0)
-    x_adv = attack(_tiny_model(2, 25, 4), x, y, target=(y + 1) % 4)
-    assert bool(threat.contains(x_adv, x).all())
-    assert bool((attack.queries_used <= 3 * 30).all())
+    result = attack.outcome(_tiny_model(2, 25, 4), x, y, target=(y + 1) % 4)
+    assert bool(threat.contains(result.x_adv, x).all())
+    assert bool((result.queries <= 3 * 30).all())
 
 
 def test_unbounded_points_lie_on_the_boundary_of_the_ball():
@@ -105,11 +106,11 @@ def test_unbounded_points_lie_on_the_boundary_of_the_ball():
 def test_empty_and_single_point_batches():
     model = _tiny_model(0, 6)
     attack = Square(eps=0.1, n_queries=10, seed=0)
-    out = attack(model, torch.rand(0, 6), torch.zeros(0, dtype=torch.int64))
-    assert out.shape == (0, 6) and attack.queries_used.shape == (0,)
+    out = attack.outcome(model, torch.rand(0, 6), torch.zeros(0, dtype=torch.int64))
+    assert out.x_adv.shape == (0, 6) and out.queries.shape == (0,)
     x = torch.rand(1, 6)
-    x_adv = attack(model, x, predict(model, x))
-    assert bool(attack.threat.contains(x_adv, x).all()) and attack.queries_used.shape == (1,)
+    out = attack.outcome(model, x, predict(model, x))
+    assert bool(attack.threat.contains(out.x_adv, x).all()) and out.queries.shape == (1,)
 
 
 # ---------------------------------------------------------------------- black box, queries
@@ -130,8 +131,8 @@ def test_queries_are_counted_per_point_and_never_exceed_the_budget(digits_model,
     wrong = predict(digits_model, x) != y
     attack = Square(eps=0.03, n_queries=60, seed=0)
     model = GradientFree(digits_model)
-    x_adv = attack(model, x, y)
-    used = attack.queries_used
+    result = attack.outcome(model, x, y)
+    x_adv, used = result.x_adv, result.queries
     broken = (predict(digits_model, x_adv) != y) & ~wrong
     standing = ~broken & ~wrong
     assert used.dtype == torch.int64 and used.shape == (30,)
@@ -142,11 +143,57 @@ def test_queries_are_counted_per_point_and_never_exceed_the_budget(digits_model,
     assert model.calls <= 60  # one forward pass per iteration for all survivors
     # batching and restarts: counts follow their points, the survivors of run 1 run again
     again = Square(eps=0.03, n_queries=60, seed=0, restarts=2, batch_size=7)
-    standing = (predict(digits_model, again(digits_model, x, y)) == y) & ~wrong
+    result = again.outcome(digits_model, x, y)
+    standing = (predict(digits_model, result.x_adv) == y) & ~wrong
     assert bool(standing.any())
-    assert bool((again.queries_used[standing] == 120).all())
-    assert bool((again.queries_used[wrong] == 1).all())
-    assert bool((again.queries_used <= 120).all())
+    assert bool((result.queries[standing] == 120).all())
+    assert bool((result.queries[wrong] == 1).all())
+    assert bool((result.queries <= 120).all())
+    assert torch.equal(result.x_adv, again(digits_model, x, y))  # __call__: the same points
+
+
+def test_two_threads_share_one_attack(digits_model, digits):
+    """One Square object called from two threads at once: each call gets its own points and its
+    own query counts, the same as when the calls run one after the other."""
+    import threading
+
+    attack = Square(eps=0.05, n_queries=80, seed=0, restarts=2)
+    inputs = [
+        (digits.test.x[:25], digits.test.y[:25]),
+        (digits.test.x[25:60], digits.test.y[25:60]),
+    ]
+    alone = [attack.outcome(digits_model, x, y) for x, y in inputs]
+    together: list = [None, None]
+    start = threading.Barrier(2)
+
+    def work(k: int) -> None:
+        start.wait()
+        together[k] = attack.outcome(digits_model, *inputs[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for one, two in zip(alone, together):
+        assert torch.equal(one.x_adv, two.x_adv) and torch.equal(one.queries, two.queries)
+    assert [len(r.queries) for r in together] == [25, 35]
+
+
+def test_full_and_window_queries_are_strategies(digits_model, digits):
+    """The forward pass is injected: FullQueries never takes the window pass, and the points
+    found break the model as well."""
+    from advtrain.attacks.square_forward import FullQueries, WindowQueries
+
+    x, y = digits.test.x[:20], digits.test.y[:20]
+    full = Square(eps=0.1, n_queries=60, seed=0, forward=FullQueries()).outcome(digits_model, x, y)
+    window = Square(eps=0.1, n_queries=60, seed=0, forward=WindowQueries()).outcome(
+        digits_model, x, y
+    )
+    assert full.queries.shape == window.queries.shape == (20,)
+    assert abs(int(full.success.sum()) - int(window.success.sum())) <= 2
+    with pytest.raises(AdvtrainError, match="forward must be a QueryForward"):
+        Square(eps=0.1, forward="window")
 
 
 def test_points_already_misclassified_are_left_alone(digits_model, digits):
@@ -161,7 +208,7 @@ def test_seeded_runs_are_deterministic(digits_model, digits):
     x, y = digits.test.x[:25], digits.test.y[:25]
     for norm, eps in (("linf", 0.05), ("l2", 0.5)):
 
-        def attack(seed: int) -> torch.Tensor:
+        def attack(seed: int, norm: str = norm, eps: float = eps) -> torch.Tensor:
             return Square(norm=norm, eps=eps, n_queries=40, seed=seed)(digits_model, x, y)
 
         first = attack(5)

@@ -11,6 +11,7 @@ from torch import nn
 
 import advtrain.attacks.window_forward as window_forward
 from advtrain.attacks.square import Square
+from advtrain.attacks.square_forward import FullQueries, QueryForward, WindowQueries
 from advtrain.attacks.window_forward import WindowForward
 from advtrain.evaluation import predict
 from advtrain.models import build_model
@@ -232,13 +233,11 @@ def test_square_takes_the_window_pass_and_its_logits_are_the_models(
     x, y = digits.test.x[:40], digits.test.y[:40]
     monkeypatch.setattr(window_forward, "REANCHOR", 7)
 
-    def broken() -> int:
-        x_adv = Square(eps=0.1, n_queries=150, seed=0)(digits_model, x, y)
+    def broken(forward: QueryForward) -> int:
+        x_adv = Square(eps=0.1, n_queries=150, seed=0, forward=forward)(digits_model, x, y)
         return int((predict(digits_model, x_adv) != y).sum())
 
-    monkeypatch.setattr(Square, "_window_forward", False)
-    plain = broken()
-    monkeypatch.setattr(Square, "_window_forward", True)
+    plain = broken(FullQueries())
     calls = []
     original = WindowForward.__call__
 
@@ -250,7 +249,7 @@ def test_square_takes_the_window_pass_and_its_logits_are_the_models(
 
     monkeypatch.setattr(WindowForward, "__call__", checked)
     forced(True)
-    ours = broken()
+    ours = broken(WindowQueries())
     assert len(calls) > 100, "the window pass was not taken"
     assert abs(ours - plain) <= 2 and plain > 5
 
@@ -270,10 +269,10 @@ def test_square_confirms_what_the_window_pass_calls_adversarial(
     monkeypatch.setattr(WindowForward, "__call__", lying)
     forced(True)
     square = Square(eps=0.02, n_queries=60, seed=0)
-    x_adv = square(digits_model, x, y)
-    standing = (predict(digits_model, x_adv) == y) & (predict(digits_model, x) == y)
+    result = square.outcome(digits_model, x, y)
+    standing = (predict(digits_model, result.x_adv) == y) & (predict(digits_model, x) == y)
     assert bool(standing.any())
-    assert bool((square.queries_used[standing] == 60).all())
+    assert bool((result.queries[standing] == 60).all())
 
 
 def test_feature_maps_are_counted_and_capped_in_square(digits_model, digits, forced, monkeypatch):
@@ -288,8 +287,8 @@ def test_feature_maps_are_counted_and_capped_in_square(digits_model, digits, for
     monkeypatch.setattr(
         WindowForward, "build", classmethod(lambda cls, *a: built.append(1) or original(cls, *a))
     )
-    monkeypatch.setattr("advtrain.attacks.square.MAX_MAP_BYTES", 0)
     monkeypatch.setattr(WindowForward, "__call__", lambda *a: pytest.fail("window pass taken"))
     forced(True)
-    Square(eps=0.1, n_queries=30, seed=0)(digits_model, digits.test.x[:10], digits.test.y[:10])
+    capped = Square(eps=0.1, n_queries=30, seed=0, forward=WindowQueries(max_map_bytes=0))
+    capped(digits_model, digits.test.x[:10], digits.test.y[:10])
     assert built

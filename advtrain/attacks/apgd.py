@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
@@ -26,9 +28,17 @@ from ..errors import AdvtrainError
 from ..losses import attack_objective, check_loss, is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
 from ..util import check_positive_int
-from .base import Attack, Outcome, compaction_interval
+from .base import Attack, Outcome, compaction_interval, rerun_unbroken
 from .gradient import input_gradient
 from .registry import register
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .base import AttackOptions
+
+#: The paper's defaults (Croce & Hein 2020).
+STEPS, RHO, MOMENTUM = 100, 0.75, 0.75
 
 
 def checkpoint_schedule(steps: int) -> tuple[int, int, int]:
@@ -55,13 +65,13 @@ class APGD(Attack):
         self,
         threat: ThreatModel | None = None,
         *,
-        steps: int = 100,
+        steps: int = STEPS,
         loss: str = "ce",
-        rho: float = 0.75,
-        momentum: float = 0.75,
-        **kwargs: object,
+        rho: float = RHO,
+        momentum: float = MOMENTUM,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, **kwargs)  # type: ignore[arg-type]
+        super().__init__(threat, **options)
         check_positive_int("steps", steps)
         for name, value in (("rho", rho), ("momentum", momentum)):
             if not 0 <= value <= 1:
@@ -79,11 +89,11 @@ class APGD(Attack):
 
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """A random point on the sphere of radius eps (then masked and clamped into bounds)."""
-        kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
         if self.threat.norm == "linf":
-            direction = torch.rand(x.shape, **kwargs) * 2 - 1
+            direction = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            direction = direction * 2 - 1
         else:
-            direction = torch.randn(x.shape, **kwargs)
+            direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         norms = lp_norm(direction, self.threat.norm).clamp_min(1e-12)
         delta = direction / norms.reshape((-1,) + (1,) * (x.dim() - 1)) * self.threat.eps
         return self.threat.project(x + delta, x)
@@ -114,7 +124,9 @@ class APGD(Attack):
         n = len(x)
         per_sample = (-1,) + (1,) * (x.dim() - 1)
 
-        def evaluate(points: Tensor, labels: Tensor, targets: Tensor | None, wanted: Tensor | None):
+        def evaluate(
+            points: Tensor, labels: Tensor, targets: Tensor | None, wanted: Tensor | None
+        ) -> tuple[Tensor, Tensor, Tensor]:
             points = points.detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = model(points)
@@ -198,9 +210,16 @@ class APGDDLR(APGD):
     """APGD with the DLR loss (Croce & Hein 2020), robust to rescaled or saturated logits."""
 
     def __init__(
-        self, threat: ThreatModel | None = None, *, loss: str = "dlr", **kwargs: object
+        self,
+        threat: ThreatModel | None = None,
+        *,
+        steps: int = STEPS,
+        loss: str = "dlr",
+        rho: float = RHO,
+        momentum: float = MOMENTUM,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, loss=loss, **kwargs)  # type: ignore[arg-type]
+        super().__init__(threat, steps=steps, loss=loss, rho=rho, momentum=momentum, **options)
 
 
 @register("apgd-t")
@@ -219,10 +238,13 @@ class APGDT(APGD):
         threat: ThreatModel | None = None,
         *,
         n_targets: int | None = None,
+        steps: int = STEPS,
         loss: str = "dlr",
-        **kwargs: object,
+        rho: float = RHO,
+        momentum: float = MOMENTUM,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, loss=loss, **kwargs)  # type: ignore[arg-type]
+        super().__init__(threat, steps=steps, loss=loss, rho=rho, momentum=momentum, **options)
         if n_targets is not None:
             check_positive_int("n_targets", n_targets)
         self.n_targets = n_targets
@@ -245,21 +267,11 @@ class APGDT(APGD):
         n_classes = logits.shape[1]
         count = min(self.n_targets or n_classes - 1, n_classes - 1)
         ranked = other_classes(logits, y, count)  # the most likely classes other than y
-        best: Outcome | None = None
-        for rank in range(1, count + 1):
-            index = (
-                torch.arange(len(x), device=x.device)
-                if best is None
-                else (~best.success).nonzero().squeeze(1)
-            )
-            if len(index) == 0:
-                break
-            outcome = self.descend(
-                model, x[index], y[index], ranked[index, rank - 1], generator, success_target=None
-            )
-            if best is None:
-                best = outcome
-            else:
-                best.merge(outcome, index)
-        assert best is not None
-        return best
+        return rerun_unbroken(
+            len(x),
+            x.device,
+            count,
+            lambda k, index, _: self.descend(
+                model, x[index], y[index], ranked[index, k], generator, success_target=None
+            ),
+        )

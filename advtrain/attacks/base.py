@@ -24,7 +24,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +32,13 @@ from torch import Tensor, nn
 from ..device_sync import compaction_interval
 from ..errors import AdvtrainError
 from ..losses import is_adversarial
-from ..threat import ThreatModel, lp_norm
+from ..threat import Norm, ThreatModel, lp_norm
 from ..util import check_positive_int
-from .fast_grad import fast_input_gradients
+from .fast_grad import input_gradient_speedup
+from .registry import check_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 @contextlib.contextmanager
@@ -45,8 +49,9 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     training mode (``nn.Module``'s default), and restoring the wrapper's mode recursively would
     leave the inner model training (dropout and BatchNorm batch statistics on) after the attack.
 
-    Inside, input gradients of small-channel CPU convolutions take a faster backward
-    (:mod:`~advtrain.attacks.fast_grad`).
+    Inside, the input-gradient speed-up of the model's device is in force
+    (:func:`~advtrain.attacks.fast_grad.input_gradient_speedup`: on the CPU, the faster backward
+    of small-channel convolutions; nothing elsewhere).
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -54,7 +59,7 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     for p, _ in flags:
         p.requires_grad_(False)
     try:
-        with fast_input_gradients():
+        with input_gradient_speedup(model_device(model, torch.device("cpu"))):
             yield model
     finally:
         for p, flag in flags:
@@ -76,24 +81,29 @@ def put_rows(target: Tensor, index: Tensor, chosen: Tensor, values: Tensor) -> N
 
 def model_device(model: nn.Module, default: torch.device) -> torch.device:
     """The device of the model's first parameter or buffer (``default`` for a stateless model)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
     return default
 
 
 @dataclass
 class Outcome:
-    """What one run of an attack found for a batch: the points, their success and loss."""
+    """What an attack found for a batch: the points, their success and loss, and (for attacks
+    that count their model queries, see :attr:`Attack.counts_queries`) the queries spent."""
 
     x_adv: Tensor
     success: Tensor  # bool, per sample
     loss: Tensor  # per sample, the objective the attack ascends (higher is worse for the model)
+    queries: Tensor | None = None  # int64, per sample, summed over runs; None: not counted
 
     def merge(self, other: Outcome, index: Tensor) -> None:
         """Keep, per sample, the worse of self[index] and ``other`` (success first, then loss),
-        written by :func:`put_rows` (no read-back to the host off the CPU)."""
+        written by :func:`put_rows` (no read-back to the host off the CPU); the queries of both
+        add up."""
+        if self.queries is not None and other.queries is not None:
+            self.queries[index] += other.queries.to(self.queries.device)
         have_success, have_loss = self.success[index], self.loss[index]
         better = (other.success & ~have_success) | (
             (other.success == have_success) & (other.loss > have_loss)
@@ -106,30 +116,100 @@ class Outcome:
             put_rows(mine, index, better, theirs)
 
 
+class AttackOptions(TypedDict, total=False):
+    """The options every attack takes (see :class:`Attack`), for ``**options`` of subclasses."""
+
+    norm: Norm | None
+    eps: float | None
+    lower: float | Tensor
+    upper: float | Tensor
+    mask: Tensor | None
+    restarts: int
+    batch_size: int | None
+    seed: int | None
+    progress: bool
+
+
+def already_adversarial(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+    """The clean-point screen: per point, whether the model already misclassifies it (with
+    ``target``: already predicts the target), by one forward pass without gradients."""
+    if len(x) == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device)
+    with torch.no_grad():
+        return is_adversarial(model(x), y, target)
+
+
+def rows_of(
+    index: Tensor, x: Tensor, y: Tensor, target: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The rows ``index`` of a batch and its labels (and targets)."""
+    return x[index], y[index], None if target is None else target[index]
+
+
+def rerun_unbroken(
+    n: int,
+    device: torch.device,
+    times: int,
+    run: Callable[[int, Tensor, Outcome | None], Outcome],
+) -> Outcome:
+    """Rerun on the unbroken rows, then merge: ``run(k, index, best)`` for ``k = 0, 1, ...,
+    times - 1``, each on the rows ``index`` of the batch (``n`` rows) that no earlier run broke
+    (every row at first; ``best`` is the merged outcome so far, None at first), each outcome
+    merged into ``best`` per sample (:meth:`Outcome.merge`). Stops early once every row is
+    broken."""
+    best: Outcome | None = None
+    for k in range(times):
+        index = torch.arange(n, device=device) if best is None else (~best.success).nonzero()[:, 0]
+        if len(index) == 0:
+            break
+        outcome = run(k, index, best)
+        if best is None:
+            best = outcome
+        else:
+            best.merge(outcome, index)
+    if best is None:
+        raise AdvtrainError("rerun_unbroken needs at least one row and one run")
+    return best
+
+
 class Attack(ABC):
     """Base class of all attacks.
 
     Args:
-        threat: the threat model; when omitted it is built from ``norm``, ``eps``, ``lower``,
-            ``upper`` and ``mask``.
+        threat: the threat model; when omitted it is built from ``norm`` (default
+            :attr:`default_norm`), ``eps``, ``lower``, ``upper`` and ``mask``.
         restarts: independent runs; each sample keeps its worst case over them.
         batch_size: attack this many samples at a time (``None``: all at once).
         seed: seeds the attack's own random generator (random starts), for reproducible results.
         progress: show a progress bar (on standard error) over batches and restarts.
+
+    Subclasses list their own options as typed keyword-only arguments and pass these ones on
+    as ``**options: Unpack[AttackOptions]``; an option no constructor takes is refused with an
+    :class:`~advtrain.errors.AdvtrainError` that lists the valid ones
+    (:func:`~advtrain.attacks.registry.attack_options`).
     """
 
     #: The registry name of the attack.
     name: ClassVar[str] = ""
     #: The norms the attack supports.
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
+    #: The norm of a threat model built from keywords when ``norm`` is not given.
+    default_norm: ClassVar[Norm] = "linf"
     #: Whether the attack accepts an unbounded threat model (``eps = inf``).
     unbounded: ClassVar[bool] = False
+    #: Whether :meth:`outcome` counts the model queries of each point (score- and
+    #: decision-based attacks with a query budget).
+    counts_queries: ClassVar[bool] = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        check_options(cls, kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
         threat: ThreatModel | None = None,
         *,
-        norm: str = "linf",
+        norm: Norm | None = None,
         eps: float | None = None,
         lower: float | Tensor = 0.0,
         upper: float | Tensor = 1.0,
@@ -144,12 +224,19 @@ class Attack(ABC):
                 eps = float("inf")
             if eps is None:
                 raise AdvtrainError(f"{type(self).__name__} needs a threat model or an eps")
-            threat = ThreatModel(norm=norm, eps=eps, lower=lower, upper=upper, mask=mask)  # type: ignore[arg-type]
+            threat = ThreatModel(
+                norm=self.default_norm if norm is None else norm,
+                eps=eps,
+                lower=lower,
+                upper=upper,
+                mask=mask,
+            )
         elif not isinstance(threat, ThreatModel):
             raise AdvtrainError(f"threat must be a ThreatModel, got {type(threat).__name__}")
         if threat.norm not in self.norms:
             raise AdvtrainError(
-                f"{type(self).__name__} supports the norms {', '.join(self.norms)}, not {threat.norm}"
+                f"{type(self).__name__} supports the norms {', '.join(self.norms)}, "
+                f"not {threat.norm}"
             )
         if not threat.bounded and not self.unbounded:
             raise AdvtrainError(f"{type(self).__name__} needs a finite eps")
@@ -177,7 +264,19 @@ class Attack(ABC):
 
         With ``target`` (one class per sample) the attack tries to make the model predict it.
         """
-        return self._batched(model, x, y, target, self._restarts).x_adv
+        return self.outcome(model, x, y, target=target).x_adv
+
+    def outcome(
+        self, model: nn.Module, x: Tensor, y: Tensor, *, target: Tensor | None = None
+    ) -> Outcome:
+        """What the attack found for each point, on ``x``'s device: the adversarial example
+        (what :meth:`__call__` returns), its success, the loss the attack ascends and, where
+        :attr:`counts_queries`, the model queries each point used, summed over restarts (int64).
+        Each call returns its own result, so one attack object may serve several threads."""
+        outcome = self._batched(model, x, y, target, self._restarts)
+        if self.counts_queries and outcome.queries is None:
+            outcome.queries = torch.zeros(len(outcome.x_adv), dtype=torch.int64, device=x.device)
+        return outcome
 
     def _batched(
         self,
@@ -219,12 +318,14 @@ class Attack(ABC):
         if not pieces:
             empty = torch.zeros(0, device=home)
             return Outcome(x.clone().to(home), empty.bool(), empty)
-        return Outcome(
-            *(
-                torch.cat([getattr(p, f) for p in pieces]).detach().to(home)
-                for f in ("x_adv", "success", "loss")
-            )
+        queries = None
+        if all(p.queries is not None for p in pieces):
+            queries = torch.cat([p.queries for p in pieces if p.queries is not None]).to(home)
+        x_adv, success, loss = (
+            torch.cat([getattr(p, f) for p in pieces]).detach().to(home)
+            for f in ("x_adv", "success", "loss")
         )
+        return Outcome(x_adv, success, loss, queries)
 
     @property
     def screens_clean_points(self) -> bool:
@@ -243,26 +344,23 @@ class Attack(ABC):
         generator: torch.Generator | None,
     ) -> Outcome:
         """``runner`` on the points the model gets right (with ``target``: does not yet put in
-        the target class). The others are already adversarial: they come back unchanged, as
-        successes at distance 0, and draw nothing from ``generator`` (as in AutoAttack)."""
-        with torch.no_grad():
-            done = (
-                is_adversarial(model(x), y, target)
-                if len(x)
-                else torch.zeros(0, dtype=torch.bool, device=x.device)
-            )
+        the target class; :func:`already_adversarial`). The others are already adversarial:
+        they come back unchanged, as successes at distance 0 (no query), and draw nothing from
+        ``generator`` (as in AutoAttack)."""
+        done = already_adversarial(model, x, y, target)
         if not bool(done.any()):
             return runner(model, x, y, target, generator)
         zero = torch.zeros(len(x), dtype=x.dtype, device=x.device)
         outcome = Outcome(x.clone(), done.clone(), zero)
         index = (~done).nonzero().squeeze(1)
         if len(index):
-            found = runner(
-                model, x[index], y[index], None if target is None else target[index], generator
-            )
+            found = runner(model, *rows_of(index, x, y, target), generator)
             outcome.x_adv[index] = found.x_adv
             outcome.success[index] = found.success
             outcome.loss[index] = found.loss.to(outcome.loss.dtype)
+            if found.queries is not None:
+                outcome.queries = torch.zeros(len(x), dtype=torch.int64, device=x.device)
+                outcome.queries[index] = found.queries
         return outcome
 
     def _restarts(
@@ -274,24 +372,12 @@ class Attack(ABC):
         generator: torch.Generator | None,
     ) -> Outcome:
         """Run the attack ``restarts`` times, each time only on the samples not yet broken."""
-        best: Outcome | None = None
-        for _ in range(self.restarts):
-            index = (
-                torch.arange(len(x), device=x.device)
-                if best is None
-                else (~best.success).nonzero().squeeze(1)
-            )
-            if len(index) == 0:
-                break
-            outcome = self.run(
-                model, x[index], y[index], None if target is None else target[index], generator
-            )
-            if best is None:
-                best = outcome
-            else:
-                best.merge(outcome, index)
-        assert best is not None
-        return best
+        return rerun_unbroken(
+            len(x),
+            x.device,
+            self.restarts,
+            lambda _, index, __: self.run(model, *rows_of(index, x, y, target), generator),
+        )
 
     @abstractmethod
     def run(
@@ -315,7 +401,7 @@ class MinNormAttack(Attack):
     Restarts run on every point and keep the smallest norm.
     """
 
-    norms = ("l2", "linf")
+    norms: ClassVar[tuple[str, ...]] = ("l2", "linf")
     unbounded = True
 
     @abstractmethod
@@ -351,12 +437,12 @@ class MinNormAttack(Attack):
         target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
+        """Every restart on every point; each point keeps its smallest adversarial norm."""
         index = torch.arange(len(x), device=x.device)
         best: Outcome | None = None
         for _ in range(self.restarts):
-            outcome = self._judged(
-                model, x, y, target, self.minimize(model, x, y, target, generator)
-            )
+            found = self._restart_minimize(model, x, y, target, generator, best)
+            outcome = self._judged(model, x, y, target, found)
             if best is None:
                 best = outcome
             else:
@@ -364,17 +450,25 @@ class MinNormAttack(Attack):
         assert best is not None
         return best
 
+    def _restart_minimize(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        generator: torch.Generator | None,
+        best: Outcome | None,
+    ) -> Tensor:
+        """One run of :meth:`minimize` for the restarts of :meth:`min_norm`; ``best`` is the
+        outcome of the earlier runs (None on the first)."""
+        return self.minimize(model, x, y, target, generator)
+
     def _judged(
         self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, x_found: Tensor
     ) -> Outcome:
         """An outcome for points found: success as the model says, loss = minus the norm."""
         x_found = self.threat.clip_bounds(x + self.threat.apply_mask(x_found.detach() - x))
-        with torch.no_grad():
-            success = (
-                is_adversarial(model(x_found), y, target)
-                if len(x)
-                else torch.zeros(0, dtype=torch.bool, device=x.device)
-            )
+        success = already_adversarial(model, x_found, y, target)
         norms = lp_norm(x_found - x, self.threat.norm)
         return Outcome(
             x_found, success, torch.where(success, -norms, torch.full_like(norms, float("-inf")))
@@ -388,7 +482,14 @@ class MinNormAttack(Attack):
         target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Outcome:
-        found = self._judged(model, x, y, target, self.minimize(model, x, y, target, generator))
+        return self._within_eps(model, x, y, target, self.minimize(model, x, y, target, generator))
+
+    def _within_eps(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, x_found: Tensor
+    ) -> Outcome:
+        """The outcome of points found by :meth:`minimize`, projected onto the eps-ball (when
+        bounded) and judged by the model."""
+        found = self._judged(model, x, y, target, x_found)
         if not self.threat.bounded:
             return found
         x_adv = self.threat.project(found.x_adv, x)

@@ -36,16 +36,22 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
 from ..losses import cw_margin, is_adversarial
-from ..threat import ThreatModel
+from ..threat import Norm, ThreatModel
 from ..util import check_positive_int
-from .base import MinNormAttack, Outcome, put_rows
+from .base import MinNormAttack, Outcome, already_adversarial, put_rows
 from .registry import register
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .base import AttackOptions
 
 #: Shrinks the scaled clean point before ``atanh`` so points on the bounds stay finite.
 TANH_SHRINK = 1e-6
@@ -90,7 +96,8 @@ class CarliniWagnerL2(MinNormAttack):
             attack is deterministic, so restarts only repeat it.
     """
 
-    norms = ("l2",)
+    norms: ClassVar[tuple[str, ...]] = ("l2",)
+    default_norm: ClassVar[Norm] = "l2"
 
     def __init__(
         self,
@@ -102,10 +109,9 @@ class CarliniWagnerL2(MinNormAttack):
         initial_const: float = 1e-3,
         confidence: float = 0.0,
         abort_early: bool = True,
-        norm: str = "l2",
-        **kwargs: object,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, norm=norm, **kwargs)  # type: ignore[arg-type]
+        super().__init__(threat, **options)
         check_positive_int("binary_search_steps", binary_search_steps)
         check_positive_int("steps", steps)
         for name, value, least in (
@@ -162,8 +168,7 @@ class CarliniWagnerL2(MinNormAttack):
         x_best = x.clone()
         if len(x) == 0:
             return x_best
-        with torch.no_grad():
-            todo = (~is_adversarial(model(x), y, target)).nonzero().squeeze(1)
+        todo = (~already_adversarial(model, x, y, target)).nonzero().squeeze(1)
         if len(todo):
             x_best[todo] = self._search(
                 model, x[todo], y[todo], None if target is None else target[todo]

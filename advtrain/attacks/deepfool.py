@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,11 @@ from ..util import check_positive_int
 from .base import MinNormAttack
 from .gradient import input_gradient
 from .registry import register
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .base import AttackOptions
 
 #: Added to every DeepFool step (in the norm of the attack), as in the authors' code.
 STEP_SLACK = 1e-4
@@ -76,11 +82,11 @@ def boundary_gradients(
                 return logits.detach(), diff.detach(), grads.transpose(0, 1)
             except (RuntimeError, NotImplementedError):
                 pass
-        grads = [
+        one_by_one = [
             input_gradient(diff[:, k].sum(), x, retain_graph=k < columns - 1)
             for k in range(columns)
         ]
-    return logits.detach(), diff.detach(), torch.stack(grads, dim=1)
+    return logits.detach(), diff.detach(), torch.stack(one_by_one, dim=1)
 
 
 def dual_norm(grads: Tensor, norm: str) -> Tensor:
@@ -117,9 +123,9 @@ class DeepFool(MinNormAttack):
         steps: int = 50,
         overshoot: float = 0.02,
         candidates: int = 10,
-        **kwargs: object,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, **kwargs)  # type: ignore[arg-type]
+        super().__init__(threat, **options)
         check_positive_int("steps", steps)
         check_positive_int("candidates", candidates)
         if candidates < 2:
@@ -163,11 +169,12 @@ class DeepFool(MinNormAttack):
         for _ in range(self.steps):
             if len(index) == 0:
                 break
-            if target is None:
+            if others is not None:
                 logits, diff, grads = boundary_gradients(
                     model, x_adv[index], others[index], y[index]
                 )
             else:
+                assert target is not None  # others is None only for a targeted run
                 logits, diff, grads = boundary_gradients(model, x_adv[index], target[index, None])
             keep = ~is_adversarial(logits, y[index], None if target is None else target[index])
             index, diff, grads = index[keep], diff[keep], grads[keep]

@@ -42,6 +42,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -50,10 +52,18 @@ from ..errors import AdvtrainError
 from ..losses import is_adversarial, other_classes
 from ..threat import ThreatModel, lp_norm
 from ..util import check_positive_int
-from .base import MinNormAttack, Outcome, put_rows
+from .base import MinNormAttack, Outcome, put_rows, rerun_unbroken, rows_of
 from .deepfool import boundary_gradients, dual_norm
 from .fast_grad import suspended
 from .registry import register
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .base import AttackOptions
+
+#: The paper's and AutoAttack's defaults (Croce & Hein 2020).
+STEPS, ALPHA_MAX, ETA, BETA = 100, 0.1, 1.05, 0.9
 
 # ---------------------------------------------------------------------- the projection
 #: Newton steps of :func:`_water_level` before the rows still short fall back to sorting.
@@ -189,20 +199,20 @@ class FAB(MinNormAttack):
             the first start from random points (see the module docstring).
     """
 
-    norms = ("linf", "l2", "l1")
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
 
     def __init__(
         self,
         threat: ThreatModel | None = None,
         *,
-        steps: int = 100,
-        alpha_max: float = 0.1,
-        eta: float = 1.05,
-        beta: float = 0.9,
+        steps: int = STEPS,
+        alpha_max: float = ALPHA_MAX,
+        eta: float = ETA,
+        beta: float = BETA,
         nearest: str = "linear",
-        **kwargs: object,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, **kwargs)  # type: ignore[arg-type]
+        super().__init__(threat, **options)
         check_positive_int("steps", steps)
         for name, value in (("alpha_max", alpha_max), ("beta", beta)):
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
@@ -214,7 +224,6 @@ class FAB(MinNormAttack):
         self.nearest = nearest
         self.steps, self.alpha_max = steps, float(alpha_max)
         self.eta, self.beta = float(eta), float(beta)
-        self._radius: Tensor | None = None  # per-point random-start radius of the current run
 
     def _hyperparameters(self) -> dict[str, object]:
         return {
@@ -235,33 +244,33 @@ class FAB(MinNormAttack):
         target: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
-        return self.descend(model, x, y, target, target, generator, self._radius)[0]
+        return self._minimize_from(model, x, y, target, generator, None)
 
-    def _minimize_restarts(
+    def _minimize_from(
         self,
         model: nn.Module,
         x: Tensor,
         y: Tensor,
         target: Tensor | None,
         generator: torch.Generator | None,
-    ) -> Outcome:
-        """The base's restarts for :meth:`min_norm`, each run after the first from a random start
-        whose radius follows the smallest norm found so far."""
-        index = torch.arange(len(x), device=x.device)
-        best: Outcome | None = None
-        for _ in range(self.restarts):
-            self._radius = None if best is None else self._start_radius(x, -best.loss)
-            try:
-                found = self.minimize(model, x, y, target, generator)
-                outcome = self._judged(model, x, y, target, found)
-            finally:
-                self._radius = None
-            if best is None:
-                best = outcome
-            else:
-                best.merge(outcome, index)
-        assert best is not None
-        return best
+        radius: Tensor | None,
+    ) -> Tensor:
+        """:meth:`minimize` from random starts of per-point ``radius`` (None: from ``x``)."""
+        return self.descend(model, x, y, target, target, generator, radius)[0]
+
+    def _restart_minimize(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        generator: torch.Generator | None,
+        best: Outcome | None,
+    ) -> Tensor:
+        """Each run of :meth:`min_norm`'s restarts after the first starts at random, at a
+        radius that follows the smallest norm found so far."""
+        radius = None if best is None else self._start_radius(x, -best.loss)
+        return self._minimize_from(model, x, y, target, generator, radius)
 
     def _restarts(
         self,
@@ -273,28 +282,15 @@ class FAB(MinNormAttack):
     ) -> Outcome:
         """The base's restarts for a finite eps: later runs only on the points still standing,
         from random starts."""
-        best: Outcome | None = None
-        for _ in range(self.restarts):
-            index = (
-                torch.arange(len(x), device=x.device)
-                if best is None
-                else (~best.success).nonzero().squeeze(1)
+
+        def once(_: int, index: Tensor, best: Outcome | None) -> Outcome:
+            xi, yi, ti = rows_of(index, x, y, target)
+            radius = None if best is None else self._start_radius(xi, -best.loss[index])
+            return self._within_eps(
+                model, xi, yi, ti, self._minimize_from(model, xi, yi, ti, generator, radius)
             )
-            if len(index) == 0:
-                break
-            self._radius = None if best is None else self._start_radius(x[index], -best.loss[index])
-            try:
-                outcome = self.run(
-                    model, x[index], y[index], None if target is None else target[index], generator
-                )
-            finally:
-                self._radius = None
-            if best is None:
-                best = outcome
-            else:
-                best.merge(outcome, index)
-        assert best is not None
-        return best
+
+        return rerun_unbroken(len(x), x.device, self.restarts, once)
 
     def _start_radius(self, x: Tensor, found: Tensor) -> Tensor:
         """Half the smallest norm found (``inf`` where none), capped by eps or else by the box."""
@@ -308,11 +304,11 @@ class FAB(MinNormAttack):
 
     def _random_start(self, x: Tensor, radius: Tensor, generator: torch.Generator | None) -> Tensor:
         """A random point on the sphere of ``radius`` around each point, masked, clipped."""
-        kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
         if self.threat.norm == "linf":
-            direction = torch.rand(x.shape, **kwargs) * 2 - 1
+            direction = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            direction = direction * 2 - 1
         else:
-            direction = torch.randn(x.shape, **kwargs)
+            direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         direction = self.threat.apply_mask(direction)
         scale = radius / lp_norm(direction, self.threat.norm).clamp_min(1e-12)
         return self.threat.clip_bounds(x + direction * scale.reshape((-1,) + (1,) * (x.dim() - 1)))
@@ -348,22 +344,21 @@ class FAB(MinNormAttack):
         if len(index) == 0 or logits.shape[1] < 2:
             return best_x, best_norm
         x0, y0 = x[index], y[index]
-        aim = None if towards is None else towards[index]
         wanted = None if success_target is None else success_target[index]
         # Towards a class, any misclassification counting (FAB-T): the boundary between it and
         # the true class, as in AutoAttack. To be classified as it: the boundary between it and
         # the strongest other class, whichever that is at the current point.
-        away = y0 if wanted is None else None
-        others = other_classes(logits[index], y0, logits.shape[1] - 1) if towards is None else None
+        away: Tensor | None
+        if towards is None:  # every other class, against the true one
+            columns, away = other_classes(logits[index], y0, logits.shape[1] - 1), y0
+        else:
+            columns, away = towards[index][:, None], (y0 if wanted is None else None)
         x1 = x0.clone() if radius is None else self._random_start(x0, radius[index], generator)
         lower, upper = (b.flatten(1) for b in _box(threat, x0))
         n, shape = len(x0), (-1,) + (1,) * (x0.dim() - 1)
         flat0 = x0.flatten(1)
         for _ in range(self.steps):
-            if aim is None:
-                _, diff, grads = boundary_gradients(model, x1, others, y0)
-            else:
-                _, diff, grads = boundary_gradients(model, x1, aim[:, None], away)
+            _, diff, grads = boundary_gradients(model, x1, columns, away)
             grads = threat.apply_mask(grads)
             if self.nearest == "box" and diff.shape[1] > 1:
                 nearest = _nearest_in_box(x1.flatten(1), diff, grads.flatten(2), lower, upper, norm)
@@ -428,9 +423,26 @@ class FABT(FAB):
     """
 
     def __init__(
-        self, threat: ThreatModel | None = None, *, n_targets: int | None = None, **kwargs: object
+        self,
+        threat: ThreatModel | None = None,
+        *,
+        n_targets: int | None = None,
+        steps: int = STEPS,
+        alpha_max: float = ALPHA_MAX,
+        eta: float = ETA,
+        beta: float = BETA,
+        nearest: str = "linear",
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, **kwargs)  # type: ignore[arg-type]
+        super().__init__(
+            threat,
+            steps=steps,
+            alpha_max=alpha_max,
+            eta=eta,
+            beta=beta,
+            nearest=nearest,
+            **options,
+        )
         if n_targets is not None:
             check_positive_int("n_targets", n_targets)
         self.n_targets = n_targets
@@ -438,16 +450,17 @@ class FABT(FAB):
     def _hyperparameters(self) -> dict[str, object]:
         return {**super()._hyperparameters(), "n_targets": self.n_targets}
 
-    def minimize(
+    def _minimize_from(
         self,
         model: nn.Module,
         x: Tensor,
         y: Tensor,
         target: Tensor | None,
         generator: torch.Generator | None,
+        radius: Tensor | None,
     ) -> Tensor:
         if target is not None or len(x) == 0:
-            return super().minimize(model, x, y, target, generator)
+            return super()._minimize_from(model, x, y, target, generator, radius)
         with torch.no_grad():
             logits = model(x)
         n_classes = logits.shape[1]
@@ -465,9 +478,14 @@ class FABT(FAB):
             )
             if len(index) == 0:
                 break
-            radius = None if self._radius is None else self._radius[index]
             found, norms = self.descend(
-                model, x[index], y[index], ranked[index, rank], None, generator, radius
+                model,
+                x[index],
+                y[index],
+                ranked[index, rank],
+                None,
+                generator,
+                None if radius is None else radius[index],
             )
             better = norms < best_norm[index]
             put_rows(best_x, index, better, found)

@@ -1,27 +1,28 @@
-"""A faster input gradient for the first convolution of image models on the CPU.
+"""A faster input gradient for the first convolution of image models, on the CPU only.
 
 Attacks need the gradient of the loss with respect to the *input* only (the model is frozen).
 For a convolution with few input channels (the first layer of an image model: 1 channel for
-MNIST, 3 for colour) the CPU backend's backward-data kernel is many times slower than its forward
-pass: on the fast-adversarial MNIST CNN it took about 18 ms of a 60 ms PGD step for 1,000 images.
-The same gradient is one matrix product followed by a strided add per kernel tap (col2im):
-that layer's forward and input gradient for 870 images take 6 ms instead of 15 ms (2 threads).
-The adds replace ``F.fold``, which loops over the samples: alone they take 3 ms where it took 5,
-and a whole forward-backward pass of that CNN takes 62 ms instead of 68 on one thread (the same
-on two).
+MNIST, 3 for colour) the CPU backend's backward-data kernel is much slower than its forward pass.
+The same gradient is one matrix product followed by a strided add per kernel tap (col2im); the
+adds replace ``F.fold``, whose CPU kernel loops over the samples. (``bench/pgd_speed.py``
+measures the gain.)
 
-:func:`fast_input_gradients` is a context manager (entered by :func:`~advtrain.attacks.base.frozen`)
-that routes such convolutions through :class:`_ConvInputGrad`: the forward is ``conv2d`` itself,
-bit for bit; only the backward differs, and only by float rounding. It applies when the input
-needs a gradient and the weights and bias do not, on the CPU, for ``groups == 1``,
-``dilation == 1``, numeric padding and at most :data:`MAX_CHANNELS` input channels; every other
-call runs untouched.
+:func:`fast_input_gradients` is a context manager that routes such convolutions through
+:class:`_ConvInputGrad`: the forward is ``conv2d`` itself, bit for bit; only the backward
+differs, and only by float rounding. It applies when the input needs a gradient and the weights
+and bias do not, on the CPU, for ``groups == 1``, ``dilation == 1``, numeric padding and at most
+:data:`MAX_CHANNELS` input channels; every other call runs untouched.
+
+It is a speed-up strategy chosen by device: :func:`input_gradient_speedup` (entered by
+:func:`~advtrain.attacks.base.frozen`) installs it for a model on the CPU and nothing elsewhere,
+so on an accelerator no torch call goes through its Python dispatch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -103,7 +104,13 @@ def _scatter_taps(
 
 
 class _FastInputGradMode(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func is F.conv2d or func is torch.conv2d:
             routed = _route(*args, **kwargs)
@@ -151,6 +158,17 @@ def fast_input_gradients() -> Iterator[None]:
         return
     with _FastInputGradMode():
         yield
+
+
+#: The input-gradient speed-up of each device type; devices not listed get none.
+SPEEDUPS: dict[str, Callable[[], AbstractContextManager[None]]] = {"cpu": fast_input_gradients}
+
+
+def input_gradient_speedup(device: torch.device) -> AbstractContextManager[None]:
+    """The context in which attacks on ``device`` take input gradients: :func:`fast_input_gradients`
+    on the CPU; elsewhere nothing at all (no torch-function mode to dispatch through)."""
+    speedup = SPEEDUPS.get(device.type)
+    return contextlib.nullcontext() if speedup is None else speedup()
 
 
 def _mode_stack() -> list[Any]:

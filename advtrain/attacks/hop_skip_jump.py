@@ -51,16 +51,22 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..threat import ThreatModel, lp_norm
+from ..threat import Norm, ThreatModel, lp_norm
 from ..util import check_positive_int
 from .base import MinNormAttack, MinNormResult, Outcome
 from .fast_grad import suspended
 from .registry import register
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .base import AttackOptions
 
 #: Halvings of the step in the geometric step-size search before the point gives up its step.
 MAX_HALVINGS = 64
@@ -147,6 +153,7 @@ class HopSkipJump(MinNormAttack):
     """
 
     norms = ("l2", "linf")
+    default_norm: ClassVar[Norm] = "l2"
 
     def __init__(
         self,
@@ -159,10 +166,9 @@ class HopSkipJump(MinNormAttack):
         gamma: float = 1.0,
         init_trials: int = 100,
         query_batch_size: int = 1024,
-        **kwargs: object,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        kwargs.setdefault("norm", "l2")
-        super().__init__(threat, **kwargs)  # type: ignore[arg-type]
+        super().__init__(threat, **options)
         for name, value in (
             ("steps", steps),
             ("n_queries", n_queries),
@@ -534,16 +540,15 @@ class HopSkipJump(MinNormAttack):
         plain = torch.zeros_like(cur)
         signs = torch.zeros(m, dtype=cur.dtype, device=cur.device)
         radius = delta.reshape(m, 1, *(1,) * len(shape))
-        kwargs = {"generator": generator, "device": cur.device, "dtype": cur.dtype}
         for start in range(0, total, chunk):
             b = min(chunk, total - start)
             valid = torch.arange(start, start + b, device=cur.device)[None] < counts[:, None].to(
                 cur.device
             )
-            if threat.norm == "l2":
-                rv = torch.randn((m, b, *shape), **kwargs)
-            else:
-                rv = torch.rand((m, b, *shape), **kwargs) * 2 - 1
+            draw = torch.randn if threat.norm == "l2" else torch.rand
+            rv = draw((m, b, *shape), generator=generator, device=cur.device, dtype=cur.dtype)
+            if threat.norm != "l2":
+                rv = rv * 2 - 1
             rv = threat.apply_mask(rv)
             rv = rv / rv.flatten(2).norm(dim=2).clamp_min(1e-12).reshape(m, b, *(1,) * len(shape))
             probes = threat.clip_bounds(cur[:, None] + radius * rv)

@@ -22,9 +22,7 @@ followed by any number of pointwise layers (ReLU and the other elementwise activ
 :meth:`WindowForward.build` returns None for any other model, and the caller runs it whole.
 
 The window pass is taken where it does at most two thirds of the full pass's multiply-adds
-(:meth:`WindowForward.pays`). On the fast-adversarial MNIST CNN (two convolutions of 16 and 32
-channels, then 1568 -> 100 -> 10), 860 images, 2 CPU threads: 3.0 ms for a 3x3 window against
-8.5 ms for the full pass.
+(:meth:`WindowForward.pays`); ``bench/square_window.py`` measures what it saves.
 """
 
 from __future__ import annotations
@@ -77,10 +75,11 @@ class _Stage:
 
     def patch(self, changed: tuple[int, int]) -> tuple[int, int]:
         """Height and width of the output patch a changed ``changed`` input patch reaches."""
-        return tuple(
+        rows, cols = (
             min(out, (r + k - 2) // s + 1)
-            for r, k, s, out in zip(changed, self.kernel, self.stride, self.size_out)  # type: ignore[return-value]
+            for r, k, s, out in zip(changed, self.kernel, self.stride, self.size_out)
         )
+        return rows, cols
 
     def local(self, crop: Tensor) -> Tensor:
         """The layer on an input crop (already padded), then the pointwise layers."""
@@ -89,8 +88,10 @@ class _Stage:
             out = F.conv2d(
                 crop, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups
             )
-        else:
+        elif isinstance(layer, nn.MaxPool2d):
             out = F.max_pool2d(crop, layer.kernel_size, layer.stride, 0, layer.dilation)
+        else:
+            raise TypeError(f"not a convolution or max pooling: {type(layer).__name__}")
         for module in self.after:
             out = module(out)
         return out
@@ -154,7 +155,7 @@ def _stage(layer: nn.Module, size_in: tuple[int, int]) -> _Stage | None:
     if type(layer) is nn.Conv2d:
         if layer.padding_mode != "zeros":
             return None
-        kernel, stride = layer.kernel_size, layer.stride
+        kernel, stride = _pair(layer.kernel_size), _pair(layer.stride)
         padding, dilation, fill = _pair(layer.padding), _pair(layer.dilation), 0.0
     elif type(layer) is nn.MaxPool2d:
         if layer.ceil_mode or layer.return_indices:
@@ -165,22 +166,14 @@ def _stage(layer: nn.Module, size_in: tuple[int, int]) -> _Stage | None:
         return None
     if kernel is None or stride is None or padding is None or dilation is None:
         return None
-    extent = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
-    size_out = tuple(
-        (n + 2 * p - e) // s + 1 for n, p, e, s in zip(size_in, padding, extent, stride)
+    extent = ((kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1)
+    size_out = (
+        (size_in[0] + 2 * padding[0] - extent[0]) // stride[0] + 1,
+        (size_in[1] + 2 * padding[1] - extent[1]) // stride[1] + 1,
     )
     if min(size_out) < 1:
         return None
-    return _Stage(
-        layer,
-        (),
-        extent,
-        stride,
-        padding,
-        fill,  # type: ignore[arg-type]
-        size_in,
-        size_out,
-    )
+    return _Stage(layer, (), extent, stride, padding, fill, size_in, size_out)
 
 
 def _pointwise(module: nn.Module) -> bool:
@@ -248,10 +241,10 @@ class WindowForward:
         if layers is None or len(sample_shape) != 3 or model.training or _has_hooks(model):
             return None
         stages: list[_Stage] = []
-        size = tuple(sample_shape[1:])
+        size = (sample_shape[1], sample_shape[2])
         position = 0
         while position < len(layers):
-            stage = _stage(layers[position], size)  # type: ignore[arg-type]
+            stage = _stage(layers[position], size)
             if stage is None or layers[position].training:
                 break
             position += 1
