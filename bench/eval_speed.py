@@ -16,7 +16,8 @@ With ``--nproc N`` our suite runs in N processes under torchrun (gloo), each wit
 its time is rank 0's from a barrier after loading to the merged report (process start-up and
 loading, a few seconds, printed apart). AutoAttack runs in this process with ``--threads``.
 
-    .venv/bin/python bench/eval_speed.py [--n 1000] [--model pgd_madry.pth] [--threads 2] [--nproc 2]
+    .venv/bin/python bench/eval_speed.py [--n 1000] [--model pgd_madry.pth] [--threads 2] \
+        [--nproc 2]
 """
 
 from __future__ import annotations

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from advtrain.attacks import FABT, PGD
 from advtrain.evaluation.cascade import Cascade, Step, suite_attacks
-from advtrain.evaluation.suite import _argmax
+from advtrain.evaluation.context import argmax
+from advtrain.evaluation.escalation import RULES
+from advtrain.evaluation.findings import VERDICT, WARNING, Check, CheckName
+from advtrain.evaluation.shards import step_seed
 from advtrain.threat import ThreatModel
 
 torch.set_num_threads(1)
@@ -14,8 +19,8 @@ EPS = 0.1
 
 
 def _cascade(model, x, y, threat):
-    pred = _argmax(model, x, 100)
-    return Cascade(x, y, threat, lambda p: _argmax(model, p, 100), (pred == y).cpu(), pred.clone())
+    pred = argmax(model, x, 100)
+    return Cascade(x, y, threat, lambda p: argmax(model, p, 100), (pred == y).cpu(), pred.clone())
 
 
 def test_minimum_norm_step_measures_every_correct_point_but_breaks_only_survivors(
@@ -70,3 +75,35 @@ def test_standard_suite_runs_fab_t_over_three_targets_and_thorough_over_nine():
     assert not fab["standard"].attack.threat.bounded
     apgd_t = next(s for s in suite_attacks("standard", threat, 10, 0) if s.name == "apgd-t")
     assert apgd_t.attack.n_targets == 9
+
+
+def test_each_step_is_seeded_from_its_name():
+    threat = ThreatModel(norm="linf", eps=0.3)
+    steps = suite_attacks("thorough", threat, 10, 7)
+    assert [s.attack.seed for s in steps] == [step_seed(7, s.name) for s in steps]
+    assert len({s.attack.seed for s in steps}) == len(steps)
+    digest = hashlib.sha256(b"apgd-ce").digest()
+    assert step_seed(7, "apgd-ce") == 7 + int.from_bytes(digest[:4], "big")
+    # a step seeded within a scope (an escalation rule) differs from the cascade's namesake
+    square = next(s for s in steps if s.name == "square 10k x2")
+    assert square.seeded(7, "masking: ").attack.seed != square.attack.seed
+    assert square.attack.seed == step_seed(7, "square 10k x2")  # seeded() copies the attack
+
+
+def test_escalation_rules_name_checks_and_rules_that_exist():
+    names = [rule.name for rule in RULES]
+    assert len(set(names)) == len(names)
+    for rule in RULES:
+        assert rule.checks and all(isinstance(c, CheckName) for c in rule.checks)
+        assert rule.unless <= set(names) and rule.norms <= {"linf", "l2", "l1"}
+        assert all(p.when is None or p.when in rule.checks for p in rule.steps)
+    masking = next(rule for rule in RULES if rule.name == "masking")
+    found = [
+        Check(CheckName.BLACK_BOX, True, "", WARNING),
+        Check(CheckName.ZERO_GRADIENTS, True, "", VERDICT),
+        Check(CheckName.UNBOUNDED, False, "", VERDICT),
+    ]
+    assert masking.fired(found) == {CheckName.ZERO_GRADIENTS}  # verdicts only
+    second = next(rule for rule in RULES if rule.name == "second square")
+    assert second.fired(found) == {CheckName.BLACK_BOX}
+    assert found[0].name == "black-box stronger than white-box"  # stored as the report's string

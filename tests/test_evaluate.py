@@ -18,7 +18,7 @@ from torch import nn
 import advtrain
 from advtrain.attacks import PGD
 from advtrain.errors import AdvtrainError
-from advtrain.evaluation import Report, metrics, predict
+from advtrain.evaluation import CheckName, Report, metrics, predict
 from advtrain.evaluation.report import VERDICT, robustness_score
 
 torch.set_num_threads(1)
@@ -122,7 +122,7 @@ def honest_report(digits_model, points):
 
 def test_report_contract(honest_report, points, tmp_path):
     report = honest_report
-    x, y = points
+    x, _ = points
     assert isinstance(report, Report)
     assert 0.9 <= report.clean_accuracy <= 1.0 and report.robust_accuracy <= 0.05
     assert list(report.per_attack) == ["apgd-ce", "apgd-t", "square"]
@@ -175,6 +175,22 @@ def test_report_contract(honest_report, points, tmp_path):
     assert data["per_attack"] == pytest.approx(report.per_attack)
     assert {d["name"] for d in data["diagnostics"]} == {c.name for c in report.diagnostics}
     assert len(data["per_sample"]) == len(x)
+
+
+def test_every_check_of_the_enum_runs_and_no_other(honest_report):
+    assert [c.name for c in honest_report.diagnostics] == [
+        "randomness",
+        "probabilities instead of logits",
+        "zero or NaN gradients",
+        "saturated softmax",
+        "single step stronger than iterative",
+        "unbounded attack fails",
+        "success does not grow with eps",
+        "black-box stronger than white-box",
+        "loss still improving",
+    ]
+    assert {c.name for c in honest_report.diagnostics} == {n.value for n in CheckName}
+    assert all(type(c.name) is str for c in honest_report.diagnostics)
 
 
 def test_dataloader_and_seed_reproducibility(digits_model, points, honest_report):
@@ -314,3 +330,38 @@ def test_bad_data(digits_model, points):
         advtrain.evaluate(digits_model, x)
     with pytest.raises(AdvtrainError, match="outside the threat model's bounds"):
         advtrain.evaluate(digits_model, x + 2, y)
+
+
+def test_randomised_model_is_attacked_and_measured_with_the_configured_eot_samples(
+    digits_model, digits, monkeypatch
+):
+    """Regression: the metrics' logits once rebuilt EOT with 16 passes whatever ``eot_samples``
+    said. Every EOT the evaluation builds must average ``eot_samples`` passes, and no forward call
+    may see more copies of the points than ``eot_samples`` or ``votes`` asks for."""
+    from advtrain.attacks import EOT
+
+    x, y = digits.test.x[:10], digits.test.y[:10]
+    samples_seen: set[int] = set()
+    forward = EOT.forward
+
+    def spy(self: EOT, inputs: torch.Tensor) -> torch.Tensor:
+        samples_seen.add(self.samples)
+        return forward(self, inputs)
+
+    class Rows(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model, self.largest = model, 0
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            self.largest = max(self.largest, len(inputs))
+            return self.model(inputs)
+
+    monkeypatch.setattr(EOT, "forward", spy)
+    model = Rows(Wiggle(digits_model, random=True))
+    report = advtrain.evaluate(
+        model, x, y, eps=EPS, suite="quick", seed=0, eot_samples=3, votes=3, diagnostics_points=5
+    )
+    assert report.settings["randomized"] is True
+    assert samples_seen == {3}
+    assert model.largest <= 3 * len(x)

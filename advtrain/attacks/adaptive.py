@@ -249,7 +249,8 @@ class LogProbabilities(nn.Module):
 
 
 def looks_like_probabilities(outputs: Tensor, atol: float = 1e-3) -> bool:
-    """Whether a batch of model outputs ``(N, C)`` are probabilities: in [0, 1], rows summing to 1."""
+    """Whether a batch of model outputs ``(N, C)`` are probabilities: every entry in [0, 1] and
+    every row summing to 1, both within ``atol`` (the sum within ``atol * C``)."""
     if outputs.dim() != 2 or outputs.numel() == 0:
         return False
     outputs = outputs.detach().float()
@@ -318,7 +319,8 @@ def is_randomized(model: nn.Module, x: Tensor, trials: int = 4, rtol: float = 1e
 
 # ---------------------------------------------------------------------- helpers
 def _log_probs(model: Callable[[Tensor], Tensor], x: Tensor, copies: int) -> Tensor:
-    """Log-probabilities of ``copies`` stochastic passes over ``x`` in one call: ``(copies, N, C, ...)``."""
+    """Log-probabilities of ``copies`` stochastic passes over ``x`` in one call, shape
+    ``(copies, N, C, ...)``."""
     repeated = x.unsqueeze(0).expand(copies, *x.shape).reshape(copies * x.shape[0], *x.shape[1:])
     out = model(repeated)
     if not isinstance(out, Tensor) or out.dim() < 2:

@@ -9,9 +9,10 @@ names the attacks of each suite.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from ..attacks import APGD, APGDT, FABT, PGD, Attack, Square
 from ..attacks.base import MinNormAttack
 from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
-from .shards import Shards, chunk_seed, seeded
+from .shards import Shards, chunk_seed, seeded, step_seed
 
 #: The suites of :func:`advtrain.evaluate`.
 SUITES = ("quick", "standard", "thorough")
@@ -29,7 +30,7 @@ Judge = Callable[[Tensor], Tensor]
 _ROW_FIELDS = ("standing", "adv_pred", "x_adv", "norm", "margin", "measured")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Step:
     """One attack of the cascade, with the name it is reported under."""
 
@@ -39,18 +40,30 @@ class Step:
     #: classified correctly (not only the standing ones), and it breaks those within eps.
     min_norm: bool = False
 
+    def __post_init__(self) -> None:
+        if self.min_norm and not isinstance(self.attack, MinNormAttack):
+            raise AdvtrainError(f"step {self.name}: a min_norm step needs a MinNormAttack")
+
+    def seeded(self, seed: int, scope: str = "") -> Step:
+        """This step with a copy of its attack seeded from its name:
+        ``step_seed(seed, scope + name)`` (:func:`.shards.step_seed`)."""
+        attack = copy.copy(self.attack)
+        attack.seed = step_seed(seed, scope + self.name)
+        return replace(self, attack=attack)
+
 
 def suite_attacks(
     suite: str, threat: ThreatModel, n_classes: int, seed: int, batch_size: int | None = None
 ) -> list[Step]:
-    """The attacks of a suite, in the order they run.
+    """The attacks of a suite, in the order they run, each seeded from its name
+    (:meth:`Step.seeded`).
 
     - ``quick``: APGD-CE (100 iterations), APGD-T over 3 targets, Square with 1,000 queries.
     - ``standard``: AutoAttack's standard recipe with the paper's settings: APGD-CE, APGD-T over
       ``min(9, n_classes - 1)`` targets, FAB-T, Square with 5,000 queries. FAB-T runs unbounded
       (its norms are the robust margins) over the ``min(3, n_classes - 1)`` most likely other
-      classes: on the released MNIST models its margins with 3 targets are within 0.2% (median)
-      of those with 9, and it breaks the same points at eps, for a third of the cost.
+      classes, where AutoAttack's standard version takes 9: the closest classes hold the
+      smallest margins, at a third of the cost.
     - ``thorough``: standard with FAB-T over ``min(9, n_classes - 1)`` targets, then APGD-CE and
       APGD-DLR with 5 restarts, APGD-T over every other class, and Square with 10,000 queries and
       2 restarts.
@@ -60,46 +73,44 @@ def suite_attacks(
     """
     if suite not in SUITES:
         raise AdvtrainError(f"unknown suite {suite!r}; choose one of: {', '.join(SUITES)}")
-    common = {"seed": seed, "batch_size": batch_size}
     targets = min(9, max(n_classes - 1, 1))
+    steps: list[Step]
     if threat.norm == "l1":
         restarts = {"quick": 1, "standard": 2, "thorough": 5}[suite]
-        return [
-            Step(f"pgd-l1-{loss}", PGD(threat, steps=100, loss=loss, restarts=restarts, **common))
+        steps = [
+            Step(
+                f"pgd-l1-{loss}",
+                PGD(threat, steps=100, loss=loss, restarts=restarts, batch_size=batch_size),
+            )
             for loss in ("ce", "cw", "dlr")
         ]
-    steps = [Step("apgd-ce", APGD(threat, **common))]
-    if suite == "quick":
-        return steps + [
-            Step("apgd-t", APGDT(threat, n_targets=min(3, targets), **common)),
-            Step("square", Square(threat, n_queries=1000, **common)),
+    elif suite == "quick":
+        steps = [
+            Step("apgd-ce", APGD(threat, batch_size=batch_size)),
+            Step("apgd-t", APGDT(threat, n_targets=min(3, targets), batch_size=batch_size)),
+            Step("square", Square(threat, n_queries=1000, batch_size=batch_size)),
         ]
-    fab_targets = targets if suite == "thorough" else min(3, targets)
-    steps += [
-        Step("apgd-t", APGDT(threat, n_targets=targets, **common)),
-        Step(
-            "fab-t",
-            FABT(threat.replace(eps=float("inf")), n_targets=fab_targets, **common),
-            min_norm=True,
-        ),
-        Step("square", Square(threat, n_queries=5000, **common)),
-    ]
-    if suite == "thorough":
+    else:
+        fab_targets = targets if suite == "thorough" else min(3, targets)
+        unbounded = threat.replace(eps=float("inf"))
+        steps = [
+            Step("apgd-ce", APGD(threat, batch_size=batch_size)),
+            Step("apgd-t", APGDT(threat, n_targets=targets, batch_size=batch_size)),
+            Step("fab-t", FABT(unbounded, n_targets=fab_targets, batch_size=batch_size), True),
+            Step("square", Square(threat, n_queries=5000, batch_size=batch_size)),
+        ]
+    if suite == "thorough" and threat.norm != "l1":
+        others = max(n_classes - 1, 1)
         steps += [
-            Step("apgd-ce x5", APGD(threat, restarts=5, **{**common, "seed": seed + 1})),
-            Step(
-                "apgd-dlr x5", APGD(threat, loss="dlr", restarts=5, **{**common, "seed": seed + 2})
-            ),
-            Step(
-                "apgd-t all",
-                APGDT(threat, n_targets=max(n_classes - 1, 1), **{**common, "seed": seed + 3}),
-            ),
+            Step("apgd-ce x5", APGD(threat, restarts=5, batch_size=batch_size)),
+            Step("apgd-dlr x5", APGD(threat, loss="dlr", restarts=5, batch_size=batch_size)),
+            Step("apgd-t all", APGDT(threat, n_targets=others, batch_size=batch_size)),
             Step(
                 "square 10k x2",
-                Square(threat, n_queries=10000, restarts=2, **{**common, "seed": seed + 4}),
+                Square(threat, n_queries=10000, restarts=2, batch_size=batch_size),
             ),
         ]
-    return steps
+    return [step.seeded(seed) for step in steps]
 
 
 def gradient_step(
@@ -108,13 +119,14 @@ def gradient_step(
     loss: str = "ce",
     steps: int = 100,
     restarts: int = 1,
-    seed: int = 0,
+    seed: int | None = None,
     batch_size: int | None = None,
     note: str = "",
 ) -> Step:
     """APGD with ``loss`` (Croce & Hein 2020), or for l1, where APGD is not offered here, PGD
     with the sparse l1 step: the white-box attack the diagnostics and escalations call on.
-    Named ``apgd-ce``, ``pgd-l1-dlr 400 x3``, ... (with ``note`` appended)."""
+    Named ``apgd-ce``, ``pgd-l1-dlr 400 x3``, ... (with ``note`` appended); its attack is seeded
+    with ``seed`` as given (see :meth:`Step.seeded` to seed it from its name)."""
     attack: Attack
     if threat.norm == "l1":
         name = f"pgd-l1-{loss}"
@@ -131,7 +143,7 @@ def gradient_step(
 
 
 def margin_attack(
-    threat: ThreatModel, n_classes: int, seed: int, batch_size: int | None = None
+    threat: ThreatModel, n_classes: int, seed: int | None, batch_size: int | None = None
 ) -> MinNormAttack:
     """The minimum-norm attack that measures the robust margin of points broken before FAB-T ran:
     FAB-T over the ``min(3, n_classes - 1)`` most likely other classes, as in the cascade."""
@@ -244,7 +256,9 @@ class Cascade:
         return total
 
     def _margins(self, attack: Attack, attack_model: nn.Module, index: Tensor) -> int:
-        result = attack.min_norm(attack_model, self.x[index], self.y[index])  # type: ignore[attr-defined]
+        if not isinstance(attack, MinNormAttack):
+            raise AdvtrainError(f"robust margins need a MinNormAttack, got {type(attack).__name__}")
+        result = attack.min_norm(attack_model, self.x[index], self.y[index])
         norms = torch.where(result.success, result.norm, torch.full_like(result.norm, float("inf")))
         self.margin[index] = torch.minimum(self.margin[index], norms.cpu())
         self.measured[index] = True
@@ -255,8 +269,8 @@ class Cascade:
     ) -> int:
         """One attack on the points ``index`` (of one chunk); returns how many it broke."""
         x, y = self.x[index], self.y[index]
-        if step.min_norm:
-            result = attack.min_norm(attack_model, x, y)  # type: ignore[attr-defined]
+        if step.min_norm and isinstance(attack, MinNormAttack):  # Step checks it is one
+            result = attack.min_norm(attack_model, x, y)
             found = result.success & (result.norm <= self.threat.eps * (1 + 1e-6) + 1e-7)
             self.margin[index] = torch.minimum(self.margin[index], result.norm.cpu())
             self.measured[index] = True

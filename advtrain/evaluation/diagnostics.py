@@ -25,7 +25,7 @@ from ..attacks.gradient import input_gradient
 from ..losses import cross_entropy, cw_margin
 from ..threat import ThreatModel
 from .cascade import gradient_step
-from .report import VERDICT, WARNING, Check
+from .findings import VERDICT, WARNING, Check, CheckName
 
 Judge = Callable[[Tensor], Tensor]
 
@@ -42,7 +42,7 @@ def randomness(randomized: bool, eot_samples: int, votes: int) -> Check:
         if randomized
         else "repeated forward passes agree"
     )
-    return Check("randomness", randomized, detail, WARNING, {"randomized": randomized})
+    return Check(CheckName.RANDOMNESS, randomized, detail, WARNING, {"randomized": randomized})
 
 
 def probability_outputs(is_probs: bool) -> Check:
@@ -51,7 +51,7 @@ def probability_outputs(is_probs: bool) -> Check:
         if is_probs
         else "the model returns logits"
     )
-    return Check("probabilities instead of logits", is_probs, detail, WARNING)
+    return Check(CheckName.PROBABILITIES, is_probs, detail, WARNING)
 
 
 def gradients(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Check, Check]:
@@ -72,19 +72,20 @@ def gradients(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Check, Check]:
     bad = float((nan | zero).float().mean()) if n else 0.0
     evidence = {"points": n, "zero_gradient": int(zero.sum()), "nan_gradient": int(nan.sum())}
     masked = Check(
-        "zero or NaN gradients",
+        CheckName.ZERO_GRADIENTS,
         bad > 0.1,
         f"the gradient of the logit margin is zero at {int(zero.sum())} and NaN at "
         f"{int(nan.sum())} of {n} points: gradients are shattered or obfuscated"
         if bad > 0.1
-        else f"the logit margin has a usable gradient at {n - int((nan | zero).sum())} of {n} points",
+        else f"the logit margin has a usable gradient at {n - int((nan | zero).sum())} of {n} "
+        "points",
         VERDICT,
         evidence,
     )
     share = float(ce_zero.float().mean()) if n else 0.0
     logit_gap = float(-margin.detach().median()) if n else 0.0
     saturated = Check(
-        "saturated softmax",
+        CheckName.SATURATED_SOFTMAX,
         share > 0.1,
         f"cross-entropy has an exactly zero gradient at {int(ce_zero.sum())} of {n} points "
         f"(median logit margin {logit_gap:.3g}): huge logits, as after defensive distillation; "
@@ -113,7 +114,7 @@ def single_step(
     extra = fgsm_broken & ~iterative_broken
     fired = _rate(fgsm_broken) > _rate(iterative_broken) and int(extra.sum()) >= 2
     return Check(
-        "single step stronger than iterative",
+        CheckName.SINGLE_STEP,
         fired,
         f"FGSM breaks {_rate(fgsm_broken):.1%} of {len(x)} points, {iterative_name.upper()} "
         f"{_rate(iterative_broken):.1%}; "
@@ -143,7 +144,7 @@ def unbounded(
     broken = (judge(PGD(big, steps=100, loss="cw", seed=seed)(model, x, y)) != y).cpu()
     rate = _rate(broken)
     return Check(
-        "unbounded attack fails",
+        CheckName.UNBOUNDED,
         rate < 0.95,
         f"PGD at eps={big.eps:.3g}, which reaches any valid input, breaks {rate:.1%} of "
         f"{len(x)} points" + (" (it should break all)" if rate < 0.95 else ""),
@@ -165,7 +166,7 @@ def eps_growth(
     drops = [(a, b) for a, b in zip(rates, rates[1:]) if b < a - tolerance]
     curve = ", ".join(f"{f:g} eps: {r:.1%}" for f, r in zip(factors, rates))
     return Check(
-        "success does not grow with eps",
+        CheckName.EPS_GROWTH,
         bool(drops),
         f"PGD-50 (margin loss) success rate at {curve}",
         VERDICT,
@@ -178,7 +179,7 @@ def black_box(white_box_survivors: int, broken_by_square: int) -> Check:
     share = broken_by_square / white_box_survivors if white_box_survivors else 0.0
     fired = broken_by_square >= 3 and share >= 0.05
     return Check(
-        "black-box stronger than white-box",
+        CheckName.BLACK_BOX,
         fired or broken_by_square > 0,
         f"Square (no gradients) breaks {broken_by_square} of the {white_box_survivors} points "
         f"that survived every gradient attack ({share:.1%})",
@@ -202,11 +203,11 @@ def incomplete(
     extra = 0
     if bool(survivors.any()):
         xs, ys = x[survivors], y[survivors]
-        step = gradient_step(threat, steps=400, seed=seed + 11)
+        step = gradient_step(threat, steps=400, seed=seed)
         extra = int((judge(step.attack(model, xs, ys)) != ys).sum())
     fired = extra >= 2 and extra >= 0.02 * len(x)
     return Check(
-        "loss still improving",
+        CheckName.LOSS_IMPROVING,
         fired,
         f"{'PGD-l1' if threat.norm == 'l1' else 'APGD-CE'} with 400 iterations breaks {extra} "
         f"more of {len(x)} points than "

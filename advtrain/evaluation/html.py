@@ -167,7 +167,7 @@ def _curve_png(
             )
     if isinstance(eps, (int, float)):
         ax.axvline(eps, color="#c0392b", linestyle="--", linewidth=1, label=f"eps = {eps:.4g}")
-    at_radius = None if radius is None else {eps_: acc for eps_, acc in curve}.get(radius)
+    at_radius = None if radius is None else {p[0]: p[1] for p in curve}.get(radius)
     if radius is not None and at_radius is not None:
         ax.plot(
             [radius],
@@ -273,7 +273,8 @@ def _summary(d: dict[str, Any], report: Renderable) -> str:
             + _table(
                 ("setting", "value"),
                 (
-                    f"<tr><th>{_e(k)}</th>{_metric(f'settings:{k}', number(settings[k]), css='')}</tr>"
+                    f"<tr><th>{_e(k)}</th>"
+                    f"{_metric(f'settings:{k}', number(settings[k]), css='')}</tr>"
                     for k in others
                 ),
             )

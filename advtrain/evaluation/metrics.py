@@ -112,7 +112,8 @@ def eps_grid(eps: float, margins: Tensor, points: int = 21) -> list[float]:
 
 
 def margin_summary(margins: Tensor, correct: Tensor, bins: int = 20) -> dict[str, object]:
-    """Median, mean, fraction found and a histogram of the finite margins of clean-correct points."""
+    """Median, mean, fraction found and a ``bins``-bin histogram (0 to the largest) of the finite
+    margins of the clean-correct points."""
     values = margins[correct]
     finite = values[torch.isfinite(values)]
     summary: dict[str, object] = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +33,16 @@ from ..distributed import gathered_objects
 #: evaluation of at most ``batch_size`` points is seeded exactly as its attacks were built.
 SEED_STRIDE = 1_000_003
 T = TypeVar("T")
+
+
+def step_seed(seed: int, name: str) -> int:
+    """The seed of the step called ``name`` (an attack of the cascade, a check, an escalation):
+    ``seed`` plus the first four bytes of SHA-256 of the name (UTF-8), read as a big-endian
+    unsigned integer. Stable across runs, processes and platforms, and distinct per name, so a
+    step keeps its random stream when steps are added or reordered; its chunks then follow
+    :func:`chunk_seed`."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return seed + int.from_bytes(digest[:4], "big")
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -97,7 +108,8 @@ class Shards:
         return chunk_attack
 
     def map(self, fn: Callable[[Tensor], Tensor], x: Tensor, seed: int) -> Tensor:
-        """``fn`` over ``x`` chunk by chunk (global generator seeded per chunk), all rows, on CPU."""
+        """``fn`` over ``x`` chunk by chunk, torch's global generator seeded per chunk with
+        :func:`chunk_seed` of ``seed``; every rank's rows, in order, on the CPU."""
         if self.n == 0:
             return fn(x).cpu()
         parts = []

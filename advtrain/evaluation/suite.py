@@ -2,56 +2,50 @@
 
 The order of work:
 
-1. Look at the model: is it randomised (repeated passes disagree)? Does it return probabilities?
-   A randomised model is attacked through :class:`~advtrain.attacks.EOT` and judged by a
-   majority vote; probabilities are attacked through their logarithm.
-2. Run the suite's cascade (:mod:`.cascade`) on the correctly classified points.
+1. Look at the model (:class:`.context.EvalContext`): is it randomised (repeated passes
+   disagree)? Does it return probabilities? A randomised model is attacked through
+   :class:`~advtrain.attacks.EOT` over ``eot_samples`` passes and judged by a majority vote of
+   ``votes`` passes; probabilities are attacked through their logarithm. The wrappers are built
+   once, there, and serve every later stage.
+2. Run the suite's cascade (:mod:`.cascade`, AutoAttack's recipe, Croce & Hein 2020) on the
+   correctly classified points.
 3. Run the gradient-masking diagnostics (:mod:`.diagnostics`) on a small subset.
-4. When a check fires, escalate on its own: straight-through gradients for step functions
-   (BPDA without knowing the defence), margin and DLR losses, more iterations and restarts, more
-   queries for Square, and a label-only attack (HopSkipJump) when the gradients vanish. Each
-   escalation is reported with the robust accuracy before and after.
+4. When a check fires, escalate on its own, by the table of rules of :mod:`.escalation`:
+   straight-through gradients for step functions (BPDA without knowing the defence, Athalye et
+   al. 2018), margin and DLR losses, more iterations and restarts, more queries for Square, and
+   a label-only attack (HopSkipJump) when the gradients vanish. Each escalation is reported
+   with the robust accuracy before and after.
 5. Measure: robust margins (minimum-norm attack), the accuracy-versus-eps curve and the
    adversarial radius, entropy, defensive margins, precision/recall/F1 clean and attacked.
+
+Every attack is seeded from the base seed and its own name (:func:`.shards.step_seed`), and
+attacked chunk by chunk (:mod:`.shards`), so a run repeats exactly, in one process or several.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from ..attacks import APGDT, EOT, PGD, HopSkipJump, Square
-from ..attacks.adaptive import (
-    LogProbabilities,
-    StraightThrough,
-    is_randomized,
-    looks_like_probabilities,
-    majority_vote,
-)
 from ..attacks.base import frozen, model_device
 from ..errors import AdvtrainError
-from ..threat import ThreatModel
+from ..threat import Norm, ThreatModel
 from . import diagnostics as checks
 from . import metrics
 from .cascade import Cascade, Step, gradient_step, margin_attack, suite_attacks
-from .report import VERDICT, Check, Escalation, Report, robustness_score
-from .shards import Shards, seeded
+from .context import EvalContext, SuiteSettings
+from .escalation import escalate
+from .findings import Check, CheckName, Escalation
+from .report import Report, robustness_score
+from .shards import seeded
 
-#: A warning-level black-box check reruns Square on this share of the survivors (at least
-#: SECOND_SQUARE_LEAST of them), those closest to the boundary by their minimum-norm margin.
-SECOND_SQUARE_SHARE, SECOND_SQUARE_LEAST = 0.25, 50
-#: Checks whose firing calls for straight-through gradients and a stronger black-box attack.
-MASKING_CHECKS = (
-    "zero or NaN gradients",
-    "single step stronger than iterative",
-    "unbounded attack fails",
-    "success does not grow with eps",
-    "black-box stronger than white-box",
-)
+#: The name the robust-margin measurement after the escalations is seeded by.
+MARGINS = "robust margins"
 
 
 def evaluate(
@@ -84,8 +78,9 @@ def evaluate(
         suite: ``"quick"``, ``"standard"`` (AutoAttack's recipe, default) or ``"thorough"``.
         n_classes: number of classes (default: the width of the model's output).
         device: where to run (default: the model's device); the model is moved there.
-        seed: seeds every attack (and torch's global generator, for randomised models), so a run
-            can be repeated exactly.
+        seed: the base seed: every attack's seed is derived from it and the attack's name, and
+            torch's global generator is seeded with it (for randomised models), so a run can be
+            repeated exactly.
         batch_size: most points per forward pass, and the size of the chunks the points are
             attacked in (:mod:`.shards`): under ``torch.distributed`` each rank attacks its share
             of the chunks and every rank returns the merged report, equal to one process's.
@@ -99,7 +94,8 @@ def evaluate(
     start = time.perf_counter()
     x, y = _as_tensors(x, y)
     if threat is None:
-        threat = ThreatModel(norm=norm, eps=eps, lower=lower, upper=upper, mask=mask)  # type: ignore[arg-type]
+        # ThreatModel checks the norm's name and reports a misspelt one
+        threat = ThreatModel(norm=cast(Norm, norm), eps=eps, lower=lower, upper=upper, mask=mask)
     if not threat.bounded:
         raise AdvtrainError("evaluate needs a finite eps")
     if not isinstance(model, nn.Module):
@@ -109,336 +105,134 @@ def evaluate(
         model = model.to(device)
     device = model_device(model, default=torch.device("cpu"))
     x, y = x.detach().to(device), y.to(device)
-
+    settings = SuiteSettings(
+        suite=suite,
+        seed=seed,
+        batch_size=batch_size,
+        diagnostics_points=diagnostics_points,
+        eot_samples=eot_samples,
+        votes=votes,
+        radius_threshold=radius_threshold,
+        positive_class=positive_class,
+        examples=examples,
+    )
     with frozen(model):
-        return _evaluate(
-            model,
-            x,
-            y,
-            threat,
-            suite,
-            n_classes,
-            seed,
-            batch_size,
-            diagnostics_points,
-            eot_samples,
-            votes,
-            radius_threshold,
-            positive_class,
-            examples,
-            start,
-            str(device),
+        ctx = EvalContext.build(
+            model, x, y, threat, settings, n_classes=n_classes, device=str(device), started=start
         )
+        return _evaluate(ctx)
 
 
-def _evaluate(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    threat: ThreatModel,
-    suite: str,
-    n_classes: int | None,
-    seed: int,
-    batch_size: int,
-    diagnostics_points: int,
-    eot_samples: int,
-    votes: int,
-    radius_threshold: float,
-    positive_class: int | None,
-    examples: int,
-    start: float,
-    device: str,
-) -> Report:
-    n = len(x)
-    shards = Shards.current(n, batch_size)
-    probe = x[: min(32, n)]
-    with seeded(seed, x.device):
-        randomized = is_randomized(model, probe) if n else False
-        with torch.no_grad():
-            probe_out = model(probe)
-    if probe_out.dim() != 2:
-        raise AdvtrainError(
-            f"the model must return logits (N, C), got shape {tuple(probe_out.shape)}"
-        )
-    n_classes = n_classes or int(probe_out.shape[1])
-    as_probs = looks_like_probabilities(probe_out)
+@dataclass
+class CascadeRun:
+    """What the cascade's run tells the checks: the points the first (iterative) attack broke,
+    the points standing before Square, and how many of them Square broke."""
 
-    def judge(points: Tensor) -> Tensor:
-        if randomized:
-            return majority_vote(model, points, samples=votes, batch_size=batch_size * 4)
-        return _argmax(model, points, batch_size)
+    first_broken: Tensor
+    white_box_survivors: int = 0
+    square_broke: int = 0
+    ran_square: bool = False
 
-    attack_model: nn.Module = model
-    if as_probs:
-        attack_model = LogProbabilities(attack_model)
-    if randomized:
-        attack_model = EOT(attack_model, samples=eot_samples)
 
-    clean_pred = shards.map(judge, x, seed)
-    correct = clean_pred == y.cpu()
-    state = Cascade(x, y, threat, judge, correct.clone(), clean_pred.clone(), shards=shards)
-    escalations: list[Escalation] = []
-    steps = suite_attacks(suite, threat, n_classes, seed, batch_size)
-
-    # What a naive evaluation would have said, for the report, when the model needed repair.
-    if randomized or as_probs:
-        naive = Cascade(
-            x,
-            y,
-            threat,
-            lambda p: _argmax(model, p, batch_size),
-            correct.clone(),
-            clean_pred.clone(),
-            shards=shards,
-        )
-        naive.run(gradient_step(threat, seed=seed, batch_size=batch_size), model)
-        reason = "randomness" if randomized else "probabilities instead of logits"
+def _evaluate(ctx: EvalContext) -> Report:
+    """The cascade, the checks, the escalations they call for, and the margins: the report."""
+    clean_pred = ctx.shards.map(ctx.judge, ctx.x, ctx.seed)
+    correct = clean_pred == ctx.y.cpu()
+    state = Cascade(
+        ctx.x, ctx.y, ctx.threat, ctx.judge, correct.clone(), clean_pred.clone(), shards=ctx.shards
+    )
+    steps = suite_attacks(ctx.settings.suite, ctx.threat, ctx.n_classes, ctx.seed, ctx.batch_size)
+    naive = _naive(ctx, correct, clean_pred) if ctx.repaired_outputs else None
+    run = _cascade(state, steps, ctx.attack_model, correct)
+    escalations = []
+    if naive is not None:
+        reason = CheckName.RANDOMNESS if ctx.randomized else CheckName.PROBABILITIES
         action = (
-            "EOT gradients and majority-vote judgement" if randomized else "attack through log(p)"
+            "EOT gradients and majority-vote judgement"
+            if ctx.randomized
+            else "attack through log(p)"
+        )
+        escalations.append(
+            Escalation(
+                reason.value,
+                f"{action}: the whole cascade",
+                naive.robust_accuracy,
+                state.robust_accuracy,
+            )
         )
 
-    # --- the cascade
-    white_box_survivors, square_broke = 0, 0
-    first_broken = torch.zeros(n, dtype=torch.bool)  # by the first (iterative) attack
+    # diagnostics on a subset of the correctly classified points (rank 0 runs them)
+    found: list[Check] = []
+    if ctx.shards.rank == 0:
+        with seeded(ctx.seed, ctx.x.device):
+            found = _diagnostics(ctx, state, correct, steps[0], run)
+    found = ctx.shards.from_rank_zero(found)
+    escalations += escalate(ctx, state, found)
+
+    # robust margins of the points no minimum-norm attack has measured yet
+    if ctx.threat.norm in ("linf", "l2"):
+        margins = margin_attack(ctx.threat, ctx.n_classes, ctx.seed_for(MARGINS), ctx.batch_size)
+        state.measure(margins, ctx.attack_model)
+    return _report(ctx, state, correct, clean_pred, found, escalations)
+
+
+def _naive(ctx: EvalContext, correct: Tensor, clean_pred: Tensor) -> Cascade:
+    """What a naive evaluation would have said of a model that needed wrapping: the cascade's
+    first attack on the model as it is, judged by its own argmax."""
+    naive = Cascade(
+        ctx.x,
+        ctx.y,
+        ctx.threat,
+        ctx.argmax,
+        correct.clone(),
+        clean_pred.clone(),
+        shards=ctx.shards,
+    )
+    naive.run(gradient_step(ctx.threat, batch_size=ctx.batch_size).seeded(ctx.seed), ctx.model)
+    return naive
+
+
+def _cascade(
+    state: Cascade, steps: list[Step], attack_model: nn.Module, correct: Tensor
+) -> CascadeRun:
+    """Run ``steps`` in order on the standing points; note what the checks need."""
+    run = CascadeRun(first_broken=torch.zeros(len(state.x), dtype=torch.bool))
     for step in steps:
-        if step.name == "square":
-            white_box_survivors = int(state.standing.sum())
+        square = step.name == "square"
+        if square:
+            run.white_box_survivors = int(state.standing.sum())
+            run.ran_square = True
         broken_before = ~state.standing & correct
         broke = state.run(step, attack_model)
-        if step.name == "square":
-            square_broke = broke
+        if square:
+            run.square_broke = broke
         if step is steps[0]:
-            first_broken = ~state.standing & correct & ~broken_before
-    if randomized or as_probs:
-        escalations.append(
-            Escalation(
-                reason, f"{action}: the whole cascade", naive.robust_accuracy, state.robust_accuracy
-            )
-        )
-
-    # --- diagnostics on a subset of the correctly classified points (rank 0 runs them)
-    found: list = []
-    if shards.rank == 0:
-        with seeded(seed, x.device):
-            found = _diagnostics(
-                attack_model,
-                model,
-                judge,
-                threat,
-                state,
-                correct,
-                steps[0],
-                first_broken,
-                randomized,
-                as_probs,
-                eot_samples,
-                votes,
-                diagnostics_points,
-                seed,
-                white_box_survivors,
-                square_broke,
-                any(s.name == "square" for s in steps),
-            )
-    found = shards.from_rank_zero(found)
-
-    # --- escalation
-    fired = {c.name for c in found if c.triggered}
-    verdicts = {c.name for c in found if c.triggered and c.severity == VERDICT}
-    white_box = "PGD with the sparse l1 step" if threat.norm == "l1" else "APGD"
-    if verdicts & set(MASKING_CHECKS):
-        before = state.robust_accuracy
-        flat = "zero or NaN gradients" in verdicts
-        repaired = StraightThrough(attack_model)
-        state.run(
-            gradient_step(
-                threat, restarts=2, seed=seed + 21, batch_size=batch_size, note="(straight-through)"
-            ),
-            repaired,
-        )
-        if threat.norm != "l1":
-            state.run(
-                Step(
-                    "apgd-t (straight-through)",
-                    APGDT(
-                        threat,
-                        n_targets=min(9, n_classes - 1),
-                        seed=seed + 22,
-                        batch_size=batch_size,
-                    ),
-                ),
-                repaired,
-            )
-            state.run(
-                Step(
-                    "square 10k x2",
-                    Square(
-                        threat, n_queries=10000, restarts=2, seed=seed + 23, batch_size=batch_size
-                    ),
-                ),
-                attack_model,
-            )
-            # Label-only, where the gradients vanish: the scores are then often flat too (hard
-            # labels, one-hot vectors, probabilities saturated to exact 0 and 1) and Square has
-            # nothing to climb. Where only Square beat the gradients, the scores carry the
-            # signal and HopSkipJump's 25,000 queries per survivor would add nothing.
-            if flat:
-                state.run(
-                    Step("hopskipjump", HopSkipJump(threat, seed=seed + 25, batch_size=batch_size)),
-                    attack_model,
-                )
-        escalations.append(
-            Escalation(
-                ", ".join(sorted(verdicts & set(MASKING_CHECKS))),
-                "straight-through (BPDA) gradients for step functions, APGD-CE with restarts, "
-                "APGD-T, Square with 10,000 queries and 2 restarts"
-                + (", and HopSkipJump (label-only)" if flat else "")
-                if threat.norm != "l1"
-                else "straight-through (BPDA) gradients for step functions, PGD-l1 with restarts; there "
-                "is no gradient-free l1 attack here, so the robust accuracy is only an upper bound",
-                before,
-                state.robust_accuracy,
-            )
-        )
-    elif "black-box stronger than white-box" in fired and threat.norm != "l1":
-        # A warning only (a few points): a second Square run with fresh randomness on the
-        # survivors whose minimum adversarial perturbation found lies closest to eps.
-        before = state.robust_accuracy
-        closest = state.closest_standing(SECOND_SQUARE_SHARE, least=SECOND_SQUARE_LEAST)
-        chosen = (
-            "every surviving point"
-            if len(closest) == int(state.standing.sum())
-            else f"the {len(closest)} surviving points with the smallest robust margin"
-        )
-        state.run(
-            Step(
-                "square (second run)",
-                Square(threat, n_queries=5000, seed=seed + 24, batch_size=batch_size),
-            ),
-            attack_model,
-            among=closest,
-        )
-        escalations.append(
-            Escalation(
-                "black-box stronger than white-box",
-                f"a second Square run (5,000 queries, new seed) on {chosen}",
-                before,
-                state.robust_accuracy,
-            )
-        )
-    if "saturated softmax" in fired:
-        before = state.robust_accuracy
-        state.run(
-            gradient_step(threat, loss="dlr", seed=seed + 31, batch_size=batch_size), attack_model
-        )
-        state.run(
-            Step(
-                "pgd-cw",
-                PGD(
-                    threat, steps=100, loss="cw", restarts=2, seed=seed + 32, batch_size=batch_size
-                ),
-            ),
-            attack_model,
-        )
-        escalations.append(
-            Escalation(
-                "saturated softmax",
-                f"{white_box} with the DLR loss and PGD with the CW margin loss",
-                before,
-                state.robust_accuracy,
-            )
-        )
-    if "loss still improving" in fired:
-        before = state.robust_accuracy
-        for offset, loss in ((41, "ce"), (42, "dlr")):
-            state.run(
-                gradient_step(
-                    threat,
-                    loss=loss,
-                    steps=400,
-                    restarts=3,
-                    seed=seed + offset,
-                    batch_size=batch_size,
-                ),
-                attack_model,
-            )
-        escalations.append(
-            Escalation(
-                "loss still improving",
-                f"{white_box} with the CE and the DLR loss, 400 iterations and 3 restarts",
-                before,
-                state.robust_accuracy,
-            )
-        )
-
-    # --- robust margins of the points no minimum-norm attack has measured yet
-    if threat.norm in ("linf", "l2"):
-        state.measure(margin_attack(threat, n_classes, seed, batch_size), attack_model)
-
-    return _report(
-        model,
-        x,
-        y,
-        threat,
-        state,
-        correct,
-        clean_pred,
-        found,
-        escalations,
-        suite,
-        n_classes,
-        seed,
-        radius_threshold,
-        positive_class,
-        examples,
-        start,
-        device,
-        randomized,
-        as_probs,
-        batch_size,
-        votes,
-    )
+            run.first_broken = ~state.standing & correct & ~broken_before
+    return run
 
 
 def _report(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    threat: ThreatModel,
+    ctx: EvalContext,
     state: Cascade,
     correct: Tensor,
     clean_pred: Tensor,
-    found: list,
+    found: list[Check],
     escalations: list[Escalation],
-    suite: str,
-    n_classes: int,
-    seed: int,
-    radius_threshold: float,
-    positive_class: int | None,
-    examples: int,
-    start: float,
-    device: str,
-    randomized: bool,
-    as_probs: bool,
-    batch_size: int,
-    votes: int,
 ) -> Report:
+    threat, settings, x = ctx.threat, ctx.settings, ctx.x
     clean_acc = float(correct.float().mean()) if len(x) else float("nan")
     robust_acc = state.robust_accuracy
-
-    def logits(points: Tensor) -> Tensor:
-        return _logits(model, points, batch_size, randomized, as_probs)
-
-    logits_clean = state.shards.map(logits, x, seed)
-    logits_adv = state.shards.map(logits, state.x_adv, seed)
-    yc = y.cpu()
+    logits_clean = state.shards.map(ctx.logits, x, ctx.seed)
+    logits_adv = state.shards.map(ctx.logits, state.x_adv, ctx.seed)
+    yc = ctx.y.cpu()
     margins = state.margin
     grid = metrics.eps_grid(threat.eps, margins[correct])
     broken_at_eps = correct & ~state.standing
     curve = metrics.accuracy_vs_eps(margins, correct, grid, [(threat.eps, broken_at_eps)])
     pred_clean, pred_adv = clean_pred.cpu(), state.adv_pred.cpu()
     classification = {
-        "clean": metrics.classification_metrics(yc, pred_clean, n_classes),
-        "adversarial": metrics.classification_metrics(yc, pred_adv, n_classes),
+        "clean": metrics.classification_metrics(yc, pred_clean, ctx.n_classes),
+        "adversarial": metrics.classification_metrics(yc, pred_adv, ctx.n_classes),
     }
     ran_min_norm = threat.norm in ("linf", "l2")
     per_sample = [
@@ -455,7 +249,7 @@ def _report(
         }
         for i in range(len(x))
     ]
-    shown = _example_rows(state, correct, examples)
+    shown = _example_rows(state, correct, settings.examples)
     return Report(
         clean_accuracy=clean_acc,
         robust_accuracy=robust_acc,
@@ -465,10 +259,10 @@ def _report(
         escalations=escalations,
         robust_margin=metrics.margin_summary(margins, correct) if ran_min_norm else {},
         accuracy_vs_eps=curve if ran_min_norm else [(threat.eps, robust_acc)],
-        adversarial_radius=metrics.adversarial_radius(curve, clean_acc, radius_threshold)
+        adversarial_radius=metrics.adversarial_radius(curve, clean_acc, settings.radius_threshold)
         if ran_min_norm
         else None,
-        radius_threshold=radius_threshold,
+        radius_threshold=settings.radius_threshold,
         entropy={
             "clean": float(metrics.entropy(logits_clean).mean()),
             "adversarial": float(metrics.entropy(logits_adv).mean()),
@@ -484,21 +278,21 @@ def _report(
             "adversarial_logit_margin": float(metrics.logit_margin(logits_adv, yc).mean()),
         },
         classification=classification,
-        positive_class=positive_class,
+        positive_class=settings.positive_class,
         per_sample=per_sample,
         settings={
             "norm": threat.norm,
             "eps": threat.eps,
-            "suite": suite,
+            "suite": settings.suite,
             "n": len(x),
-            "n_classes": n_classes,
-            "seed": seed,
-            "device": device,
-            "randomized": randomized,
-            "probabilities": as_probs,
+            "n_classes": ctx.n_classes,
+            "seed": settings.seed,
+            "device": ctx.device,
+            "randomized": ctx.randomized,
+            "probabilities": ctx.probabilities,
             "processes": state.shards.world,
-            "batch_size": batch_size,
-            "seconds": time.perf_counter() - start,
+            "batch_size": settings.batch_size,
+            "seconds": time.perf_counter() - ctx.started,
         },
         examples={
             "x": state.x[shown].cpu(),
@@ -511,47 +305,48 @@ def _report(
 
 
 def _diagnostics(
-    attack_model: nn.Module,
-    model: nn.Module,
-    judge: Callable[[Tensor], Tensor],
-    threat: ThreatModel,
-    state: Cascade,
-    correct: Tensor,
-    first: Step,
-    first_broken: Tensor,
-    randomized: bool,
-    as_probs: bool,
-    eot_samples: int,
-    votes: int,
-    points: int,
-    seed: int,
-    white_box_survivors: int,
-    square_broke: int,
-    ran_square: bool,
+    ctx: EvalContext, state: Cascade, correct: Tensor, first: Step, run: CascadeRun
 ) -> list[Check]:
-    """The gradient-masking checks, on up to ``points`` correctly classified points."""
-    subset = _subset(correct, points, seed)
+    """The gradient-masking checks, on up to ``diagnostics_points`` correctly classified points,
+    each attack seeded from its check's name."""
+    subset = _subset(correct, ctx.settings.diagnostics_points, ctx.seed)
     xs, ys = state.x[subset], state.y[subset]
+    model, judge, threat = ctx.attack_model, ctx.judge, ctx.threat
     found = [
-        checks.randomness(randomized, eot_samples, votes),
-        checks.probability_outputs(as_probs),
+        checks.randomness(ctx.randomized, ctx.settings.eot_samples, ctx.settings.votes),
+        checks.probability_outputs(ctx.probabilities),
     ]
     if not len(subset):
         return found
-    masked, saturated = checks.gradients(attack_model if not randomized else model, xs, ys)
+    masked, saturated = checks.gradients(ctx.model if ctx.randomized else model, xs, ys)
     found += [
         masked,
         saturated,
         checks.single_step(
-            attack_model, judge, threat, xs, ys, first_broken[subset], first.name, seed
+            model,
+            judge,
+            threat,
+            xs,
+            ys,
+            run.first_broken[subset],
+            first.name,
+            ctx.seed_for(CheckName.SINGLE_STEP),
         ),
-        checks.unbounded(attack_model, judge, threat, xs, ys, seed),
-        checks.eps_growth(attack_model, judge, threat, xs, ys, seed),
+        checks.unbounded(model, judge, threat, xs, ys, ctx.seed_for(CheckName.UNBOUNDED)),
+        checks.eps_growth(model, judge, threat, xs, ys, ctx.seed_for(CheckName.EPS_GROWTH)),
     ]
-    if ran_square:
-        found.append(checks.black_box(white_box_survivors, square_broke))
+    if run.ran_square:
+        found.append(checks.black_box(run.white_box_survivors, run.square_broke))
     found.append(
-        checks.incomplete(attack_model, judge, threat, xs, ys, (~state.standing)[subset], seed)
+        checks.incomplete(
+            model,
+            judge,
+            threat,
+            xs,
+            ys,
+            (~state.standing)[subset],
+            ctx.seed_for(CheckName.LOSS_IMPROVING),
+        )
     )
     return found
 
@@ -580,33 +375,6 @@ def _as_tensors(x: Tensor | Iterable[Any], y: Tensor | None) -> tuple[Tensor, Te
     if not xs:
         raise AdvtrainError("the data loader gave no batches")
     return torch.cat(xs), torch.cat(ys)
-
-
-def _argmax(model: nn.Module, points: Tensor, batch_size: int) -> Tensor:
-    """The model's predicted labels, in batches."""
-    if len(points) == 0:
-        return torch.zeros(0, dtype=torch.int64, device=points.device)
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model(points[i : i + batch_size]).argmax(dim=1)
-                for i in range(0, len(points), batch_size)
-            ]
-        )
-
-
-def _logits(
-    model: nn.Module, x: Tensor, batch_size: int, randomized: bool, as_probs: bool
-) -> Tensor:
-    """Logits for the metrics: mean log-probabilities of a randomised model, log(p) of probabilities."""
-    wrapped: nn.Module = model
-    if as_probs:
-        wrapped = LogProbabilities(wrapped)
-    if randomized:
-        wrapped = EOT(wrapped, samples=16)
-    with torch.no_grad():
-        parts = [wrapped(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(parts) if parts else torch.zeros(0, 1)
 
 
 def _subset(correct: Tensor, size: int, seed: int) -> Tensor:

@@ -1,0 +1,197 @@
+"""What every stage of :func:`advtrain.evaluate` works from: the model, the data, the threat
+model, the settings, and the model as attacks and judgements must see it.
+
+:class:`SuiteSettings` holds the caller's options. :meth:`EvalContext.build` looks at the model
+once: is it randomised (repeated passes disagree, :func:`~advtrain.attacks.is_randomized`)?
+Does it return probabilities? It then builds the wrappers once (Athalye, Carlini & Wagner 2018):
+
+- the attacked model: ``log(p)`` of a model returning probabilities
+  (:class:`~advtrain.attacks.adaptive.LogProbabilities`), then, for a randomised model,
+  :class:`~advtrain.attacks.EOT` over ``eot_samples`` passes;
+- the repaired model: straight-through gradients for step functions
+  (:class:`~advtrain.attacks.adaptive.StraightThrough`) around the attacked one;
+- the judge: the argmax of the model, or for a randomised model a
+  :func:`~advtrain.attacks.majority_vote` over ``votes`` passes.
+
+The metrics' logits are the attacked model's outputs, so they follow ``eot_samples`` as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import EOT
+from ..attacks.adaptive import (
+    LogProbabilities,
+    StraightThrough,
+    is_randomized,
+    looks_like_probabilities,
+    majority_vote,
+)
+from ..errors import AdvtrainError
+from ..threat import ThreatModel
+from .shards import Shards, seeded, step_seed
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """The options of :func:`advtrain.evaluate` beyond the model, the data and the threat model.
+
+    Attributes:
+        suite: ``"quick"``, ``"standard"`` (AutoAttack's recipe) or ``"thorough"``.
+        seed: the base seed; every step's seed is derived from it and the step's name
+            (:func:`.shards.step_seed`), and torch's global generator is seeded with it (and
+            per chunk) for randomised models.
+        batch_size: most points per forward pass, and the size of the chunks the points are
+            attacked in (:mod:`.shards`).
+        diagnostics_points: size of the subset the masking checks run on.
+        eot_samples: stochastic passes averaged per gradient (and per metric) of a randomised
+            model.
+        votes: stochastic passes per majority-vote judgement of a randomised model.
+        radius_threshold: the adversarial radius is the largest eps where accuracy stays at or
+            above this fraction of the clean accuracy.
+        positive_class: for binary/imbalanced data, the class whose precision/recall/F1 matter.
+        examples: adversarial examples kept for the report's pictures.
+    """
+
+    suite: str = "standard"
+    seed: int = 0
+    batch_size: int = 1000
+    diagnostics_points: int = 100
+    eot_samples: int = 16
+    votes: int = 32
+    radius_threshold: float = 0.5
+    positive_class: int | None = None
+    examples: int = 8
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """One evaluation's inputs, and the model wrapped once for attacks and judgements.
+
+    Built by :meth:`build`; ``model`` is the caller's model, already frozen in eval mode.
+    """
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    threat: ThreatModel
+    settings: SuiteSettings
+    n_classes: int
+    #: Repeated forward passes disagree: attacked through EOT, judged by a majority vote.
+    randomized: bool
+    #: The model returns probabilities: attacked (and measured) through log(p).
+    probabilities: bool
+    #: The model as attacks see it (log(p), EOT): gradients are taken of this.
+    attack_model: nn.Module
+    #: ``attack_model`` with straight-through gradients for step functions (BPDA).
+    repaired_model: nn.Module
+    shards: Shards
+    device: str
+    #: ``time.perf_counter()`` when the evaluation began.
+    started: float
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        settings: SuiteSettings,
+        *,
+        n_classes: int | None,
+        device: str,
+        started: float,
+    ) -> EvalContext:
+        """Probe ``model`` on the first 32 points (seeded with ``settings.seed``) and wrap it."""
+        n = len(x)
+        probe = x[: min(32, n)]
+        with seeded(settings.seed, x.device):
+            randomized = is_randomized(model, probe) if n else False
+            with torch.no_grad():
+                probe_out = model(probe)
+        if probe_out.dim() != 2:
+            raise AdvtrainError(
+                f"the model must return logits (N, C), got shape {tuple(probe_out.shape)}"
+            )
+        probabilities = looks_like_probabilities(probe_out)
+        attack_model: nn.Module = LogProbabilities(model) if probabilities else model
+        if randomized:
+            attack_model = EOT(attack_model, samples=settings.eot_samples)
+        return cls(
+            model=model,
+            x=x,
+            y=y,
+            threat=threat,
+            settings=settings,
+            n_classes=n_classes or int(probe_out.shape[1]),
+            randomized=randomized,
+            probabilities=probabilities,
+            attack_model=attack_model,
+            repaired_model=StraightThrough(attack_model),
+            shards=Shards.current(n, settings.batch_size),
+            device=device,
+            started=started,
+        )
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def repaired_outputs(self) -> bool:
+        """Whether the model had to be wrapped (randomness or probabilities)."""
+        return self.randomized or self.probabilities
+
+    @property
+    def white_box(self) -> str:
+        """The white-box attack of the escalations, in words."""
+        return "PGD with the sparse l1 step" if self.threat.norm == "l1" else "APGD"
+
+    def seed_for(self, name: str) -> int:
+        """The seed of the step called ``name``: :func:`.shards.step_seed` of the base seed."""
+        return step_seed(self.settings.seed, str(name))
+
+    def judge(self, points: Tensor) -> Tensor:
+        """The labels that count: the model's argmax, or a majority vote of a randomised model."""
+        if self.randomized:
+            batch = self.settings.batch_size * 4
+            return majority_vote(self.model, points, samples=self.settings.votes, batch_size=batch)
+        return self.argmax(points)
+
+    def argmax(self, points: Tensor) -> Tensor:
+        """The model's own predicted labels (one pass), in batches."""
+        return argmax(self.model, points, self.settings.batch_size)
+
+    def logits(self, points: Tensor) -> Tensor:
+        """Logits for the metrics, on the CPU: the attacked model's outputs (log(p) of
+        probabilities; mean log-probabilities over ``eot_samples`` passes of a randomised
+        model), in batches."""
+        size = self.settings.batch_size
+        with torch.no_grad():
+            parts = [
+                self.attack_model(points[i : i + size]).float().cpu()
+                for i in range(0, len(points), size)
+            ]
+        return torch.cat(parts) if parts else torch.zeros(0, 1)
+
+
+def argmax(model: nn.Module, points: Tensor, batch_size: int) -> Tensor:
+    """The model's predicted labels, in batches."""
+    if len(points) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=points.device)
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model(points[i : i + batch_size]).argmax(dim=1)
+                for i in range(0, len(points), batch_size)
+            ]
+        )
