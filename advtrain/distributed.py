@@ -70,11 +70,13 @@ def sum_gradients(model: nn.Module) -> None:
     Each rank has back-propagated its share of the batch's mean loss (its own mean weighted by
     its share of the rows), so the sum is the gradient of the whole batch's mean loss.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # a rank with no rows (or an unused parameter) still adds its zeros
-        if p.grad is None:
+    grads: list[Tensor] = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:  # a rank with no rows (or an unused parameter) still adds its zeros
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+        grads.append(p.grad)
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -116,13 +118,13 @@ class _SumOverRanks(torch.autograd.Function):
     sum over ranks of the gradients (torch's own ``torch.distributed.nn`` version is deprecated)."""
 
     @staticmethod
-    def forward(ctx: object, tensor: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: object, tensor: Tensor) -> Tensor:
         total = tensor.clone()
         dist.all_reduce(total)
         return total
 
     @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: object, grad: Tensor) -> Tensor:
         total = grad.clone()
         dist.all_reduce(total)
         return total
@@ -154,18 +156,16 @@ class AllRanksBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = sums[:channels] / n
         centred = x - mean.reshape(shape)
         var = _SumOverRanks.apply((centred * centred).sum(dims)) / n
+        tracked = self.num_batches_tracked
         if (
             self.track_running_stats
             and self.running_mean is not None
             and self.running_var is not None
+            and tracked is not None
         ):
             with torch.no_grad():
-                self.num_batches_tracked += 1  # type: ignore[operator]
-                factor = (
-                    1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None
-                    else self.momentum
-                )
+                tracked.add_(1)
+                factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
                 self.running_mean.lerp_(mean.detach(), factor)
                 self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), factor)
         out = centred * torch.rsqrt(var + self.eps).reshape(shape)

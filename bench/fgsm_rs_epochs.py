@@ -33,6 +33,7 @@ from advtrain.evaluation import clean_and_robust_accuracy  # noqa: E402
 from advtrain.models import build_model  # noqa: E402
 from advtrain.training import Trainer, load_config  # noqa: E402
 from advtrain.training.config import parse_option_value  # noqa: E402
+from advtrain.training.observers import EpochEnd, EpochObserver  # noqa: E402
 
 RECIPE = dict(
     dataset="mnist",
@@ -46,15 +47,15 @@ RECIPE = dict(
 )
 
 
-class SnapshotTrainer(Trainer):
-    """A trainer that keeps a copy of the weights it validated at the end of every epoch (their
-    average when the run keeps one)."""
+class Snapshots(EpochObserver):
+    """Keeps a copy of the weights the run validated at the end of every epoch (their average
+    when the run keeps one)."""
 
-    snapshots: list[dict[str, torch.Tensor]]
+    def __init__(self) -> None:
+        self.snapshots: list[dict[str, torch.Tensor]] = []
 
-    def _finish_epoch(self, record, writer) -> None:  # type: ignore[no-untyped-def]
-        self.snapshots.append(copy.deepcopy(self.kept_model.state_dict()))
-        super()._finish_epoch(record, writer)
+    def epoch_end(self, end: EpochEnd) -> None:
+        self.snapshots.append(copy.deepcopy(end.kept_model.state_dict()))
 
 
 def main() -> None:
@@ -105,8 +106,9 @@ def main() -> None:
         )
         torch.manual_seed(config.seed)
         model = build_model(config.model, in_shape=data.info.shape, n_classes=data.info.n_classes)
-        trainer = SnapshotTrainer(model, data, config)
-        trainer.snapshots = []
+        trainer = Trainer(model, data, config)
+        snapshots = Snapshots()
+        trainer.observers.insert(0, snapshots)
         start = time.perf_counter()
         result = trainer.fit()
         seconds = time.perf_counter() - start
@@ -117,7 +119,7 @@ def main() -> None:
             f"{'; ' + result.extra['stop_reason'] if result.extra['stop_reason'] else ''}",
             flush=True,
         )
-        for record, weights in zip(result.history, trainer.snapshots):
+        for record, weights in zip(result.history, snapshots.snapshots):
             model.load_state_dict(weights)
             clean, robust = measure(model, x, y)
             mark = " <- kept" if record.epoch == result.best_epoch else ""

@@ -17,7 +17,7 @@ Attack steps only need the input gradient (the parameters are frozen), so they m
 the count. The ratio printed is measured / predicted: at most 1.10 is the goal.
 
     .venv/bin/python bench/throughput.py                  # CPU: batch 16, 3 timed steps
-    .venv/bin/python bench/throughput.py --device cuda    # GPU: batch 256, bf16 autocast, channels_last
+    .venv/bin/python bench/throughput.py --device cuda    # GPU: batch 256, bf16, channels_last
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from advtrain.models import build_model  # noqa: E402
 from advtrain.threat import ThreatModel  # noqa: E402
-from advtrain.training.methods import make_method  # noqa: E402
+from advtrain.training.methods import Method, make_method  # noqa: E402
 
 SHAPE, CLASSES, EPS = (3, 32, 32), 10, 8 / 255
 #: method -> (options, predicted cost in plain-loop steps)
@@ -117,11 +117,15 @@ def main() -> None:
     for method in args.methods:
         options, predicted = METHODS[method]
         model, optimizer = _setup(device, cuda, 0)
-        loss_fn = make_method(method, threat, **options)
+        training = make_method(method, threat, **options)
 
-        def step() -> None:
+        def step(
+            model: torch.nn.Module = model,
+            optimizer: torch.optim.Optimizer = optimizer,
+            training: Method = training,
+        ) -> None:
             with autocast():
-                loss, _ = loss_fn(model, x, y)
+                loss, _ = training.loss(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

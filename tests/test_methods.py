@@ -20,8 +20,9 @@ from advtrain.models import build_model
 from advtrain.threat import ThreatModel
 from advtrain.training.methods import (
     METHODS,
-    DistillationLoss,
-    FreeLoss,
+    Distillation,
+    Free,
+    Method,
     make_method,
     mart_loss,
     mix,
@@ -46,13 +47,12 @@ def train(name: str, data, *, epochs: int = 1, seed: int = 0, **options) -> nn.M
     model = fresh_model(seed)
     loss_fn = make_method(name, data.info.threat_model(norm="linf", eps=EPS), **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    replays = getattr(loss_fn, "replays", 1)
+    replays = loss_fn.replays
     runs = math.ceil(epochs / replays)
     generator = torch.Generator().manual_seed(seed)
     x, y = data.train.x, data.train.y
     for epoch in range(1, runs + 1):
-        if hasattr(loss_fn, "on_epoch_start"):
-            loss_fn.on_epoch_start(model, epoch, runs)
+        loss_fn.on_epoch_start(model, epoch, runs)
         model.train()
         for index in torch.randperm(len(x), generator=generator).split(64):
             for _ in range(replays):
@@ -225,10 +225,10 @@ def test_bad_options_are_one_line_errors(name, options):
 def test_defaults_follow_the_papers():
     threat = ThreatModel(norm="linf", eps=0.2)
     free = make_method("free", threat)
-    assert isinstance(free, FreeLoss)
-    assert free.replays == 8 and free.uses_input_grad and free.step_size == pytest.approx(0.2)
+    assert isinstance(free, Free)
+    assert free.replays == 8 and free.step_size == pytest.approx(0.2)
     distill = make_method("distillation", threat)
-    assert isinstance(distill, DistillationLoss) and distill.temperature == 100.0
+    assert isinstance(distill, Distillation) and distill.temperature == 100.0
     assert make_method("free", threat, replays=3, step_size=0.05).replays == 3
 
 
@@ -333,7 +333,7 @@ def test_distillation_with_one_epoch_is_the_teacher_phase():
 def test_free_carries_delta_across_calls_and_updates_it_from_backward(digits):
     threat = digits.info.threat_model(norm="linf", eps=EPS)
     loss_fn = make_method("free", threat, replays=3)
-    assert loss_fn.replays == 3 and loss_fn.uses_input_grad
+    assert loss_fn.replays == 3
     model = fresh_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = digits.train.x[:32], digits.train.y[:32]
@@ -384,7 +384,7 @@ def test_free_l1_step_leaves_out_what_the_box_blocks():
     model = nn.Sequential(nn.Flatten(), nn.Linear(100, 3))
     x, y = torch.zeros(2, 1, 10, 10), torch.tensor([0, 1])  # every pixel at the lower bound
     x[:, :, 5:] = 0.5
-    loss, _ = loss_fn(model, x, y)
+    loss_fn(model, x, y)
     grad = torch.zeros_like(x)
     grad[:, :, :5] = -10.0  # blocked: at 0 and pushed down
     grad[:, 0, 7, 3] = 1.0  # the largest gradient that can move
@@ -470,11 +470,15 @@ def test_mix_keeps_the_trainer_contract():
     threat = ThreatModel(eps=EPS)
     free = make_method("free", threat, replays=5)
     mixed = mix(free, 0.5)
-    assert mixed.replays == 5 and mixed.uses_input_grad is True and mixed.method is free
+    assert isinstance(mixed, Method)
+    assert mixed.replays == 5 and mixed.method is free
+    mixed.set_eps(0.1)  # the eps schedule reaches the wrapped method
+    assert free.eps == mixed.eps == 0.1 and free.step_size == pytest.approx(0.1)
     distill = make_method("distillation", threat)
-    assert mix(distill, 0.5).on_epoch_start == distill.on_epoch_start
+    mix(distill, 0.5).on_epoch_start(fresh_model(), 2, 2)
+    assert distill.teacher is not None
     plain = mix(make_method("pgd", threat), 0.5)
-    assert not any(hasattr(plain, a) for a in ("replays", "on_epoch_start", "uses_input_grad"))
+    assert plain.replays == 1 and plain.state_dict() == {}
 
 
 def test_mixed_free_still_moves_its_perturbation(batch):

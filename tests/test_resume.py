@@ -29,7 +29,7 @@ from advtrain.cli import run
 from advtrain.data import load_dataset
 from advtrain.errors import AdvtrainError
 from advtrain.models import build_model
-from advtrain.training import METHODS, TrainConfig, Trainer
+from advtrain.training import METHODS, Method, TrainConfig, Trainer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -179,11 +179,12 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_other_slot(data, tmp_path, r
     assert_same_run(tmp_path, ref_dir, result, expected)
 
 
-class StatefulLoss:
+class StatefulLoss(Method):
     """A method that keeps state between batches: a call counter (a tensor) that scales the
     loss, and from epoch 2 on a frozen copy of the model (a module) it is pulled towards."""
 
-    def __init__(self) -> None:
+    def __init__(self, threat) -> None:
+        super().__init__(threat)
         self.calls = torch.zeros(())
         self.teacher: torch.nn.Module | None = None
 
@@ -193,7 +194,21 @@ class StatefulLoss:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
 
-    def __call__(self, model, x, y):
+    def state_dict(self):
+        state = {"calls": self.calls}
+        if self.teacher is not None:
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state, model):
+        self.calls = state["calls"].clone()
+        weights = {k[8:]: v for k, v in state.items() if k.startswith("teacher.")}
+        self.teacher = None
+        if weights:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            self.teacher.load_state_dict(weights)
+
+    def loss(self, model, x, y):
         self.calls = self.calls + 1
         logits = model(x)
         loss = F.cross_entropy(logits, y) * (1 + 0.5 * torch.sin(self.calls))
@@ -203,8 +218,8 @@ class StatefulLoss:
 
 
 def stateful_method(threat, *, steps=10, step_size=None):
-    del threat, steps, step_size
-    return StatefulLoss()
+    del steps, step_size
+    return StatefulLoss(threat)
 
 
 @pytest.mark.parametrize(
@@ -251,7 +266,7 @@ def test_resume_refuses_another_configuration(data, tmp_path, reference):
     with pytest.raises(AdvtrainError) as info:
         Trainer(fresh_model(data), data, other, ref_dir).fit(resume=True)
     assert "epochs" in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(AdvtrainError, match="config.json"):
+    with pytest.raises(AdvtrainError, match=r"config\.json"):
         Trainer(fresh_model(data), data, TrainConfig(**CONFIG), tmp_path / "none").fit(resume=True)
     with pytest.raises(AdvtrainError, match="run directory"):
         Trainer(fresh_model(data), data, TrainConfig(**CONFIG)).fit(resume=True)

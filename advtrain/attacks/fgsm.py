@@ -12,14 +12,25 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..threat import ThreatModel
 from .pgd import PGD
 from .registry import register
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .base import AttackOptions
+
 
 @register("fgsm")
 class FGSM(PGD):
-    """One gradient step of size ``step_size`` (default eps), projected into the threat model."""
+    """One gradient step of size ``step_size`` (default eps), projected into the threat model.
+
+    ``steps`` is accepted and ignored (one step, whatever is asked), so that the same options can
+    be handed to any gradient attack; ``loss`` and ``early_stop`` are :class:`PGD`'s.
+    """
 
     def __init__(
         self,
@@ -27,10 +38,21 @@ class FGSM(PGD):
         *,
         step_size: float | None = None,
         random_start: bool = False,
-        **kwargs: object,
+        steps: int | None = None,
+        loss: str = "ce",
+        early_stop: bool = True,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        kwargs.pop("steps", None)
-        super().__init__(threat, steps=1, step_size=step_size, random_start=random_start, **kwargs)  # type: ignore[arg-type]
+        del steps
+        super().__init__(
+            threat,
+            steps=1,
+            step_size=step_size,
+            random_start=random_start,
+            loss=loss,
+            early_stop=early_stop,
+            **options,
+        )
 
     def default_step_size(self, steps: int) -> float:
         return self.threat.eps

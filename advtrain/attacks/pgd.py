@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,11 @@ from .ascent import ascent_step, projected_ascent
 from .base import Attack, Outcome, compaction_interval
 from .gradient import input_gradient
 from .registry import register
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .base import AttackOptions
 
 
 @register("pgd")
@@ -61,9 +68,9 @@ class PGD(Attack):
         random_start: bool = True,
         loss: str = "ce",
         early_stop: bool = True,
-        **kwargs: object,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, **kwargs)  # type: ignore[arg-type]
+        super().__init__(threat, **options)
         check_positive_int("steps", steps)
         if step_size is None:
             step_size = self.default_step_size(steps)

@@ -312,9 +312,7 @@ class _SmallStartAscent(Method):
         self.beta = check_finite("beta", beta)
         self.step_size = _step_size(step_size)
 
-    def _ascend(
-        self, model: nn.Module, x: Tensor, objective: Callable[[Tensor], Tensor]
-    ) -> Tensor:
+    def _ascend(self, model: nn.Module, x: Tensor, objective: Callable[[Tensor], Tensor]) -> Tensor:
         threat = self.threat
         size = 2.5 * threat.eps / self.steps if self.step_size is None else self.step_size
         with frozen(model):
@@ -368,9 +366,7 @@ class MART(_SmallStartAscent):
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.threat.validate(x)
         x = x.detach()
-        x_adv = self._ascend(
-            model, x, lambda logits: F.cross_entropy(logits, y, reduction="none")
-        )
+        x_adv = self._ascend(model, x, lambda logits: F.cross_entropy(logits, y, reduction="none"))
         logits_clean, logits_adv = model(x), model(x_adv)
         return mart_loss(logits_clean, logits_adv, y, self.beta), logits_adv
 

@@ -1,4 +1,6 @@
-"""Learning-rate schedules: pure functions of the optimizer step, giving a multiplier of ``lr``.
+"""Schedules: the learning rate per optimizer step, and the eps warm-up per batch.
+
+Learning-rate schedules are pure functions of the optimizer step, giving a multiplier of ``lr``.
 
 Each schedule is ``f(step, total) -> multiplier`` with ``step`` in ``[0, total]`` (a float: the
 trainer asks for the middle of each batch's interval, ``i + 0.5`` for the ``i``-th optimizer
@@ -13,6 +15,8 @@ step, so that no step of any schedule is taken with a learning rate of exactly z
   without restarts).
 - ``onecycle``: linear from 0 up to 1 at 2/5 of the steps, then linear down to 0 at the end: the
   cyclic schedule of Wong, Rice & Kolter, "Fast is better than free" (ICLR 2020).
+
+:func:`warmup_eps` ramps the attack's radius linearly from 0 over the first epochs.
 """
 
 from __future__ import annotations
@@ -82,3 +86,18 @@ def get_schedule(name: str) -> Schedule:
 def lr_multiplier(name: str, step: float, total: float) -> float:
     """``get_schedule(name)(step, total)``."""
     return get_schedule(name)(step, total)
+
+
+def warmup_eps(
+    eps: float, epoch: int, batch: int, batches: int, warmup_epochs: int, replays: int = 1
+) -> float:
+    """eps for batch ``batch`` (0-based) of epoch ``epoch`` (1-based) of ``batches``: a linear
+    ramp from 0 that reaches ``eps`` with the last batch of epoch ``warmup_epochs``.
+
+    Epochs count as ``TrainConfig.epochs`` does: a method with ``replays`` runs each minibatch
+    that many times, so one of its passes over the data counts as ``replays`` epochs.
+    """
+    if warmup_epochs <= 0:
+        return eps
+    progress = ((epoch - 1) * batches + batch + 1) * replays / (warmup_epochs * batches)
+    return eps * min(1.0, progress)
