@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from advtrain.attacks import ATTACKS, FGSM
+from advtrain.attacks.registry import init_parameters
 from advtrain.checkpoint import load_weights_into
 from advtrain.cli import run
-from advtrain.cli.attack_options import init_parameters, parse_attack_options
+from advtrain.cli.attack_options import parse_attack_options
 from advtrain.data import load_dataset
 from advtrain.models import build_model
 from advtrain.threat import lp_norm

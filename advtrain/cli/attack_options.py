@@ -1,11 +1,12 @@
 """``advtrain attack --option key=value``: the attack's hyperparameters, typed and checked against
-the arguments its constructor takes before any work."""
+the arguments its constructor takes (:func:`advtrain.attacks.registry.init_parameters`) before
+any work, with the message the command line's user needs: the options ``--option`` can set."""
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
+from ..attacks.registry import init_parameters
 from ..errors import AdvtrainError
 
 if TYPE_CHECKING:
@@ -56,28 +57,6 @@ def _parse_option_value(text: str) -> int | float | bool | str:
         return float(text)
     except ValueError:
         return text
-
-
-def init_parameters(cls: type) -> dict[str, inspect.Parameter] | None:
-    """The parameters a class's constructor takes, following ``**kwargs`` up the ``__init__``
-    chain; None when they cannot be told."""
-    found: dict[str, inspect.Parameter] = {}
-    for klass in cls.__mro__:
-        if klass is object:
-            break
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        try:
-            parameters = list(inspect.signature(init).parameters.values())[1:]  # not self
-        except (TypeError, ValueError):
-            return None
-        for p in parameters:
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                found.setdefault(p.name, p)
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            break
-    return found
 
 
 def check_attack_options(name: str, cls: type, options: dict[str, Any]) -> set[str] | None:
