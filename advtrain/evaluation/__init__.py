@@ -1,5 +1,6 @@
 """Measuring robustness: the attack cascade, metrics, gradient-masking diagnostics, reports."""
 
+from .attack_run import AttackRun, run_attack
 from .basic import AccuracyPair, clean_and_robust_accuracy, predict
 from .findings import Check, CheckName, Escalation
 from .report import ClassMetrics, Report, robustness_score
@@ -8,6 +9,7 @@ from .transfer import TransferReport, transfer_rate
 
 __all__ = [
     "AccuracyPair",
+    "AttackRun",
     "Check",
     "CheckName",
     "ClassMetrics",
@@ -18,5 +20,6 @@ __all__ = [
     "evaluate",
     "predict",
     "robustness_score",
+    "run_attack",
     "transfer_rate",
 ]
