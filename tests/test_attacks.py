@@ -281,6 +281,42 @@ def test_bad_attack_arguments(call, message):
         call()
 
 
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_a_misspelt_option_is_one_line_naming_the_attack_and_its_options(name):
+    """Through the registry and through the class itself, an option no constructor in the chain
+    takes is refused before any work, in one line listing the valid options."""
+    from advtrain.attacks.registry import attack_options
+
+    cls = ATTACKS[name]
+    options = attack_options(cls)
+    assert {"eps", "norm", "restarts", "seed", "batch_size"} <= set(options)
+    extra = {"surrogate": _tiny_model(1, 4, 3)} if name == "transfer" else {}
+    for build in (
+        lambda: make_attack(name, eps=0.1, stepz=3, **extra),
+        lambda: cls(eps=0.1, stepz=3, **extra),
+    ):
+        with pytest.raises(AdvtrainError) as caught:
+            build()
+        message = str(caught.value)
+        assert "\n" not in message and "'stepz'" in message and repr(name) in message
+        listed = message.split("its options: ")[1].split(", ")
+        assert listed == sorted(set(options) - {"threat"})
+
+
+def test_attack_options_lists_defaults():
+    from advtrain.attacks import CarliniWagnerL2, HopSkipJump, Square
+    from advtrain.attacks.registry import attack_options
+
+    apgd = attack_options(APGD)
+    assert (apgd["steps"], apgd["rho"], apgd["loss"], apgd["norm"]) == (100, 0.75, "ce", "linf")
+    assert attack_options(APGDT)["loss"] == "dlr" and attack_options(APGDT)["n_targets"] is None
+    assert attack_options(CarliniWagnerL2)["norm"] == "l2"
+    assert attack_options(HopSkipJump)["norm"] == "l2"
+    assert attack_options(Square)["n_queries"] == 5000
+    with pytest.raises(AdvtrainError, match="'pgd' .* no option 'stepz', 'rhoo'"):
+        make_attack("pgd", eps=0.1, stepz=3, rhoo=1)
+
+
 def test_bad_attack_inputs():
     model = _tiny_model(0, 4, 3)
     attack = PGD(eps=0.1, steps=2)
