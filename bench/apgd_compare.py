@@ -61,7 +61,7 @@ def main() -> None:
         model.eval()
         for attack, (ours, theirs) in pairs.items():
             row = []
-            for make in (ours, lambda: lambda m, a, b: theirs(m)(a, b)):
+            for make in (ours, lambda theirs=theirs: lambda m, a, b: theirs(m)(a, b)):
                 torch.manual_seed(0)
                 start = time.perf_counter()
                 x_adv = make()(model, x, y)

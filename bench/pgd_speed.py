@@ -133,13 +133,11 @@ def main() -> None:
     print(f"{'library':<14}{'seconds':>9}{'time / advtrain':>17}{'robust acc':>12}")
     for name in available:
         median = statistics.median(times[name])
-        print(
-            f"{name:<14}{median:>9.3f}{median / ours:>16.2f}x{statistics.mean(accuracy[name]):>12.2%}"
-        )
+        mean_accuracy = statistics.mean(accuracy[name])
+        print(f"{name:<14}{median:>9.3f}{median / ours:>16.2f}x{mean_accuracy:>12.2%}")
     fastest_peer = min((statistics.median(t), n) for n, t in times.items() if n != "advtrain")
-    print(
-        f"advtrain is {fastest_peer[0] / ours:.2f}x the speed of the fastest peer ({fastest_peer[1]})"
-    )
+    ratio, peer = fastest_peer[0] / ours, fastest_peer[1]
+    print(f"advtrain is {ratio:.2f}x the speed of the fastest peer ({peer})")
 
 
 if __name__ == "__main__":

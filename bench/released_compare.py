@@ -1,4 +1,5 @@
-"""Robust accuracy of our attacks against torchattacks' of the same name, on the released MNIST models.
+"""Robust accuracy of our attacks against torchattacks' of the same name, on the released MNIST
+models.
 
 The fast-adversarial checkpoints (``../shared/models/fast-adversarial-mnist``), first ``--n`` MNIST
 test images, linf eps 0.3, each attack with its paper's settings, one restart, for each seed:

@@ -32,8 +32,8 @@ EPS, P_INIT = 0.3, 0.8
 
 def ours(model, x, y, n_queries):
     attack = Square(eps=EPS, n_queries=n_queries, p_init=P_INIT, loss="margin", seed=0)
-    x_adv = attack(model, x, y)
-    return x_adv, f"mean queries {attack.queries_used.float().mean():.0f}"
+    result = attack.outcome(model, x, y)
+    return result.x_adv, f"mean queries {result.queries.float().mean():.0f}"
 
 
 def torchattacks_square(model, x, y, n_queries):

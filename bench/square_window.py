@@ -30,6 +30,7 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 from advtrain.attacks.square import Square  # noqa: E402
+from advtrain.attacks.square_forward import FullQueries, WindowQueries  # noqa: E402
 from advtrain.checkpoint import load_weights_into  # noqa: E402
 from advtrain.data import load_dataset  # noqa: E402
 from advtrain.evaluation import predict  # noqa: E402
@@ -71,8 +72,8 @@ def main() -> None:
     x, y = data.test.x[: args.n], data.test.y[: args.n]
 
     def advtrain_square(window: bool) -> torch.Tensor:
-        Square._window_forward = window
-        return Square(eps=args.eps, n_queries=args.n_queries, seed=0)(model, x, y)
+        forward = WindowQueries() if window else FullQueries()
+        return Square(eps=args.eps, n_queries=args.n_queries, seed=0, forward=forward)(model, x, y)
 
     def torchattacks_square() -> torch.Tensor:
         import torchattacks
@@ -100,7 +101,6 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             robust = float((predict(model, x_adv) == y).float().mean())
             print(f"  {name:<24} robust {robust:7.2%}  {times[name][-1]:7.1f} s", flush=True)
-    Square._window_forward = True
     best = {name: min(t) for name, t in times.items()}
     base = best["advtrain, window pass"]
     print(

@@ -9,8 +9,9 @@ from .fab import FAB, FABT
 from .fgsm import FGSM
 from .hop_skip_jump import HopSkipJump
 from .pgd import PGD
-from .registry import ATTACKS, make_attack, register
+from .registry import ATTACKS, attack_options, make_attack, register
 from .square import Square
+from .square_forward import FullQueries, QueryForward, WindowQueries
 from .transfer import Transfer
 
 __all__ = [
@@ -27,12 +28,16 @@ __all__ = [
     "Attack",
     "CarliniWagnerL2",
     "DeepFool",
+    "FullQueries",
     "HopSkipJump",
     "MinNormAttack",
     "MinNormResult",
     "Outcome",
+    "QueryForward",
     "Square",
     "Transfer",
+    "WindowQueries",
+    "attack_options",
     "frozen",
     "is_randomized",
     "majority_vote",

@@ -34,7 +34,8 @@ In tight boxes (tabular data) the boundary nearest without the box may be far, o
 within it; ``nearest="box"`` picks the boundary whose projection *within the box* is shortest
 (those the box cannot reach are skipped), at the cost of one projection per class per step. On
 an affine classifier in a box it finds the exact margin (within the overshoot), where the paper's
-rule can land 60% further away.
+rule can land further away.
+
 Example:
     >>> result = FAB(norm="linf", steps=100).min_norm(model, x, y)  # per-point linf margin
     >>> x_adv = FABT(norm="l2", eps=1.0)(model, x, y)                 # kept within eps = 1.0
@@ -76,9 +77,9 @@ def _water_level(weight: Tensor, knee: Tensor, need: Tensor) -> Tensor:
     ``weight``, ``knee`` (n, D) are >= 0; ``inf`` where even ``lam = inf`` falls short. ``g`` is
     piecewise linear, concave and increasing, so Newton's method from ``lam = 0`` climbs to the
     root without overshooting: each step lands on a later linear piece, or on the root itself.
-    On FAB's projections it typically takes 4 to 7 steps, on fewer rows at each, where sorting
-    the knees (:func:`_water_level_sorted`, used for any row still short after
-    :data:`NEWTON_STEPS`) costs three times as much. Newton drops the rows it has solved, which
+    Each step works on fewer rows, and there are few steps, where sorting the knees
+    (:func:`_water_level_sorted`, used for any row still short after :data:`NEWTON_STEPS`)
+    costs a sort of every row. Newton drops the rows it has solved, which
     reads their count back to the host: on an accelerator
     (:func:`~advtrain.device_sync.compaction_interval`) the sort runs instead, with no read-back.
     """
