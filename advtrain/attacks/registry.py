@@ -3,6 +3,7 @@ the options each attack's constructor takes."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,10 +40,12 @@ def make_attack(name: str, *args: Any, **kwargs: Any) -> Attack:
     return cls(*args, **kwargs)
 
 
+@functools.cache
 def init_parameters(cls: type) -> dict[str, inspect.Parameter] | None:
     """The keyword parameters a class's constructor takes, following ``**options`` up the
     ``__init__`` chain (an ``__init__`` that takes ``**`` passes them to its parent's); None when
-    they cannot be told (a constructor ``inspect`` cannot read)."""
+    they cannot be told (a constructor ``inspect`` cannot read). Cached per class: do not
+    change the result."""
     found: dict[str, inspect.Parameter] = {}
     for klass in cls.__mro__:
         if klass is object:
