@@ -497,3 +497,68 @@ def test_mix_rejects_bad_ratios(ratio):
     with pytest.raises(AdvtrainError) as info:
         mix(make_method("pgd", ThreatModel(eps=EPS)), ratio)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------- the Method protocol
+
+
+def test_set_eps_is_the_method_rebuilt_for_that_eps(batch):
+    """Following an eps schedule: a method moved to eps e computes what one built at e does
+    (derived step sizes included), and keeps the state it carries."""
+    x, y = batch
+    model = fresh_model()
+    for name in ("pgd", "fgsm-rs", "trades", "mart", "free"):
+        moved = make_method(name, ThreatModel(eps=EPS))
+        moved.set_eps(0.05)
+        built = make_method(name, ThreatModel(eps=0.05))
+        assert moved.eps == built.eps == 0.05
+        torch.manual_seed(3)
+        loss, logits = moved(model, x, y)
+        torch.manual_seed(3)
+        expected, expected_logits = built(model, x, y)
+        assert torch.equal(loss, expected) and torch.equal(logits, expected_logits), name
+    free = make_method("free", ThreatModel(eps=EPS))
+    free(model, x, y)[0].backward()
+    delta = free.delta
+    free.set_eps(0.1)
+    assert free.delta is delta and free.step_size == pytest.approx(0.1)
+
+
+def test_state_dict_round_trip_restores_free_and_distillation(batch):
+    x, y = batch
+    model = fresh_model()
+    free = make_method("free", ThreatModel(eps=EPS), replays=2)
+    assert free.state_dict() == {}
+    for _ in range(2):
+        free(model, x, y)[0].backward()
+    state = free.state_dict()
+    assert set(state) == {"delta", "delta.grad"}
+    twin = make_method("free", ThreatModel(eps=EPS), replays=2)
+    twin.load_state_dict(state, model)
+    assert twin.delta.requires_grad and torch.equal(twin.delta.grad, free.delta.grad)
+    assert torch.equal(twin(model, x, y)[0], free(model, x, y)[0])
+    distill = make_method("distillation", ThreatModel(eps=EPS))
+    distill.on_epoch_start(model, 2, 2)
+    copy_ = make_method("distillation", ThreatModel(eps=EPS))
+    copy_.load_state_dict(distill.state_dict(), fresh_model(seed=9))
+    assert copy_.teacher is not None and not copy_.teacher.training
+    assert not any(p.requires_grad for p in copy_.teacher.parameters())
+    torch.testing.assert_close(copy_(model, x, y)[0], distill(model, x, y)[0])
+    with pytest.raises(AdvtrainError):  # a stateless method refuses state it does not keep
+        make_method("pgd", ThreatModel(eps=EPS)).load_state_dict(state, model)
+
+
+def test_a_factory_must_return_a_method(monkeypatch):
+    monkeypatch.setitem(METHODS, "test-plain", lambda threat, **options: lambda m, x, y: None)
+    with pytest.raises(AdvtrainError, match="not a Method"):
+        make_method("test-plain", ThreatModel(eps=EPS))
+
+    class Broken(Method):
+        replays = 0
+
+        def loss(self, model, x, y):
+            raise AssertionError
+
+    monkeypatch.setitem(METHODS, "test-broken", lambda threat, **options: Broken(threat))
+    with pytest.raises(AdvtrainError, match="replays"):
+        make_method("test-broken", ThreatModel(eps=EPS))
