@@ -119,7 +119,13 @@ def test_projection_is_the_exact_minimum_norm_point_of_hyperplane_and_box(norm):
                 np.zeros(features),
                 jac=lambda z: 2 * z,
                 bounds=box,
-                constraints=[{"type": "eq", "fun": lambda z: wi @ z + r, "jac": lambda z: wi}],
+                constraints=[
+                    {
+                        "type": "eq",
+                        "fun": lambda z, wi=wi, r=r: wi @ z + r,
+                        "jac": lambda z, wi=wi: wi,
+                    }
+                ],
                 method="SLSQP",
                 options={"ftol": 1e-14, "maxiter": 500},
             )
@@ -132,7 +138,7 @@ def test_projection_is_the_exact_minimum_norm_point_of_hyperplane_and_box(norm):
                 b_ub=np.zeros(2 * features),
                 A_eq=np.r_[wi, 0.0][None],
                 b_eq=[-r],
-                bounds=box + [(0, None)],
+                bounds=[*box, (0, None)],
             )
             optimum = float(best.fun)
         else:  # d = u - v with u, v >= 0

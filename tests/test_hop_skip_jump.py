@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -17,7 +19,7 @@ torch.set_num_threads(1)
 class Logits(torch.Tensor):
     """Logits that log every function applied to them (its results are plain tensors)."""
 
-    log: list[str] = []
+    log: ClassVar[list[str]] = []
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -209,9 +211,9 @@ def test_tabular_mask_and_per_feature_bounds(norm, eps):
     threat = ThreatModel(norm=norm, eps=eps, lower=LOWER, upper=UPPER, mask=MASK)
     attack = HopSkipJump(threat, steps=5, seed=0)
     result = attack.min_norm(model, x, y)
-    x_adv = attack(model, x, y)
-    assert bool(threat.contains(x_adv, x).all())
-    for x_adv in (result.x_adv, x_adv):  # min_norm may leave the ball, never the box or mask
+    bounded = attack(model, x, y)
+    assert bool(threat.contains(bounded, x).all())
+    for x_adv in (result.x_adv, bounded):  # min_norm may leave the ball, never the box or mask
         assert bool(((x_adv >= LOWER - 1e-6) & (x_adv <= UPPER + 1e-6)).all())
         assert torch.equal(x_adv[:, ~MASK], x[:, ~MASK])
     assert bool(result.success.all())
