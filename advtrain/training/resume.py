@@ -38,6 +38,8 @@ RESUME_KIND = "advtrain-resume"
 
 #: An epoch's running totals: summed loss, correct predictions, rows seen.
 Totals = tuple[float, int, int]
+#: An epoch begun before a resume: (batch order, next batch, summed loss, correct, rows seen).
+Partial = tuple[Tensor, int, float, int, int]
 
 
 @dataclass
@@ -234,7 +236,7 @@ class ResumeState:
         """Rank ``rank``'s own state when the checkpoint has one per rank of this run's world."""
         return self.ranks[rank] if len(self.ranks) == world else None
 
-    def partial_epoch(self, rank: int, world: int) -> tuple[Tensor, int, float, int, int] | None:
+    def partial_epoch(self, rank: int, world: int) -> Partial | None:
         """The epoch begun at the checkpoint, for rank ``rank``: (batch order, next batch, its
         running totals), None at an epoch's start. Totals are the rank's own when the checkpoint
         has them, else rank 0's (the other ranks' rows then left out of the epoch's)."""

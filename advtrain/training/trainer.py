@@ -39,7 +39,7 @@ from .method import Method
 from .methods import make_method, mix
 from .progress import EpochBar
 from .records import EpochRecord, RunState, TrainResult
-from .resume import RankState, ResumeState, Totals, clear_slots, read_newest, unfit
+from .resume import Partial, RankState, ResumeState, Totals, clear_slots, read_newest, unfit
 from .runtime import make_optimizer, make_runtime
 from .schedules import get_schedule, warmup_eps
 
@@ -47,9 +47,6 @@ __all__ = ["EpochRecord", "TrainResult", "Trainer"]
 
 #: Rank r > 0 of a distributed run seeds its own random draws with ``seed + r * stride``.
 RANK_SEED_STRIDE = 7919
-
-#: An epoch begun before a resume: (batch order, next batch, summed loss, correct, rows seen).
-Partial = tuple[Tensor, int, float, int, int]
 
 
 def _status(total_loss: Tensor | float, total_correct: Tensor | int, seen: int) -> str:
@@ -98,13 +95,8 @@ class Trainer:
         self.model, self.train_model = runtime.model, runtime.train_model
         self.scaler = runtime.scaler
         self.threat = data.info.threat_model(norm=config.norm, eps=config.eps)
-        method = make_method(
-            config.method,
-            self.threat,
-            steps=config.attack_steps,
-            step_size=config.attack_step_size,
-            **config.method_options,
-        )
+        options = {"steps": config.attack_steps, "step_size": config.attack_step_size}
+        method = make_method(config.method, self.threat, **options, **config.method_options)
         self.method: Method = method if config.adv_ratio == 1 else mix(method, config.adv_ratio)
         self.replays = self.method.replays
         self.run_epochs = math.ceil(config.epochs / self.replays)
