@@ -66,6 +66,8 @@ def test_crafting_attack_by_instance_and_bad_arguments(digits, digits_model, sur
         Transfer(surrogate, eps=0.3, attack="nope")
     with pytest.raises(AdvtrainError, match="attack_options apply only"):
         Transfer(surrogate, eps=0.3, attack=FGSM(eps=0.3), attack_options={"steps": 3})
+    with pytest.raises(AdvtrainError, match="has no option 'stesp'"):
+        Transfer(surrogate, eps=0.3, stesp=3)  # type: ignore[call-arg]  # misspelt on purpose
 
 
 def test_transfer_restarts_draw_new_starts(digits, digits_model, surrogate):

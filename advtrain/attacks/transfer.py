@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +30,11 @@ from ..losses import is_adversarial
 from ..threat import ThreatModel
 from .base import Attack, Outcome, frozen, model_device
 from .registry import make_attack, register
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .base import AttackOptions
 
 
 @register("transfer")
@@ -51,16 +58,16 @@ class Transfer(Attack):
         *,
         attack: Attack | str = "pgd",
         attack_options: dict[str, object] | None = None,
-        **kwargs: object,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, **kwargs)  # type: ignore[arg-type]
+        super().__init__(threat, **options)
         if not isinstance(surrogate, nn.Module):
             raise AdvtrainError(f"surrogate must be a torch module, got {type(surrogate).__name__}")
         if isinstance(attack, str):
-            options = dict(attack_options or {})
+            crafting = dict(attack_options or {})
             if attack == "pgd":  # run every step: a point just across the surrogate's boundary
-                options.setdefault("early_stop", False)  # rarely crosses the target's
-            attack = make_attack(attack, self.threat, seed=self.seed, **options)
+                crafting.setdefault("early_stop", False)  # rarely crosses the target's
+            attack = make_attack(attack, self.threat, seed=self.seed, **crafting)
         elif attack_options:
             raise AdvtrainError("attack_options apply only to a crafting attack given by name")
         if not isinstance(attack, Attack):
