@@ -313,7 +313,7 @@ def test_attack_options_lists_defaults():
     assert attack_options(CarliniWagnerL2)["norm"] == "l2"
     assert attack_options(HopSkipJump)["norm"] == "l2"
     assert attack_options(Square)["n_queries"] == 5000
-    with pytest.raises(AdvtrainError, match="'pgd' .* no option 'stepz', 'rhoo'"):
+    with pytest.raises(AdvtrainError, match=r"'pgd' .* no option 'stepz', 'rhoo'"):
         make_attack("pgd", eps=0.1, stepz=3, rhoo=1)
 
 
@@ -330,7 +330,10 @@ def test_bad_attack_inputs():
         attack(model, torch.full((3, 4), 3.0), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(
         UnknownNameError,
-        match="choose one of: apgd-ce, apgd-dlr, apgd-t, cw-l2, deepfool, fab, fab-t, fgsm, hsj, pgd, square",
+        match=(
+            "choose one of: apgd-ce, apgd-dlr, apgd-t, cw-l2, deepfool, fab, fab-t, fgsm, hsj, "
+            "pgd, square"
+        ),
     ):
         make_attack("deepfool-9000", eps=0.1)
 
