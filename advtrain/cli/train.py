@@ -54,13 +54,13 @@ from .processes import echo, leave_process_group, speaker, torchrun
     "--warmup-epochs",
     type=int,
     help="Ramp eps linearly from 0 over this many epochs "
-    "(default: a tenth of --epochs for fgsm and fgsm-rs, else 0).",
+    "(default: a tenth of --epochs for fgsm-rs, else 0).",
 )
 @click.option(
     "--ema-decay",
     type=float,
     help="Validate, keep and save an exponential moving "
-    "average of the weights with this decay (default: 0.995 for fgsm and fgsm-rs, "
+    "average of the weights with this decay (default: 0.995 for fgsm-rs, "
     "else 0 = off).",
 )
 @click.option("--augment", help="Comma-separated: crop, flip (images; not digits/mnist), noise.")
