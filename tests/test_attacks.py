@@ -126,6 +126,43 @@ def test_attack_restores_model_state_and_leaves_no_gradients():
     assert torch.equal(model[1].running_mean, running_mean)  # attacked in eval mode
 
 
+def test_overlapping_freezes_of_one_model_restore_the_state_from_before_the_first():
+    """Two threads attacking one model: the second freezes an already frozen model, and the state
+    it must restore is the one from before the first freeze, after the last one leaves (saving
+    and restoring per call left the parameters frozen for good)."""
+    import threading
+
+    from advtrain.attacks import frozen
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with frozen(model):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with frozen(model):
+            second_in.set()
+            first_out.wait(10)
+            assert not model.training  # still frozen while this call runs
+            assert not any(p.requires_grad for p in model.parameters())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    with frozen(model), frozen(model):  # nested in one thread, as an attack inside an attack
+        assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_attack_restores_each_submodule_s_own_mode():
     inner = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
     wrapper = nn.Sequential(inner)  # a fresh wrapper is in training mode, its content is not

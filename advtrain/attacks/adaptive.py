@@ -184,6 +184,7 @@ class BPDA(nn.Module):
 class _StraightThroughMode(TorchFunctionMode):
     """Runs step functions as they are, but differentiates them as the identity."""
 
+    # torch's own signature for this hook is untyped; typing it here would not match the base
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)

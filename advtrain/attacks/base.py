@@ -21,6 +21,7 @@ threat model's ``eps``.
 from __future__ import annotations
 
 import contextlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,48 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
+@dataclass
+class _Frozen:
+    """What :func:`frozen` changed on one model, and how many callers hold it frozen."""
+
+    holders: int
+    modes: list[tuple[nn.Module, bool]]
+    flags: list[tuple[nn.Parameter, bool]]
+
+
+#: Models frozen right now, by id, so that overlapping calls (nested attacks, or several threads
+#: attacking one model) restore the state from before the first of them, after the last.
+_FROZEN: dict[int, _Frozen] = {}
+_FROZEN_LOCK = threading.Lock()
+
+
+def _freeze(model: nn.Module) -> None:
+    with _FROZEN_LOCK:
+        held = _FROZEN.get(id(model))
+        if held is not None:
+            held.holders += 1
+            return
+        modes = [(m, m.training) for m in model.modules()]
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        _FROZEN[id(model)] = _Frozen(1, modes, flags)
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+
+
+def _thaw(model: nn.Module) -> None:
+    with _FROZEN_LOCK:
+        held = _FROZEN[id(model)]
+        held.holders -= 1
+        if held.holders:
+            return
+        del _FROZEN[id(model)]
+        for p, flag in held.flags:
+            p.requires_grad_(flag)
+        for m, mode in held.modes:
+            m.training = mode
+
+
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode with ``requires_grad=False`` parameters; restore both on exit.
@@ -48,24 +91,19 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     Each submodule gets back its own mode: a wrapper built around an eval-mode model is in
     training mode (``nn.Module``'s default), and restoring the wrapper's mode recursively would
     leave the inner model training (dropout and BatchNorm batch statistics on) after the attack.
+    Overlapping calls on one model (an attack inside another, or two threads) share one freeze:
+    the state from before the first is restored when the last one leaves.
 
     Inside, the input-gradient speed-up of the model's device is in force
     (:func:`~advtrain.attacks.fast_grad.input_gradient_speedup`: on the CPU, the faster backward
     of small-channel convolutions; nothing elsewhere).
     """
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
+    _freeze(model)
     try:
         with input_gradient_speedup(model_device(model, torch.device("cpu"))):
             yield model
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
+        _thaw(model)
 
 
 def put_rows(target: Tensor, index: Tensor, chosen: Tensor, values: Tensor) -> None:

@@ -124,6 +124,7 @@ class Shards:
     # ------------------------------------------------------------------ exchange between ranks
     def all_gather(self, item: T) -> list[T]:
         """Every rank's ``item`` (picklable; tensors on the CPU), in rank order."""
+        # gathered_objects returns list[object]: each rank sent a T, so the list holds T's
         return gathered_objects(item) if self.shared else [item]  # type: ignore[return-value]
 
     def from_rank_zero(self, item: T) -> T:
