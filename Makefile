@@ -33,7 +33,9 @@ lint: dev
 
 test: lint
 	@if [ "$$CI" = true ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	# two workers, each file on one of them (its module fixtures built once); the suite pins torch
+	# to one thread per process, so the figures do not depend on how many workers there are
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench: dev
 	$(BIN)/python bench/pgd_speed.py

@@ -12,6 +12,11 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MNIST_DIR = SHARED / "data" / "mnist"
 MODELS_DIR = SHARED / "models" / "fast-adversarial-mnist"
 
+# One thread per test process (several test modules also say so when imported): the fixed figures
+# of the suite were computed that way, floating-point sums depend on the thread count, and the
+# two pytest-xdist workers of `make test` then share the two cores without oversubscribing them.
+torch.set_num_threads(1)
+
 
 def require(path: Path) -> Path:
     """Skip when ``path`` is missing on a developer's machine; fail under CI."""
