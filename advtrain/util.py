@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ __all__ = [
     "check_positive_int",
     "json_text",
     "one_line",
+    "parse_key_values",
+    "parse_option_value",
     "resolve_device",
 ]
 
@@ -152,3 +155,38 @@ def check_finite(name: str, value: object, *, minimum: float = 0.0, strict: bool
             return float(value)
     sign = ">" if strict else ">="
     raise AdvtrainError(f"{name} must be a finite number {sign} {minimum:g}, got {value!r}")
+
+
+# ---------------------------------------------------------------------- key=value options
+
+
+def parse_option_value(text: str) -> bool | int | float | str:
+    """``true``/``false`` as booleans, then an integer, then a finite float, else the text."""
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else text
+
+
+def parse_key_values(items: Iterable[str], flag: str, example: str) -> dict[str, Any]:
+    """``key=value`` items of a repeatable command-line ``flag`` as a dict: ``step-size`` is
+    ``step_size``, values typed by :func:`parse_option_value`; a malformed or repeated key is a
+    one-line error naming ``flag`` (``example`` shows the form)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise AdvtrainError(f"{flag} {item!r} must look like key=value, e.g. {example}")
+        if key in options:
+            raise AdvtrainError(f"{flag} {key} is given twice")
+        options[key] = parse_option_value(text)
+    return options

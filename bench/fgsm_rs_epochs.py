@@ -32,8 +32,8 @@ from advtrain.data import load_dataset  # noqa: E402
 from advtrain.evaluation import clean_and_robust_accuracy  # noqa: E402
 from advtrain.models import build_model  # noqa: E402
 from advtrain.training import Trainer, load_config  # noqa: E402
-from advtrain.training.config import parse_option_value  # noqa: E402
 from advtrain.training.observers import EpochEnd, EpochObserver  # noqa: E402
+from advtrain.util import parse_option_value  # noqa: E402
 
 RECIPE = dict(
     dataset="mnist",

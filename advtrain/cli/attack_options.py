@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..attacks.registry import init_parameters
 from ..errors import AdvtrainError
+from ..util import parse_key_values
 
 if TYPE_CHECKING:
     from ..attacks import Attack
@@ -26,37 +27,18 @@ ARGS_FROM_DATA = ("threat", "lower", "upper", "mask")
 
 
 def parse_attack_options(items: tuple[str, ...]) -> dict[str, Any]:
-    """``--option key=value`` pairs as keyword arguments: ``step-size`` is ``step_size``; values
-    are int, float, bool (true/false) or else text."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key.isidentifier():
-            raise AdvtrainError(f"--option {item!r} must look like key=value, e.g. steps=100")
-        if key in options:
-            raise AdvtrainError(f"--option {key} is given twice")
+    """``--option key=value`` pairs as keyword arguments (see
+    :func:`~advtrain.util.parse_key_values`), refusing the arguments other flags or the dataset
+    set."""
+    options = parse_key_values(items, "--option", "steps=100")
+    for key in options:
         if key in ARGS_FROM_FLAGS:
             raise AdvtrainError(f"--option {key}: use {ARGS_FROM_FLAGS[key]} instead")
         if key in ARGS_FROM_DATA:
             raise AdvtrainError(
                 f"--option {key}: the threat model comes from the dataset (--norm, --eps)"
             )
-        options[key] = _parse_option_value(text.strip())
     return options
-
-
-def _parse_option_value(text: str) -> int | float | bool | str:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def check_attack_options(name: str, cls: type, options: dict[str, Any]) -> set[str] | None:

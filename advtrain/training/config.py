@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdvtrainError
+from ..util import parse_key_values
 from .augment import AUGMENTATIONS
 from .schedules import SCHEDULES
 
@@ -300,34 +301,9 @@ def _augment_names(value: object) -> tuple[str, ...]:
     return tuple(names)
 
 
-def parse_option_value(text: str) -> bool | int | float | str:
-    """``true``/``false`` as booleans, then an integer, then a float, else the text itself."""
-    text = text.strip()
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return value if math.isfinite(value) else text
-
-
 def parse_method_options(items: Iterable[str]) -> dict[str, Any]:
     """``["beta=6", "temperature=100"]`` (from ``--method-option``) as a dict of parsed values."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key.isidentifier():
-            raise AdvtrainError(f"--method-option {item!r} must look like key=value, e.g. beta=6")
-        if key in options:
-            raise AdvtrainError(f"--method-option {key} is given twice")
-        options[key] = parse_option_value(text)
-    return options
+    return parse_key_values(items, "--method-option", "beta=6")
 
 
 def _finite_nonnegative(value: object) -> bool:
