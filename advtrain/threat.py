@@ -2,9 +2,12 @@
 
 A :class:`ThreatModel` is a norm ball of radius ``eps`` around each input, intersected with the
 box of valid inputs (``lower``/``upper``, scalars or per-feature tensors) and restricted to the
-features that may change (``mask``; immutable features of tabular data stay fixed). Attacks ask
-it for random starts, for the steepest-ascent direction of a gradient and for the projection back
-into the allowed set, so one attack loop serves every norm.
+features that may change (``mask``; immutable features of tabular data stay fixed). For an
+encoded table it also holds the table's :class:`~advtrain.feasibility.FeatureConstraints`
+(integers, one-hot categories, directions, linear rules), which its projection repairs and its
+``contains`` requires. Attacks ask it for random starts, for the steepest-ascent direction of a
+gradient and for the projection back into the allowed set, so one attack loop serves every norm
+and every constraint.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor
 
 from .device_sync import compaction_interval
 from .errors import ThreatModelError
+from .feasibility import FeatureConstraints
 
 Norm = Literal["linf", "l2", "l1"]
 NORMS: tuple[str, ...] = ("linf", "l2", "l1")
@@ -89,6 +93,8 @@ class ThreatModel:
         upper: largest valid input, likewise.
         mask: optional tensor broadcastable to one sample's shape, nonzero/True where the
             feature may be changed; features where it is zero/False stay fixed.
+        constraints: optional constraints of encoded table rows (``(n, d)`` inputs): every
+            projected point satisfies them, and :meth:`contains` requires them.
     """
 
     norm: Norm = "linf"
@@ -96,6 +102,7 @@ class ThreatModel:
     lower: Bound = 0.0
     upper: Bound = 1.0
     mask: Tensor | None = None
+    constraints: FeatureConstraints | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -135,6 +142,8 @@ class ThreatModel:
             if not isinstance(self.mask, Tensor):
                 raise ThreatModelError("mask must be a tensor of the features that may change")
             object.__setattr__(self, "mask", self.mask.detach().to(torch.bool))
+        if self.constraints is not None and not isinstance(self.constraints, FeatureConstraints):
+            raise ThreatModelError("constraints must be a FeatureConstraints")
 
     @property
     def bounded(self) -> bool:
@@ -157,6 +166,8 @@ class ThreatModel:
                     f"{name} has shape {tuple(value.shape)}, which does not fit inputs of shape "
                     f"{sample_shape}"
                 )
+        if self.constraints is not None:
+            self.constraints.check_shape(x)
         if not bool(torch.isfinite(x).all()):
             raise ThreatModelError("inputs contain NaN or infinite values")
         lower, upper = self._bounds_like(x)
@@ -189,8 +200,12 @@ class ThreatModel:
         return delta if mask is None else delta * mask
 
     def project_delta(self, delta: Tensor) -> Tensor:
-        """Project perturbations onto the masked ``eps``-ball (bounds not applied)."""
+        """Project perturbations onto the masked ``eps``-ball (bounds not applied); a table's
+        directions zero the parts that go the wrong way first (the ball's projection keeps
+        every coordinate's sign, so the result still respects them)."""
         delta = self.apply_mask(delta)
+        if self.constraints is not None:
+            delta = self.constraints.orient(delta)
         if self.norm == "linf":
             return delta.clamp(-self.eps, self.eps)
         if self.norm == "l2":
@@ -204,8 +219,12 @@ class ThreatModel:
 
         The perturbation is masked, projected onto the ball, then clamped into the bounds;
         clamping only shrinks each coordinate of the perturbation, so the result stays in the ball.
+        With table constraints the point is then repaired (:meth:`FeatureConstraints.repair`).
         """
-        return self.clip_bounds(x + self.project_delta(x_adv - x))
+        projected = self.clip_bounds(x + self.project_delta(x_adv - x))
+        if self.constraints is None:
+            return projected
+        return self.constraints.repair(projected, x, self)
 
     def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A point drawn uniformly from the ``eps``-ball around each input, then masked and clamped.
@@ -219,8 +238,10 @@ class ThreatModel:
         if math.isinf(self.eps):  # unbounded: uniform in the box
             lower, upper = self._bounds_like(x)
             uniform = lower + (upper - lower) * _uniform(x.shape, generator, x)
-            return self.clip_bounds(x + self.apply_mask(uniform - x))
-        return self.clip_bounds(x + self.random_delta(x, generator))
+            start = self.clip_bounds(x + self.apply_mask(uniform - x))
+        else:
+            start = self.clip_bounds(x + self.random_delta(x, generator))
+        return start if self.constraints is None else self.project(start, x)
 
     def random_delta(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A perturbation drawn uniformly from the (finite) ``eps``-ball, masked; bounds not
@@ -271,7 +292,16 @@ class ThreatModel:
 
     def contains(self, x_adv: Tensor, x: Tensor, atol: float = DEFAULT_ATOL) -> Tensor:
         """Per-sample check that ``x_adv`` is an allowed perturbation of ``x`` (float slack
-        ``atol``)."""
+        ``atol``): in the ball, the box and the mask, and feasible for the table's constraints."""
+        inside = self.contains_unconstrained(x_adv, x, atol)
+        if self.constraints is None:
+            return inside
+        return inside & self.constraints.feasible(x_adv, x)
+
+    def contains_unconstrained(
+        self, x_adv: Tensor, x: Tensor, atol: float = DEFAULT_ATOL
+    ) -> Tensor:
+        """Per-sample check of the ball, the box and the mask only (not the table's constraints)."""
         delta = x_adv - x
         lower, upper = self._bounds_like(x)
         in_box = _flat((x_adv >= lower - atol) & (x_adv <= upper + atol)).all(dim=1)

@@ -14,7 +14,7 @@ The layers, top to bottom (a module may import from its own layer or below, neve
 5 (entry)   ``advtrain`` (the package's façade ``__init__``), ``__main__``, ``cli``
 4           ``training``, ``evaluation``
 3           ``attacks``
-2           ``data``, ``models``, ``threat``, ``losses``
+2           ``data``, ``models``, ``threat``, ``feasibility``, ``losses``
 1 (floor)   ``util``, ``errors``, ``device_sync``, ``distributed``, ``checkpoint``,
             ``visualize``
 ==========  ===============================================================================
@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "data": 2,
     "models": 2,
     "threat": 2,
+    "feasibility": 2,
     "losses": 2,
     "util": 1,
     "errors": 1,
