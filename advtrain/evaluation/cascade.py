@@ -5,6 +5,16 @@ before it failed to break, and each point keeps the first adversarial example fo
 robust accuracy is the per-sample worst case over the whole ensemble and the later, costlier
 attacks run on fewer points. :class:`Cascade` holds that per-sample state; :func:`suite_attacks`
 names the attacks of each suite.
+
+With two classes the DLR losses carry no signal: the denominator of DLR (``z_(1) - z_(3)``, the
+third logit clamped to the last) and of targeted DLR is then the gap between the only two
+logits, so the loss is the constant ``+-1`` and its gradient zero (AutoAttack issue #70). There
+every step that would ascend DLR ascends the CW margin instead (:func:`signal_loss`):
+APGD-T becomes APGD with the margin loss (``apgd-cw``; with one other class the targeted
+attack has a single target, the margin's), APGD-DLR becomes APGD-CW, and the PGD-l1 cascade
+runs the CE and margin losses only. FAB-T (linearised logit differences), Square (margin) and
+HopSkipJump (labels) need no change. The steps of a model with three classes or more are those
+of AutoAttack, unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from ..attacks import APGD, APGDT, FABT, PGD, Attack, Square
+from ..attacks import APGD, APGDT, FAB, FABT, PGD, Attack, HopSkipJump, Square
 from ..attacks.base import MinNormAttack
 from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
@@ -28,6 +38,36 @@ SUITES = ("quick", "standard", "thorough")
 Judge = Callable[[Tensor], Tensor]
 #: The per-sample tensors of a :class:`Cascade` that attacks change (besides ``broken_by``).
 _ROW_FIELDS = ("standing", "adv_pred", "x_adv", "norm", "margin", "measured")
+#: Why the DLR losses are left out for two classes, as the report says it.
+DLR_SKIPPED = (
+    "DLR skipped: 2 classes (its denominator is the gap between the only two logits, so the loss "
+    "is constant and its gradient zero); the CW margin loss is used instead"
+)
+
+
+def binary(n_classes: int) -> bool:
+    """Whether the DLR losses are constant: a model with at most two classes."""
+    return n_classes <= 2
+
+
+def signal_loss(loss: str, n_classes: int) -> str:
+    """``loss``, or the CW margin (``"cw"``) where ``loss`` is DLR and the model has two
+    classes (DLR is then constant: see the module's docstring)."""
+    return "cw" if loss == "dlr" and binary(n_classes) else loss
+
+
+def step_loss(attack: Attack) -> str:
+    """The loss an attack ascends, in the report's words: ``ce``, ``cw`` (the CW margin; Square's
+    ``"margin"``), ``dlr``; ``logit differences`` for FAB (it linearises the differences of the
+    logits); ``labels only`` for HopSkipJump; the class name for any other attack without one."""
+    loss = getattr(attack, "loss", None)
+    if isinstance(loss, str):
+        return "cw" if loss == "margin" else loss
+    if isinstance(attack, FAB):
+        return "logit differences"
+    if isinstance(attack, HopSkipJump):
+        return "labels only"
+    return type(attack).__name__
 
 
 @dataclass(frozen=True)
@@ -70,9 +110,15 @@ def suite_attacks(
 
     For l1 (no APGD, FAB or Square here) the cascade is PGD-l1 with the cross-entropy, CW-margin and
     DLR losses (100 steps, restarts as the suite allows).
+
+    With two classes no step ascends DLR (:data:`DLR_SKIPPED`): ``apgd-t`` is replaced by
+    ``apgd-cw`` (APGD with the CW margin loss), ``apgd-dlr x5`` by ``apgd-cw x5``, ``apgd-t all``
+    is left out (its only target is the margin's, which ``apgd-cw x5`` already ascends) and
+    ``pgd-l1-dlr`` too.
     """
     if suite not in SUITES:
         raise AdvtrainError(f"unknown suite {suite!r}; choose one of: {', '.join(SUITES)}")
+    two = binary(n_classes)
     targets = min(9, max(n_classes - 1, 1))
     steps: list[Step]
     if threat.norm == "l1":
@@ -82,34 +128,47 @@ def suite_attacks(
                 f"pgd-l1-{loss}",
                 PGD(threat, steps=100, loss=loss, restarts=restarts, batch_size=batch_size),
             )
-            for loss in ("ce", "cw", "dlr")
-        ]
-    elif suite == "quick":
-        steps = [
-            Step("apgd-ce", APGD(threat, batch_size=batch_size)),
-            Step("apgd-t", APGDT(threat, n_targets=min(3, targets), batch_size=batch_size)),
-            Step("square", Square(threat, n_queries=1000, batch_size=batch_size)),
+            for loss in (("ce", "cw") if two else ("ce", "cw", "dlr"))
         ]
     else:
-        fab_targets = targets if suite == "thorough" else min(3, targets)
-        unbounded = threat.replace(eps=float("inf"))
-        steps = [
-            Step("apgd-ce", APGD(threat, batch_size=batch_size)),
-            Step("apgd-t", APGDT(threat, n_targets=targets, batch_size=batch_size)),
-            Step("fab-t", FABT(unbounded, n_targets=fab_targets, batch_size=batch_size), True),
-            Step("square", Square(threat, n_queries=5000, batch_size=batch_size)),
-        ]
+        second = (
+            Step("apgd-cw", APGD(threat, loss="cw", batch_size=batch_size))
+            if two
+            else Step(
+                "apgd-t",
+                APGDT(
+                    threat,
+                    n_targets=min(3, targets) if suite == "quick" else targets,
+                    batch_size=batch_size,
+                ),
+            )
+        )
+        steps = [Step("apgd-ce", APGD(threat, batch_size=batch_size)), second]
+        if suite != "quick":
+            fab_targets = targets if suite == "thorough" else min(3, targets)
+            unbounded = threat.replace(eps=float("inf"))
+            steps.append(
+                Step("fab-t", FABT(unbounded, n_targets=fab_targets, batch_size=batch_size), True)
+            )
+        queries = 1000 if suite == "quick" else 5000
+        steps.append(Step("square", Square(threat, n_queries=queries, batch_size=batch_size)))
     if suite == "thorough" and threat.norm != "l1":
         others = max(n_classes - 1, 1)
-        steps += [
-            Step("apgd-ce x5", APGD(threat, restarts=5, batch_size=batch_size)),
-            Step("apgd-dlr x5", APGD(threat, loss="dlr", restarts=5, batch_size=batch_size)),
-            Step("apgd-t all", APGDT(threat, n_targets=others, batch_size=batch_size)),
+        steps.append(Step("apgd-ce x5", APGD(threat, restarts=5, batch_size=batch_size)))
+        if two:
+            steps.append(
+                Step("apgd-cw x5", APGD(threat, loss="cw", restarts=5, batch_size=batch_size))
+            )
+        else:
+            steps += [
+                Step("apgd-dlr x5", APGD(threat, loss="dlr", restarts=5, batch_size=batch_size)),
+                Step("apgd-t all", APGDT(threat, n_targets=others, batch_size=batch_size)),
+            ]
+        steps.append(
             Step(
-                "square 10k x2",
-                Square(threat, n_queries=10000, restarts=2, batch_size=batch_size),
-            ),
-        ]
+                "square 10k x2", Square(threat, n_queries=10000, restarts=2, batch_size=batch_size)
+            )
+        )
     return [step.seeded(seed) for step in steps]
 
 
@@ -161,7 +220,14 @@ class Cascade:
 
     ``attack_model`` is what gradients are taken of (the model, or a repaired wrapper of it);
     ``judge`` gives the labels that count (the model's prediction, or a majority vote of a
-    randomised model).
+    randomised model). ``attackable`` (bool per sample, default all) names the points an
+    attacker moves: the others are never attacked and keep their clean prediction, so a
+    correctly classified one stands to the end.
+
+    An attack output outside the threat model (``threat.contains``: the ball, the bounds, the
+    mask, and the feature constraints where the threat model has them) is refused: never counted
+    as adversarial. ``refused`` counts, per step, the refused outputs that the judge would have
+    counted as adversarial; ``losses`` names the loss each step ran with (:func:`step_loss`).
     """
 
     x: Tensor
@@ -179,9 +245,16 @@ class Cascade:
     per_attack: dict[str, float] = field(default_factory=dict)
     #: The chunks the points are attacked in, and this rank's share of them.
     shards: Shards = None  # type: ignore[assignment]  # default: one chunk, one rank
+    #: bool per sample: the points attacks may move (default: all).
+    attackable: Tensor = None  # type: ignore[assignment]  # default: every point
+    refused: dict[str, int] = field(default_factory=dict)
+    losses: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.x)
+        if self.attackable is None:
+            self.attackable = torch.ones(n, dtype=torch.bool)
+        self.attackable = self.attackable.cpu().to(torch.bool)
         self.x_adv = self.x.clone()
         self.broken_by = [None if s else "clean" for s in self.standing.tolist()]
         self.norm = torch.zeros(n)
@@ -196,7 +269,8 @@ class Cascade:
         return float(self.standing.float().mean()) if len(self.x) else float("nan")
 
     def indices(self) -> Tensor:
-        return self.standing.nonzero().squeeze(1)
+        """Indices of the standing points that attacks may move."""
+        return (self.standing & self.attackable.to(self.standing.device)).nonzero().squeeze(1)
 
     def closest_standing(self, share: float, least: int) -> Tensor:
         """Indices of the standing points with the smallest known margin (the minimum-norm
@@ -220,27 +294,32 @@ class Cascade:
         name = label or step.name
         # a minimum-norm step measures every point classified correctly at first, for its margin
         chosen = (self.correct & ~self.measured) if step.min_norm else self.standing.clone()
+        chosen &= self.attackable.to(chosen.device)
         if among is not None:
             chosen &= torch.isin(torch.arange(len(self.x)), among.cpu())
         before = self._snapshot()
+        prior = self.refused.pop(name, 0)
         broken = self._each_chunk(
             chosen,
             step.attack,
             lambda attack, index: self._attack(step, attack, attack_model, index, name),
         )
-        broken = self._exchange(before, broken)
+        broken, refused = self._exchange(before, broken, self.refused.pop(name, 0))
+        if prior + refused:
+            self.refused[name] = prior + refused
         self.per_attack[name] = self.robust_accuracy
+        self.losses[name] = step_loss(step.attack)
         return broken
 
     def measure(self, attack: MinNormAttack, attack_model: nn.Module) -> None:
         """Robust margins of the correctly classified points not measured yet (nothing broken)."""
         before = self._snapshot()
         self._each_chunk(
-            self.correct & ~self.measured,
+            self.correct & ~self.measured & self.attackable.to(self.correct.device),
             attack,
             lambda chunk_attack, index: self._margins(chunk_attack, attack_model, index),
         )
-        self._exchange(before, 0)
+        self._exchange(before, 0, 0)
 
     def _each_chunk(
         self, chosen: Tensor, attack: Attack, work: Callable[[Attack, Tensor], int]
@@ -287,35 +366,43 @@ class Cascade:
     def _snapshot(self) -> tuple[Tensor, Tensor] | None:
         return (self.standing.clone(), self.measured.clone()) if self.shards.shared else None
 
-    def _exchange(self, before: tuple[Tensor, Tensor] | None, broken: int) -> int:
+    def _exchange(
+        self, before: tuple[Tensor, Tensor] | None, broken: int, refused: int
+    ) -> tuple[int, int]:
         """Under several ranks: send the rows this rank changed since ``before``, take the
-        others'; returns the number broken over all ranks."""
+        others'; returns the numbers broken and refused over all ranks."""
         if before is None:
-            return broken
+            return broken, refused
         changed = (self.standing != before[0]) | (self.measured != before[1])
         index = (changed & self.shards.owned()).nonzero().squeeze(1)
         rows = {
             "index": index,
             "broken": broken,
+            "refused": refused,
             "broken_by": [self.broken_by[i] for i in index.tolist()],
             **{f: getattr(self, f)[index.to(getattr(self, f).device)].cpu() for f in _ROW_FIELDS},
         }
-        total = 0
+        total, refused_total = 0, 0
         for sent in self.shards.all_gather(rows):
             total += sent["broken"]
+            refused_total += sent["refused"]
             for f in _ROW_FIELDS:
                 tensor = getattr(self, f)
                 tensor[sent["index"].to(tensor.device)] = sent[f].to(tensor.device)
             for i, by in zip(sent["index"].tolist(), sent["broken_by"]):
                 self.broken_by[i] = by
-        return total
+        return total, refused_total
 
     def record(self, index: Tensor, x_adv: Tensor, name: str) -> int:
-        """Judge adversarial candidates for the standing points ``index``; keep the successes."""
-        if not bool(self.threat.contains(x_adv, self.x[index]).all()):
-            raise AdvtrainError(f"attack {name} left the threat model")  # never expected
+        """Judge adversarial candidates for the standing points ``index``; keep the successes
+        inside the threat model, refuse (and count in ``refused[name]``) the others."""
+        inside = self.threat.contains(x_adv, self.x[index]).cpu()
         pred = self.judge(x_adv)
-        success = (pred != self.y[index]).cpu()
+        fooled = (pred != self.y[index]).cpu()
+        outside = int((fooled & ~inside).sum())
+        if outside:
+            self.refused[name] = self.refused.get(name, 0) + outside
+        success = fooled & inside
         chosen = index[success]
         if len(chosen) == 0:
             return 0

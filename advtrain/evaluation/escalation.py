@@ -9,6 +9,11 @@ evaluating adversarial robustness", 2019): straight-through gradients (BPDA with
 defence) and gradient-free attacks where the gradients are masked, margin and DLR losses
 (Croce & Hein 2020) where the softmax saturates, longer runs where the optimisation had not
 converged.
+
+With two classes the DLR losses are constant (:data:`.cascade.DLR_SKIPPED`), so every rule that
+would ascend DLR ascends the CW margin instead (:func:`.cascade.signal_loss`): APGD-T through the
+straight-through gradients becomes APGD-CW, and the DLR runs of the saturated-softmax and
+loss-still-improving rules become margin runs; the sentences say so.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..attacks import APGDT, PGD, HopSkipJump, Square
-from .cascade import Cascade, Step, gradient_step
+from .cascade import Cascade, Step, binary, gradient_step, signal_loss
 from .context import EvalContext
 from .findings import MASKING_CHECKS, VERDICT, Check, CheckName, Escalation
 
@@ -92,14 +97,37 @@ def _straight_through_gradient(ctx: EvalContext) -> Step:
 
 
 def _longer(loss: str) -> Callable[[EvalContext], Step]:
-    """The white-box attack with ``loss``, 400 iterations and 3 restarts."""
+    """The white-box attack with ``loss`` (the margin for DLR with two classes), 400 iterations
+    and 3 restarts."""
 
     def build(ctx: EvalContext) -> Step:
         return gradient_step(
-            ctx.threat, loss=loss, steps=400, restarts=3, batch_size=ctx.batch_size
+            ctx.threat,
+            loss=signal_loss(loss, ctx.n_classes),
+            steps=400,
+            restarts=3,
+            batch_size=ctx.batch_size,
         )
 
     return build
+
+
+def _targeted_straight_through(ctx: EvalContext) -> Step:
+    """APGD-T through the straight-through gradients; with two classes APGD with the margin
+    loss (targeted DLR is constant there)."""
+    if binary(ctx.n_classes):
+        return gradient_step(
+            ctx.threat, loss="cw", batch_size=ctx.batch_size, note="(straight-through)"
+        )
+    return Step(
+        "apgd-t (straight-through)",
+        APGDT(ctx.threat, n_targets=min(9, ctx.n_classes - 1), batch_size=ctx.batch_size),
+    )
+
+
+def _dlr(f: Firing) -> str:
+    """The loss the rules call DLR, in words: the margin for two classes."""
+    return "the CW margin (DLR skipped: 2 classes)" if binary(f.ctx.n_classes) else "the DLR"
 
 
 RULES: tuple[Rule, ...] = (
@@ -110,17 +138,7 @@ RULES: tuple[Rule, ...] = (
         norms=LP_NORMS,
         steps=(
             Planned(_straight_through_gradient, straight_through=True),
-            Planned(
-                lambda ctx: Step(
-                    "apgd-t (straight-through)",
-                    APGDT(
-                        ctx.threat,
-                        n_targets=min(9, ctx.n_classes - 1),
-                        batch_size=ctx.batch_size,
-                    ),
-                ),
-                straight_through=True,
-            ),
+            Planned(_targeted_straight_through, straight_through=True),
             Planned(
                 lambda ctx: Step(
                     "square 10k x2",
@@ -138,7 +156,8 @@ RULES: tuple[Rule, ...] = (
         ),
         describe=lambda f: (
             "straight-through (BPDA) gradients for step functions, APGD-CE with restarts, "
-            "APGD-T, Square with 10,000 queries and 2 restarts"
+            + ("APGD-CW (DLR skipped: 2 classes)" if binary(f.ctx.n_classes) else "APGD-T")
+            + ", Square with 10,000 queries and 2 restarts"
             + (", and HopSkipJump (label-only)" if CheckName.ZERO_GRADIENTS in f.checks else "")
         ),
     ),
@@ -175,7 +194,11 @@ RULES: tuple[Rule, ...] = (
         name="saturated softmax",
         checks=frozenset({CheckName.SATURATED_SOFTMAX}),
         steps=(
-            Planned(lambda ctx: gradient_step(ctx.threat, loss="dlr", batch_size=ctx.batch_size)),
+            Planned(
+                lambda ctx: gradient_step(
+                    ctx.threat, loss=signal_loss("dlr", ctx.n_classes), batch_size=ctx.batch_size
+                )
+            ),
             Planned(
                 lambda ctx: Step(
                     "pgd-cw",
@@ -183,14 +206,14 @@ RULES: tuple[Rule, ...] = (
                 )
             ),
         ),
-        describe=lambda f: f"{f.ctx.white_box} with the DLR loss and PGD with the CW margin loss",
+        describe=lambda f: f"{f.ctx.white_box} with {_dlr(f)} loss and PGD with the CW margin loss",
     ),
     Rule(
         name="loss still improving",
         checks=frozenset({CheckName.LOSS_IMPROVING}),
         steps=(Planned(_longer("ce")), Planned(_longer("dlr"))),
         describe=lambda f: (
-            f"{f.ctx.white_box} with the CE and the DLR loss, 400 iterations and 3 restarts"
+            f"{f.ctx.white_box} with the CE and {_dlr(f)} loss, 400 iterations and 3 restarts"
         ),
     ),
 )
@@ -213,7 +236,7 @@ def escalate(
         among, chosen = None, "every surviving point"
         if rule.closest:
             among = state.closest_standing(SECOND_SQUARE_SHARE, least=SECOND_SQUARE_LEAST)
-            if len(among) != int(state.standing.sum()):
+            if len(among) != len(state.indices()):
                 chosen = f"the {len(among)} surviving points with the smallest robust margin"
         for planned in rule.steps:
             if planned.when is not None and planned.when not in checks:
