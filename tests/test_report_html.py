@@ -245,6 +245,34 @@ def tabular_report() -> Report:
             "clean_pred": y,
             "adv_pred": 1 - y,
         },
+        losses={
+            "per_step": {"apgd-ce": "ce", "apgd-t": "cw"},
+            "used": ["ce", "cw"],
+            "skipped": {"dlr": "DLR skipped: 2 classes"},
+        },
+        attack_classes=[1],
+        positive_metrics={
+            "positive_class": 1,
+            "score": "z_p - max_{c != p} z_c",
+            "clean": {"recall": 0.8, "precision": 0.75, "pr_auc": 0.81, "roc_auc": 0.9},
+            "attacked": {"recall": 0.2, "precision": 0.5, "pr_auc": 0.4, "roc_auc": None},
+            "at_fpr": {
+                "fpr": 0.01,
+                "threshold": 2.345,
+                "clean_fpr": 0.008,
+                "recall_clean": 0.6,
+                "recall_attacked": 0.1,
+                "method": "thresholded classifier <attacked>",
+            },
+        },
+        feasibility={
+            "adversarial_points": 7,
+            "feasible": 7,
+            "feasible_share": 1.0,
+            "refused": 3,
+            "refused_by_step": {"apgd-ce": 3},
+            "constraints": {"rules": ["a <= 2 * b"], "integer": ["n"]},
+        },
     )
 
 
@@ -306,6 +334,40 @@ def expected_metrics(d: dict) -> dict[str, str]:
         rows = {**block["per_class"], "macro": block["macro"]}
         for c, metrics in rows.items():
             m.update({f"classification:{side}:{c}:{k}": num(v) for k, v in metrics.items()})
+    m.update(_binary_metrics(d))
+    return m
+
+
+def _binary_metrics(d: dict) -> dict[str, str]:
+    """The figures of losses, attacked classes, the positive class and feasibility."""
+    m: dict[str, str] = {}
+    losses = d.get("losses") or {}
+    per_step = losses.get("per_step") or {}
+    m.update({f"loss:{k}": per_step[k] for k in d["per_attack"] if k in per_step})
+    if losses.get("used") or losses.get("skipped"):
+        m["losses:used"] = ", ".join(losses.get("used") or [])
+        m.update({f"losses:skipped:{k}": v for k, v in (losses.get("skipped") or {}).items()})
+    if d.get("attack_classes") is not None:
+        m["attack_classes"] = ", ".join(str(c) for c in d["attack_classes"])
+    positive = d.get("positive_metrics")
+    if positive:
+        for side in ("clean", "attacked"):
+            for key in ("recall", "precision", "pr_auc", "roc_auc"):
+                m[f"positive:{side}:{key}"] = pct(positive[side].get(key))
+        at = positive.get("at_fpr") or {}
+        if at.get("threshold") is not None:
+            m["positive:at_fpr:recall_clean"] = pct(at["recall_clean"])
+            m["positive:at_fpr:recall_attacked"] = pct(at["recall_attacked"])
+            m["positive:at_fpr:threshold"] = num(at["threshold"])
+            m["positive:at_fpr:clean_fpr"] = pct(at["clean_fpr"])
+    feasibility = d.get("feasibility")
+    if feasibility:
+        m["feasibility:feasible_share"] = pct(feasibility["feasible_share"])
+        m["feasibility:adversarial_points"] = num(feasibility["adversarial_points"])
+        m["feasibility:refused"] = num(feasibility["refused"])
+        if feasibility.get("constraints") is not None:
+            text = json.dumps(feasibility["constraints"], indent=1, sort_keys=True)
+            m["feasibility:constraints"] = text
     return m
 
 

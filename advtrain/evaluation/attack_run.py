@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,12 +130,15 @@ def run_attack(
     target: int | Tensor | None = None,
     *,
     batch_size: int = 1000,
+    attack_classes: Sequence[int] | None = None,
 ) -> AttackRun:
     """Attack ``(x, y)`` (on the CPU; the model may sit on any device) and measure the outcome.
 
     ``target``: None for an untargeted attack; a class index, or one per point, to push each point
     towards (points already labelled with their target are not attacked and count neither as
-    success nor as failure). ``batch_size`` batches the predictions; the attack batches itself.
+    success nor as failure). ``attack_classes``: attack only the points whose true label is one
+    of these (e.g. the fraud rows); the others are left as they are and count neither as success
+    nor as failure. ``batch_size`` batches the predictions; the attack batches itself.
     """
     if target is not None:
         target = torch.full_like(y, target) if isinstance(target, int) else target
@@ -142,20 +146,28 @@ def run_attack(
             raise AdvtrainError(
                 f"target must be a class index or one per point, got shape {tuple(target.shape)}"
             )
+    chosen = torch.ones(len(y), dtype=torch.bool)
+    if attack_classes is not None:
+        classes = list(attack_classes)
+        if not classes or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+            raise AdvtrainError(f"attack_classes must be class indices, got {attack_classes!r}")
+        chosen = torch.isin(y, torch.tensor(classes, dtype=y.dtype))
     started = time.perf_counter()
     pred_clean = predict(model, x, batch_size)
-    if target is None:
-        attacked = torch.ones(len(y), dtype=torch.bool)
+    if target is None and attack_classes is None:
+        attacked = chosen
         x_adv = attack(model, x, y)
     else:
-        attacked = y != target  # a point already of its target class has nothing to reach
+        # a point already of its target class has nothing to reach
+        attacked = chosen if target is None else chosen & (y != target)
         x_adv = x.clone()
         index = attacked.nonzero().squeeze(1)
         if len(index):
-            x_adv[index] = attack(model, x[index], y[index], target=target[index])
+            aim = None if target is None else target[index]
+            x_adv[index] = attack(model, x[index], y[index], target=aim)
     pred_adv = predict(model, x_adv, batch_size)
     seconds = time.perf_counter() - started
-    success = (pred_adv != y) if target is None else (pred_adv == target) & attacked
+    success = ((pred_adv != y) if target is None else (pred_adv == target)) & attacked
     if len(x):
         norms = lp_norm(x_adv - x, attack.threat.norm)
     else:  # lp_norm cannot flatten an empty batch

@@ -14,11 +14,17 @@ Does it return probabilities? It then builds the wrappers once (Athalye, Carlini
   :func:`~advtrain.attacks.majority_vote` over ``votes`` passes.
 
 The metrics' logits are the attacked model's outputs, so they follow ``eot_samples`` as well.
+
+:meth:`EvalContext.at_threshold` gives the same context for the thresholded classifier of an
+operating point (:class:`ShiftedLogit`: the positive class's logit lowered by the threshold, so
+that the argmax is the decision "positive-class score >= threshold").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +61,10 @@ class SuiteSettings:
             above this fraction of the clean accuracy.
         positive_class: for binary/imbalanced data, the class whose precision/recall/F1 matter.
         examples: adversarial examples kept for the report's pictures.
+        attack_classes: only the points whose true label is one of these are attacked (None:
+            every point); the others keep their clean prediction in every attacked figure.
+        fpr: with ``positive_class``, the false-positive rate of the operating point whose recall
+            is reported clean and attacked (None: no operating point).
     """
 
     suite: str = "standard"
@@ -66,6 +76,8 @@ class SuiteSettings:
     radius_threshold: float = 0.5
     positive_class: int | None = None
     examples: int = 8
+    attack_classes: tuple[int, ...] | None = None
+    fpr: float | None = 0.01
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,34 @@ class EvalContext:
         return self.settings.seed
 
     @property
+    def attackable(self) -> Tensor:
+        """bool per point (on the CPU): its true label is one of ``attack_classes`` (all points
+        when not given)."""
+        classes = self.settings.attack_classes
+        y = self.y.cpu()
+        if classes is None:
+            return torch.ones(len(y), dtype=torch.bool)
+        return torch.isin(y, torch.tensor(list(classes), dtype=y.dtype))
+
+    def at_threshold(self, positive: int, threshold: float) -> EvalContext:
+        """This context for the thresholded classifier: the model (``log(p)`` of one returning
+        probabilities) with the logit of ``positive`` lowered by ``threshold``
+        (:class:`ShiftedLogit`), attacked through EOT and judged by majority vote as the model
+        itself is."""
+        base: nn.Module = LogProbabilities(self.model) if self.probabilities else self.model
+        shifted = ShiftedLogit(base, positive, threshold)
+        attack_model: nn.Module = (
+            EOT(shifted, samples=self.settings.eot_samples) if self.randomized else shifted
+        )
+        return replace(
+            self,
+            model=shifted,
+            probabilities=False,
+            attack_model=attack_model,
+            repaired_model=StraightThrough(attack_model),
+        )
+
+    @property
     def batch_size(self) -> int:
         return self.settings.batch_size
 
@@ -182,6 +222,46 @@ class EvalContext:
                 for i in range(0, len(points), size)
             ]
         return torch.cat(parts) if parts else torch.zeros(0, 1)
+
+
+class ShiftedLogit(nn.Module):
+    """A classifier moved to an operating point: ``model(x)`` with the logit of class
+    ``positive`` lowered by ``threshold``.
+
+    Its argmax is ``positive`` exactly when ``z_p - max_{c != p} z_c > threshold`` (ties go to the
+    lower class index, as argmax's do), so attacking it with any loss attacks the decision at that
+    threshold instead of at the argmax. With two classes the score is the positive class's
+    log-odds, and the threshold a probability threshold of ``sigmoid(threshold)``.
+    """
+
+    def __init__(self, model: nn.Module, positive: int, threshold: float) -> None:
+        super().__init__()
+        self.model, self.positive, self.threshold = model, int(positive), float(threshold)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(x)
+        shift = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
+        shift[self.positive] = self.threshold
+        return logits - shift
+
+
+def check_classes(name: str, classes: Sequence[int], n_classes: int) -> tuple[int, ...]:
+    """``classes`` as a tuple of class indices of a model with ``n_classes`` classes, or a
+    one-line :class:`~advtrain.errors.AdvtrainError` naming ``name`` and the bad entry."""
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise AdvtrainError(f"{name} must be a sequence of class indices, got {classes!r}")
+    if not classes:
+        raise AdvtrainError(f"{name} is empty: name at least one class to attack")
+    checked = []
+    for c in classes:
+        try:
+            index = operator.index(c) if not isinstance(c, bool) else -1
+        except TypeError:
+            index = -1
+        if not 0 <= index < n_classes:
+            raise AdvtrainError(f"{name}: {c!r} is not a class of this model (0..{n_classes - 1})")
+        checked.append(index)
+    return tuple(sorted(set(checked)))
 
 
 def argmax(model: nn.Module, points: Tensor, batch_size: int) -> Tensor:

@@ -256,6 +256,9 @@ def _summary(d: dict[str, Any], report: Renderable) -> str:
     ]
     if d.get("positive_class") is not None:
         rows.append(("positive class", _metric("positive_class", number(d["positive_class"]))))
+    if d.get("attack_classes") is not None:
+        classes = ", ".join(str(c) for c in d["attack_classes"])
+        rows.append(("attacked classes", _metric("attack_classes", classes)))
     if report.masking_suspected:
         banner = (
             '<div class="banner bad">Gradient masking suspected: a verdict-level check '
@@ -287,6 +290,8 @@ def _attacks(d: dict[str, Any]) -> str:
     per_attack = d.get("per_attack") or {}
     if not per_attack:
         return "<h2>Attacks</h2><p class='note'>No attack was run.</p>"
+    losses = d.get("losses") or {}
+    per_step = losses.get("per_step") or {}
     rows, previous = [], d.get("clean_accuracy")
     for name, value in per_attack.items():
         drop = ""
@@ -294,9 +299,14 @@ def _attacks(d: dict[str, Any]) -> str:
             pp = 100 * (previous - value)
             drop = f'<span class="down">\u2212{pp:.2f} pp</span>' if pp > 0 else "0"
         width = max(0.0, min(100.0, 100 * value)) if isinstance(value, (int, float)) else 0
+        loss = (
+            _metric(f"loss:{name}", number(per_step[name]), css="")
+            if name in per_step
+            else "<td></td>"
+        )
         rows.append(
             f"<tr><td>{_e(name)}</td>{_metric(f'per_attack:{name}', percent(value))}"
-            f'<td class="num">{drop}</td>'
+            f'<td class="num">{drop}</td>{loss}'
             f'<td><div class="bar"><div style="width:{width:.1f}%"></div></div></td></tr>'
         )
         previous = value
@@ -317,8 +327,27 @@ def _attacks(d: dict[str, Any]) -> str:
     return (
         "<h2>Attacks</h2><p class='note'>Robust accuracy after each attack of the cascade, "
         "in the order run (each counts the points still standing after it and all before "
-        "it).</p>" + _table(("attack", "robust accuracy", "drop", ""), rows) + fell
+        "it).</p>"
+        + _table(("attack", "robust accuracy", "drop", "loss", ""), rows)
+        + _losses(losses)
+        + fell
     )
+
+
+def _losses(losses: dict[str, Any]) -> str:
+    """The losses that ran, and those skipped with the reason."""
+    used = losses.get("used") or []
+    skipped = losses.get("skipped") or {}
+    if not used and not skipped:
+        return ""
+    parts = [
+        "Losses used: " + _metric("losses:used", ", ".join(map(str, used)) or DASH, "span", "")
+    ]
+    parts += [
+        f"{_e(name)}: " + _metric(f"losses:skipped:{name}", str(why), "span", "")
+        for name, why in skipped.items()
+    ]
+    return "<p class='note'>" + ". ".join(parts) + ".</p>"
 
 
 def _escalations(d: dict[str, Any]) -> str:
@@ -351,7 +380,7 @@ def _escalations(d: dict[str, Any]) -> str:
 def _diagnostics(d: dict[str, Any]) -> str:
     checks = d.get("diagnostics") or []
     if not checks:
-        return "<h2>Diagnostics</h2><p class='note'>No diagnostic was run.</p>"
+        return "<h2>Diagnostics</h2><p class='note'>No diagnostic was run.</p>" + _feasibility(d)
     rows = []
     for c in checks:
         name, fired = str(c.get("name")), bool(c.get("triggered"))
@@ -373,7 +402,41 @@ def _diagnostics(d: dict[str, Any]) -> str:
         "when the evaluation is provably incomplete; a <b>warning</b> can fire on an honest "
         "model and calls for a closer look.</p>"
         + _table(("check", "severity", "verdict", "detail"), rows)
+        + _feasibility(d)
     )
+
+
+def _feasibility(d: dict[str, Any]) -> str:
+    """One line: how many adversarial points satisfy every constraint, the refused outputs,
+    and the constraint set (in a fold)."""
+    feasibility = d.get("feasibility")
+    if not feasibility:
+        return ""
+    count = feasibility.get("adversarial_points")
+    share = feasibility.get("feasible_share")
+    line = (
+        "Feasibility: "
+        + _metric("feasibility:feasible_share", percent(share), "span", "")
+        + " of "
+        + _metric("feasibility:adversarial_points", number(count), "span", "")
+        + " adversarial points satisfy every constraint; "
+        + _metric("feasibility:refused", number(feasibility.get("refused")), "span", "")
+        + " attack outputs refused as outside the threat model"
+    )
+    by_step = feasibility.get("refused_by_step") or {}
+    if by_step:
+        line += " (" + ", ".join(f"{_e(k)}: {_e(number(v))}" for k, v in by_step.items()) + ")"
+    constraints = feasibility.get("constraints")
+    fold = ""
+    if constraints is not None:
+        text = json.dumps(constraints, indent=1, sort_keys=True)
+        fold = (
+            "<details><summary>constraint set</summary>"
+            f'<pre data-metric="feasibility:constraints">{_e(text)}</pre></details>'
+        )
+    else:
+        line += "; no feature constraints"
+    return f"<p class='note feasibility'>{line}.</p>{fold}"
 
 
 def _curve(d: dict[str, Any]) -> str:
@@ -536,6 +599,58 @@ def _classification(d: dict[str, Any]) -> str:
     )
 
 
+POSITIVE_FIGURES = (
+    ("recall", "recall"),
+    ("precision", "precision"),
+    ("pr_auc", "PR-AUC (average precision)"),
+    ("roc_auc", "ROC-AUC"),
+)
+
+
+def _positive(d: dict[str, Any]) -> str:
+    """The positive class's recall, precision, PR-AUC and ROC-AUC clean and attacked, and its
+    recall at the operating point of a fixed false-positive rate."""
+    figures = d.get("positive_metrics")
+    if not figures:
+        return ""
+    clean, attacked = figures.get("clean") or {}, figures.get("attacked") or {}
+    rows = [
+        f"<tr><td>{_e(label)}</td>"
+        + _metric(f"positive:clean:{key}", percent(clean.get(key)))
+        + _metric(f"positive:attacked:{key}", percent(attacked.get(key)))
+        + "</tr>"
+        for key, label in POSITIVE_FIGURES
+    ]
+    at = figures.get("at_fpr") or {}
+    if at.get("threshold") is not None:
+        rows.append(
+            f"<tr><td>recall at false-positive rate \u2264 {_e(number(at.get('fpr')))}</td>"
+            + _metric("positive:at_fpr:recall_clean", percent(at.get("recall_clean")))
+            + _metric("positive:at_fpr:recall_attacked", percent(at.get("recall_attacked")))
+            + "</tr>"
+        )
+    note = (
+        f"Class {_e(figures.get('positive_class'))}. Scores: {_e(figures.get('score'))}; "
+        "attacked scores are those of each point's adversarial example (its clean score where "
+        "no attack broke it or it was not attacked)."
+    )
+    if at.get("threshold") is not None:
+        note += (
+            " Operating point: threshold "
+            + _metric("positive:at_fpr:threshold", number(at.get("threshold")), "span", "")
+            + ", clean false-positive rate "
+            + _metric("positive:at_fpr:clean_fpr", percent(at.get("clean_fpr")), "span", "")
+            + f"; {_e(at.get('method'))}."
+        )
+    elif at.get("note"):
+        note += f" {_e(at['note'])}."
+    return (
+        "<h2>Positive class</h2>"
+        + f"<p class='note'>{note}</p>"
+        + _table(("figure", "clean", "attacked"), rows)
+    )
+
+
 def _examples(report: Renderable) -> str:
     examples = report.examples or {}
     keys = ("x", "x_adv", "y", "clean_pred", "adv_pred")
@@ -574,6 +689,7 @@ def render_html(report: Renderable) -> str:
         _margin(d),
         _confidence(d),
         _classification(d),
+        _positive(d),
         _examples(report),
     )
     return (

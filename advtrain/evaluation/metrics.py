@@ -16,6 +16,14 @@ Definitions (``n`` inputs, ``y`` their labels, ``p`` predicted probabilities, ``
 - defensive margin: mean true-class probability ``p_y`` and logit margin
   ``z_y - max_{c != y} z_c`` (negative when misclassified).
 - precision, recall, F1 per class and their unweighted (macro) mean, from scikit-learn.
+- positive-class score of a point: the logit margin of the positive class ``p``,
+  ``z_p - max_{c != p} z_c``; with two classes it is the log-odds of ``p``, so it ranks the points
+  exactly as the softmax probability does.
+- positive-class recall, precision (from the predicted labels), PR-AUC (average precision) and
+  ROC-AUC (from the scores), from scikit-learn; an AUC needs both kinds of point (else None).
+- threshold at a false-positive rate ``f``: the smallest threshold ``t`` with at most
+  ``floor(f * negatives)`` clean negatives scoring ``>= t``, placed halfway between the score it
+  must exceed and the next higher clean score, so that no clean point sits on it.
 """
 
 from __future__ import annotations
@@ -131,3 +139,50 @@ def margin_summary(margins: Tensor, correct: Tensor, bins: int = 20) -> dict[str
     else:
         summary["histogram"] = {"edges": [], "counts": []}
     return summary
+
+
+def positive_score(logits: Tensor, positive: int) -> Tensor:
+    """Per-sample score of class ``positive``: ``z_p - max_{c != p} z_c`` (for two classes the
+    log-odds of ``p``)."""
+    y = torch.full((len(logits),), int(positive), dtype=torch.int64, device=logits.device)
+    return logit_margin(logits, y)
+
+
+def positive_class_metrics(
+    y: Tensor, pred: Tensor, scores: Tensor, positive: int
+) -> dict[str, float | int | None]:
+    """Recall, precision (``pred == positive``), PR-AUC (average precision) and ROC-AUC
+    (``scores``) of class ``positive`` against ``y``; an undefined figure is None."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    truth = (y.cpu() == positive).numpy()
+    flagged = (pred.cpu() == positive).numpy()
+    score = scores.detach().cpu().double().numpy()
+    positives, hits, raised = int(truth.sum()), int((truth & flagged).sum()), int(flagged.sum())
+    both = 0 < positives < len(truth)
+    return {
+        "recall": hits / positives if positives else None,
+        "precision": hits / raised if raised else None,
+        "pr_auc": float(average_precision_score(truth, score)) if both else None,
+        "roc_auc": float(roc_auc_score(truth, score)) if both else None,
+        "positives": positives,
+        "flagged": raised,
+    }
+
+
+def threshold_at_fpr(scores: Tensor, negative: Tensor, fpr: float) -> float:
+    """The threshold on ``scores`` (flag a point when its score is ``>= t``) that keeps the
+    false-positive rate over the points ``negative`` (bool) at or below ``fpr``: at most
+    ``floor(fpr * negatives)`` of them flagged, and no lower threshold does as well. Placed
+    halfway between the highest negative score that must stay unflagged and the next higher
+    score of any point (one above the highest score when there is none)."""
+    values = scores.detach().cpu().double()
+    negatives = values[negative.cpu()].sort(descending=True).values
+    if not len(negatives):
+        raise ValueError("a threshold at a false-positive rate needs negative points")
+    allowed = math.floor(fpr * len(negatives) + 1e-9)
+    if allowed >= len(negatives):
+        return float(values.min()) - 1.0
+    bar = float(negatives[allowed])  # this score and every lower one must stay unflagged
+    above = values[values > bar]
+    return (bar + float(above.min())) / 2 if len(above) else bar + 1.0

@@ -75,6 +75,20 @@ class Report:
             no adversarial example was found by the minimum-norm attack, ``None`` if not run).
         settings: norm, eps, suite, n, n_classes, seed, batch_size (it fixes the chunks the
             seeds follow), device, processes, time in seconds, model flags.
+        losses: ``per_step`` (the loss every step ran with: ``ce``, ``cw``, ``dlr``, ``logit
+            differences`` for FAB, ``labels only`` for HopSkipJump), ``used`` (the distinct
+            losses) and ``skipped`` (loss -> why: with two classes ``dlr``, constant there).
+        attack_classes: the true classes whose points were attacked (None: all); the others
+            keep their clean prediction in every attacked figure (``per_sample`` then says
+            ``attacked`` per point).
+        positive_metrics: with ``positive_class``: its ``clean`` and ``attacked`` ``recall``,
+            ``precision``, ``pr_auc`` (average precision) and ``roc_auc``, and ``at_fpr``: the
+            operating point (``fpr``, ``threshold``, ``clean_fpr``, ``recall_clean``,
+            ``recall_attacked``, ``per_attack``, ``method``). None without a positive class.
+        feasibility: with feature constraints (or refused outputs): ``adversarial_points``
+            counted, how many are ``feasible`` and their ``feasible_share``, the outputs
+            ``refused`` as outside the threat model (per step in ``refused_by_step``), and the
+            ``constraints`` set used (its ``describe()``). None otherwise.
     """
 
     clean_accuracy: float
@@ -95,6 +109,10 @@ class Report:
     settings: dict[str, Any]
     #: Up to a few clean/adversarial examples for pictures: x, x_adv, y, clean_pred, adv_pred.
     examples: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    losses: dict[str, Any] = field(default_factory=dict)
+    attack_classes: list[int] | None = None
+    positive_metrics: dict[str, Any] | None = None
+    feasibility: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ convenience
     @property

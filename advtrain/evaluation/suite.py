@@ -17,6 +17,18 @@ The order of work:
    with the robust accuracy before and after.
 5. Measure: robust margins (minimum-norm attack), the accuracy-versus-eps curve and the
    adversarial radius, entropy, defensive margins, precision/recall/F1 clean and attacked.
+6. With ``positive_class``: the positive class's recall, precision, PR-AUC and ROC-AUC clean
+   and attacked (the attacked scores are those of each point's adversarial example, the clean
+   ones where no attack broke it), and the recall at a false-positive rate ``fpr``, measured by
+   attacking the thresholded classifier (:mod:`.operating_point`).
+
+With two classes no step ascends the DLR losses, constant there (:data:`.cascade.DLR_SKIPPED`);
+the report's ``losses`` names the loss of every step run and what was skipped and why. With
+``attack_classes`` only the points of those true classes are attacked (a fraud team attacks the
+fraud rows); the others keep their clean prediction in every attacked figure. With feature
+constraints in the threat model (``threat.constraints``), the report's ``feasibility`` counts
+the adversarial points, the share satisfying every constraint (all of them: the cascade refuses
+the others) and the refused outputs, and describes the constraint set.
 
 Every attack is seeded from the base seed and its own name (:func:`.shards.step_seed`), and
 attacked chunk by chunk (:mod:`.shards`), so a run repeats exactly, in one process or several.
@@ -25,8 +37,8 @@ attacked chunk by chunk (:mod:`.shards`), so a run repeats exactly, in one proce
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -37,10 +49,19 @@ from ..errors import AdvtrainError
 from ..threat import Norm, ThreatModel
 from . import diagnostics as checks
 from . import metrics
-from .cascade import Cascade, Step, gradient_step, margin_attack, suite_attacks
-from .context import EvalContext, SuiteSettings
+from .cascade import (
+    DLR_SKIPPED,
+    Cascade,
+    Step,
+    binary,
+    gradient_step,
+    margin_attack,
+    suite_attacks,
+)
+from .context import EvalContext, SuiteSettings, check_classes
 from .escalation import escalate
 from .findings import Check, CheckName, Escalation
+from .operating_point import FROM_ARGMAX, evaluate_operating_point
 from .report import Report, robustness_score
 from .shards import seeded
 
@@ -70,6 +91,8 @@ def evaluate(
     radius_threshold: float = 0.5,
     positive_class: int | None = None,
     examples: int = 8,
+    attack_classes: Sequence[int] | None = None,
+    fpr: float | None = 0.01,
 ) -> Report:
     """Evaluate ``model`` (returning logits) on ``x, y`` or on a DataLoader of ``(x, y)`` batches.
 
@@ -88,10 +111,21 @@ def evaluate(
         eot_samples, votes: passes per gradient and per judgement for a randomised model.
         radius_threshold: the adversarial radius is the largest eps where accuracy stays at or
             above this fraction of the clean accuracy.
-        positive_class: for binary/imbalanced data, the class whose precision/recall/F1 matter.
+        positive_class: for binary/imbalanced data, the class whose figures matter: its recall,
+            precision, PR-AUC and ROC-AUC clean and attacked, and its recall at ``fpr``.
         examples: adversarial examples kept for the report's pictures.
+        attack_classes: attack only the points whose true label is one of these classes (a fraud
+            team attacks the fraud rows, pushed towards "legitimate"); the others keep their
+            clean prediction in every attacked figure. Default: every point.
+        fpr: with ``positive_class``, the false-positive rate of the operating point (default
+            0.01): the threshold is set on the clean negatives' positive-class scores so that at
+            most this share of them is flagged, and the recall of the positives there is
+            reported clean and attacked, the attack run against the thresholded classifier
+            (:mod:`.operating_point`). None: no operating point.
     """
     start = time.perf_counter()
+    if fpr is not None and not (isinstance(fpr, (int, float)) and 0 < fpr < 1):
+        raise AdvtrainError(f"fpr must be a false-positive rate between 0 and 1, got {fpr!r}")
     x, y = _as_tensors(x, y)
     if threat is None:
         # ThreatModel checks the norm's name and reports a misspelt one
@@ -115,11 +149,17 @@ def evaluate(
         radius_threshold=radius_threshold,
         positive_class=positive_class,
         examples=examples,
+        fpr=None if fpr is None else float(fpr),
     )
     with frozen(model):
         ctx = EvalContext.build(
             model, x, y, threat, settings, n_classes=n_classes, device=str(device), started=start
         )
+        if positive_class is not None:
+            check_classes("positive_class", [positive_class], ctx.n_classes)
+        if attack_classes is not None:
+            checked = check_classes("attack_classes", attack_classes, ctx.n_classes)
+            ctx = replace(ctx, settings=replace(settings, attack_classes=checked))
         return _evaluate(ctx)
 
 
@@ -139,7 +179,14 @@ def _evaluate(ctx: EvalContext) -> Report:
     clean_pred = ctx.shards.map(ctx.judge, ctx.x, ctx.seed)
     correct = clean_pred == ctx.y.cpu()
     state = Cascade(
-        ctx.x, ctx.y, ctx.threat, ctx.judge, correct.clone(), clean_pred.clone(), shards=ctx.shards
+        ctx.x,
+        ctx.y,
+        ctx.threat,
+        ctx.judge,
+        correct.clone(),
+        clean_pred.clone(),
+        shards=ctx.shards,
+        attackable=ctx.attackable,
     )
     steps = suite_attacks(ctx.settings.suite, ctx.threat, ctx.n_classes, ctx.seed, ctx.batch_size)
     naive = _naive(ctx, correct, clean_pred) if ctx.repaired_outputs else None
@@ -176,6 +223,88 @@ def _evaluate(ctx: EvalContext) -> Report:
     return _report(ctx, state, correct, clean_pred, found, escalations)
 
 
+@dataclass
+class Positive:
+    """The positive class's figures (``Report.positive_metrics``) and the cascade run at its
+    operating point (None when none ran)."""
+
+    figures: dict[str, Any]
+    operating: Cascade | None
+
+
+def _positive(
+    ctx: EvalContext, state: Cascade, clean_pred: Tensor, clean: Tensor, adversarial: Tensor
+) -> Positive:
+    """Recall, precision, PR-AUC and ROC-AUC of the positive class, clean and attacked (logits
+    ``clean`` and ``adversarial``: the latter at each point's worst case, clean where nothing
+    broke it), and the recall at the operating point of false-positive rate ``fpr``."""
+    positive, fpr = ctx.settings.positive_class, ctx.settings.fpr
+    assert positive is not None
+    yc = ctx.y.cpu()
+    clean_scores = metrics.positive_score(clean, positive)
+    figures: dict[str, Any] = {
+        "positive_class": positive,
+        "score": "z_p - max_{c != p} z_c (two classes: the log-odds of the positive class)",
+        "clean": metrics.positive_class_metrics(yc, clean_pred, clean_scores, positive),
+        "attacked": metrics.positive_class_metrics(
+            yc, state.adv_pred.cpu(), metrics.positive_score(adversarial, positive), positive
+        ),
+    }
+    operating = None
+    if fpr is not None:
+        figures["at_fpr"], operating = evaluate_operating_point(
+            ctx, state, clean_scores, positive, fpr
+        )
+    return Positive(figures, operating)
+
+
+def _losses(ctx: EvalContext, cascades: Sequence[Cascade]) -> dict[str, Any]:
+    """The loss of every step run (argmax cascade, escalations, operating point), and the
+    losses skipped with the reason."""
+    per_step: dict[str, str] = {}
+    for cascade in cascades:
+        per_step.update(cascade.losses)
+    return {
+        "per_step": per_step,
+        "used": sorted(set(per_step.values())),
+        "skipped": {"dlr": DLR_SKIPPED} if binary(ctx.n_classes) else {},
+    }
+
+
+def _feasibility(ctx: EvalContext, cascades: Sequence[Cascade]) -> dict[str, Any] | None:
+    """Feasibility of the adversarial points counted (every cascade's, the operating point's
+    borrowed argmax points once) under ``threat.constraints``, the refused outputs, and the
+    constraint set; None without constraints and refusals."""
+    constraints = getattr(ctx.threat, "constraints", None)
+    refused: dict[str, int] = {}
+    for cascade in cascades:
+        for name, count in cascade.refused.items():
+            refused[name] = refused.get(name, 0) + count
+    if constraints is None and not refused:
+        return None
+    points, clean = [], []
+    for cascade in cascades:
+        rows = [
+            i for i, by in enumerate(cascade.broken_by) if by not in (None, "clean", FROM_ARGMAX)
+        ]
+        if rows:
+            index = torch.tensor(rows, dtype=torch.int64)
+            points.append(cascade.x_adv[index.to(cascade.x_adv.device)])
+            clean.append(cascade.x[index.to(cascade.x.device)])
+    count = sum(len(p) for p in points)
+    feasible = None
+    if count and constraints is not None:
+        feasible = int(constraints.feasible(torch.cat(points), torch.cat(clean)).sum())
+    return {
+        "adversarial_points": count,
+        "feasible": feasible,
+        "feasible_share": None if feasible is None or not count else feasible / count,
+        "refused": sum(refused.values()),
+        "refused_by_step": refused,
+        "constraints": None if constraints is None else constraints.describe(),
+    }
+
+
 def _naive(ctx: EvalContext, correct: Tensor, clean_pred: Tensor) -> Cascade:
     """What a naive evaluation would have said of a model that needed wrapping: the cascade's
     first attack on the model as it is, judged by its own argmax."""
@@ -187,6 +316,7 @@ def _naive(ctx: EvalContext, correct: Tensor, clean_pred: Tensor) -> Cascade:
         correct.clone(),
         clean_pred.clone(),
         shards=ctx.shards,
+        attackable=ctx.attackable,
     )
     naive.run(gradient_step(ctx.threat, batch_size=ctx.batch_size).seeded(ctx.seed), ctx.model)
     return naive
@@ -200,7 +330,7 @@ def _cascade(
     for step in steps:
         square = step.name == "square"
         if square:
-            run.white_box_survivors = int(state.standing.sum())
+            run.white_box_survivors = len(state.indices())
             run.ran_square = True
         broken_before = ~state.standing & correct
         broke = state.run(step, attack_model)
@@ -235,6 +365,7 @@ def _report(
         "adversarial": metrics.classification_metrics(yc, pred_adv, ctx.n_classes),
     }
     ran_min_norm = threat.norm in ("linf", "l2")
+    attackable = ctx.attackable
     per_sample = [
         {
             "index": i,
@@ -246,9 +377,23 @@ def _report(
             if state.broken_by[i] not in (None, "clean")
             else None,
             "min_norm": float(margins[i]) if ran_min_norm else None,
+            **({} if settings.attack_classes is None else {"attacked": bool(attackable[i])}),
         }
         for i in range(len(x))
     ]
+    positive = (
+        None
+        if settings.positive_class is None
+        else _positive(ctx, state, pred_clean, logits_clean, logits_adv)
+    )
+    cascades = (
+        [state]
+        if positive is None or positive.operating is None
+        else [
+            state,
+            positive.operating,
+        ]
+    )
     shown = _example_rows(state, correct, settings.examples)
     return Report(
         clean_accuracy=clean_acc,
@@ -257,7 +402,7 @@ def _report(
         robustness_score=robustness_score(clean_acc, robust_acc),
         diagnostics=found,
         escalations=escalations,
-        robust_margin=metrics.margin_summary(margins, correct) if ran_min_norm else {},
+        robust_margin=metrics.margin_summary(margins, correct & attackable) if ran_min_norm else {},
         accuracy_vs_eps=curve if ran_min_norm else [(threat.eps, robust_acc)],
         adversarial_radius=metrics.adversarial_radius(curve, clean_acc, settings.radius_threshold)
         if ran_min_norm
@@ -301,6 +446,10 @@ def _report(
             "clean_pred": pred_clean[shown],
             "adv_pred": pred_adv[shown],
         },
+        losses=_losses(ctx, cascades),
+        attack_classes=None if settings.attack_classes is None else list(settings.attack_classes),
+        positive_metrics=None if positive is None else positive.figures,
+        feasibility=_feasibility(ctx, cascades),
     )
 
 
@@ -309,7 +458,7 @@ def _diagnostics(
 ) -> list[Check]:
     """The gradient-masking checks, on up to ``diagnostics_points`` correctly classified points,
     each attack seeded from its check's name."""
-    subset = _subset(correct, ctx.settings.diagnostics_points, ctx.seed)
+    subset = _subset(correct & ctx.attackable, ctx.settings.diagnostics_points, ctx.seed)
     xs, ys = state.x[subset], state.y[subset]
     model, judge, threat = ctx.attack_model, ctx.judge, ctx.threat
     found = [
