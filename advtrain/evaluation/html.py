@@ -12,20 +12,24 @@ Agg canvas and inlined as ``data:`` URIs: the page loads nothing from anywhere.
 from __future__ import annotations
 
 import base64
-import html
 import io
-import json
 import math
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from .findings import VERDICT
+from .html_format import DASH, number, percent
+from .html_format import escape as _e
+from .html_format import metric as _metric
+from .html_format import table as _table
+from .html_tabular import feasibility_line as _feasibility
+from .html_tabular import losses_note as _losses
+from .html_tabular import positive_section as _positive
 
-__all__ = ["number", "percent", "render_html"]
+__all__ = ["DASH", "number", "percent", "render_html"]
 
-DASH = "\u2014"
 #: Settings shown in the summary table; the rest go to the "all settings" table.
 SUMMARY_SETTINGS = ("norm", "eps", "suite", "n", "seconds")
 SIDES = {"clean": "clean", "adversarial": "adversarial", "adv": "adversarial"}
@@ -81,45 +85,6 @@ summary { cursor: pointer; color: #3d6fb6; }
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def percent(value: Any) -> str:
-    """A fraction as a percentage with 2 decimals (``0.975`` -> ``97.50%``); dash if missing."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return DASH
-    return f"{value:.2%}"
-
-
-def number(value: Any) -> str:
-    """Floats with 4 significant digits, integers and strings as they are, anything else as
-    compact JSON; ``None`` and non-finite floats as a dash."""
-    if value is None:
-        return DASH
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return format(value, ".4g") if math.isfinite(value) else DASH
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True)
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _metric(key: str, text: str, tag: str = "td", css: str = "num") -> str:
-    """One element holding one figure, tagged ``data-metric="key"``."""
-    klass = f' class="{css}"' if css else ""
-    return f'<{tag}{klass} data-metric="{_e(key)}">{_e(text)}</{tag}>'
-
-
-def _table(header: Sequence[str], rows: Iterable[str], css: str = "") -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    klass = f' class="{css}"' if css else ""
-    return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 # --------------------------------------------------------------------------- pictures
@@ -334,22 +299,6 @@ def _attacks(d: dict[str, Any]) -> str:
     )
 
 
-def _losses(losses: dict[str, Any]) -> str:
-    """The losses that ran, and those skipped with the reason."""
-    used = losses.get("used") or []
-    skipped = losses.get("skipped") or {}
-    if not used and not skipped:
-        return ""
-    parts = [
-        "Losses used: " + _metric("losses:used", ", ".join(map(str, used)) or DASH, "span", "")
-    ]
-    parts += [
-        f"{_e(name)}: " + _metric(f"losses:skipped:{name}", str(why), "span", "")
-        for name, why in skipped.items()
-    ]
-    return "<p class='note'>" + ". ".join(parts) + ".</p>"
-
-
 def _escalations(d: dict[str, Any]) -> str:
     escalations = d.get("escalations") or []
     if not escalations:
@@ -404,39 +353,6 @@ def _diagnostics(d: dict[str, Any]) -> str:
         + _table(("check", "severity", "verdict", "detail"), rows)
         + _feasibility(d)
     )
-
-
-def _feasibility(d: dict[str, Any]) -> str:
-    """One line: how many adversarial points satisfy every constraint, the refused outputs,
-    and the constraint set (in a fold)."""
-    feasibility = d.get("feasibility")
-    if not feasibility:
-        return ""
-    count = feasibility.get("adversarial_points")
-    share = feasibility.get("feasible_share")
-    line = (
-        "Feasibility: "
-        + _metric("feasibility:feasible_share", percent(share), "span", "")
-        + " of "
-        + _metric("feasibility:adversarial_points", number(count), "span", "")
-        + " adversarial points satisfy every constraint; "
-        + _metric("feasibility:refused", number(feasibility.get("refused")), "span", "")
-        + " attack outputs refused as outside the threat model"
-    )
-    by_step = feasibility.get("refused_by_step") or {}
-    if by_step:
-        line += " (" + ", ".join(f"{_e(k)}: {_e(number(v))}" for k, v in by_step.items()) + ")"
-    constraints = feasibility.get("constraints")
-    fold = ""
-    if constraints is not None:
-        text = json.dumps(constraints, indent=1, sort_keys=True)
-        fold = (
-            "<details><summary>constraint set</summary>"
-            f'<pre data-metric="feasibility:constraints">{_e(text)}</pre></details>'
-        )
-    else:
-        line += "; no feature constraints"
-    return f"<p class='note feasibility'>{line}.</p>{fold}"
 
 
 def _curve(d: dict[str, Any]) -> str:
@@ -596,58 +512,6 @@ def _classification(d: dict[str, Any]) -> str:
         return ""
     return (
         "<h2>Per-class precision, recall and F1</h2><div class='side'>" + "".join(tables) + "</div>"
-    )
-
-
-POSITIVE_FIGURES = (
-    ("recall", "recall"),
-    ("precision", "precision"),
-    ("pr_auc", "PR-AUC (average precision)"),
-    ("roc_auc", "ROC-AUC"),
-)
-
-
-def _positive(d: dict[str, Any]) -> str:
-    """The positive class's recall, precision, PR-AUC and ROC-AUC clean and attacked, and its
-    recall at the operating point of a fixed false-positive rate."""
-    figures = d.get("positive_metrics")
-    if not figures:
-        return ""
-    clean, attacked = figures.get("clean") or {}, figures.get("attacked") or {}
-    rows = [
-        f"<tr><td>{_e(label)}</td>"
-        + _metric(f"positive:clean:{key}", percent(clean.get(key)))
-        + _metric(f"positive:attacked:{key}", percent(attacked.get(key)))
-        + "</tr>"
-        for key, label in POSITIVE_FIGURES
-    ]
-    at = figures.get("at_fpr") or {}
-    if at.get("threshold") is not None:
-        rows.append(
-            f"<tr><td>recall at false-positive rate \u2264 {_e(number(at.get('fpr')))}</td>"
-            + _metric("positive:at_fpr:recall_clean", percent(at.get("recall_clean")))
-            + _metric("positive:at_fpr:recall_attacked", percent(at.get("recall_attacked")))
-            + "</tr>"
-        )
-    note = (
-        f"Class {_e(figures.get('positive_class'))}. Scores: {_e(figures.get('score'))}; "
-        "attacked scores are those of each point's adversarial example (its clean score where "
-        "no attack broke it or it was not attacked)."
-    )
-    if at.get("threshold") is not None:
-        note += (
-            " Operating point: threshold "
-            + _metric("positive:at_fpr:threshold", number(at.get("threshold")), "span", "")
-            + ", clean false-positive rate "
-            + _metric("positive:at_fpr:clean_fpr", percent(at.get("clean_fpr")), "span", "")
-            + f"; {_e(at.get('method'))}."
-        )
-    elif at.get("note"):
-        note += f" {_e(at['note'])}."
-    return (
-        "<h2>Positive class</h2>"
-        + f"<p class='note'>{note}</p>"
-        + _table(("figure", "clean", "attacked"), rows)
     )
 
 
