@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import AdvtrainError
-from .loading import load_model_and_data
+from .loading import load_model_and_data, parse_classes
 from .processes import echo, leave_process_group, speaker, torchrun
 
 if TYPE_CHECKING:
@@ -57,6 +57,18 @@ if TYPE_CHECKING:
     help="Also write a self-contained HTML report (not with --suite pgd).",
 )
 @click.option(
+    "--attack-classes",
+    help="Attack only the rows of these true classes (comma-separated class names or "
+    "indices, e.g. 1 for the fraud rows of a fraud table); the others keep their clean "
+    "prediction.",
+)
+@click.option(
+    "--fpr",
+    type=float,
+    help="With a positive class: the false-positive rate of the operating point whose recall "
+    "is reported clean and attacked (default 0.01).",
+)
+@click.option(
     "--nproc",
     type=click.IntRange(min=1),
     default=1,
@@ -83,6 +95,8 @@ def evaluate(
     device: str,
     json_path: str | None,
     html_path: str | None,
+    attack_classes: str | None,
+    fpr: float | None,
     nproc: int,
 ) -> None:
     """Robustness of a trained run (RUN_DIR) or of a model file with weights.
@@ -137,7 +151,9 @@ def evaluate(
         seed=seed,
         batch_size=batch_size,
         n_classes=data.info.n_classes,
-        positive_class=1 if data.info.n_classes == 2 else None,
+        positive_class=data.info.positive_class,
+        attack_classes=parse_classes(attack_classes, data.info.classes),
+        fpr=0.01 if fpr is None else fpr,
     )
     report.settings["dataset"] = dataset
     _say_report(say, report, threat.norm)
@@ -206,11 +222,37 @@ def _say_report(say: Callable[[str], None], report: Report, norm: str) -> None:
             f"  escalated ({step.reason}): {step.action}; robust accuracy "
             f"{step.robust_before:.2%} -> {step.robust_after:.2%}"
         )
+    _say_positive(say, report)
     if report.robust_margin.get("median") is not None:
         radius = report.adversarial_radius
         say(
             f"  median robust margin {report.robust_margin['median']:.4g} ({norm}); "
             f"adversarial radius {'-' if radius is None else format(radius, '.4g')}"
+        )
+
+
+def _say_positive(say: Callable[[str], None], report: Report) -> None:
+    """The positive class's figures, clean and attacked, and its recall at the operating point."""
+    figures = report.positive_metrics
+    if not figures:
+        return
+    clean, attacked = figures.get("clean") or {}, figures.get("attacked") or {}
+
+    def pair(key: str) -> str:
+        a, b = clean.get(key), attacked.get(key)
+        if a is None or b is None:
+            return f"{key} -"
+        return f"{key} {a:.2%} -> {b:.2%}"
+
+    say(
+        f"  positive class {figures.get('positive_class', '')} (clean -> attacked): "
+        + ", ".join(pair(k) for k in ("recall", "precision", "pr_auc", "roc_auc"))
+    )
+    at = figures.get("at_fpr") or {}
+    if at.get("recall_clean") is not None:
+        say(
+            f"  recall at FPR {at['fpr']:.2%}: {at['recall_clean']:.2%} clean, "
+            f"{at['recall_attacked']:.2%} attacked (threshold {at['threshold']:.4g})"
         )
 
 

@@ -33,6 +33,24 @@ def check_output_paths(paths: dict[str, Path]) -> None:
         seen[key] = flag
 
 
+def parse_classes(text: str | None, classes: tuple[str, ...]) -> list[int] | None:
+    """``--attack-classes``: comma-separated class names or indices, as class indices."""
+    if text is None:
+        return None
+    chosen = []
+    for part in (p.strip() for p in text.split(",")):
+        if part in classes:
+            chosen.append(classes.index(part))
+        elif part.isdigit() and int(part) < len(classes):
+            chosen.append(int(part))
+        else:
+            raise AdvtrainError(
+                f"--attack-classes: {part!r} is not a class; the classes are "
+                + ", ".join(f"{i}={name}" for i, name in enumerate(classes))
+            )
+    return sorted(set(chosen))
+
+
 @dataclass
 class Loaded:
     """A model and its dataset, as named on the command line (``evaluate`` and ``attack``)."""
