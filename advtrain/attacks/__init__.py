@@ -6,6 +6,7 @@ from .base import Attack, MinNormAttack, MinNormResult, Outcome, frozen
 from .cw import CarliniWagnerL2
 from .deepfool import DeepFool
 from .fab import FAB, FABT
+from .feature_search import FeatureSearch
 from .fgsm import FGSM
 from .hop_skip_jump import HopSkipJump
 from .pgd import PGD
@@ -28,6 +29,7 @@ __all__ = [
     "Attack",
     "CarliniWagnerL2",
     "DeepFool",
+    "FeatureSearch",
     "FullQueries",
     "HopSkipJump",
     "MinNormAttack",

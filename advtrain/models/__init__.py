@@ -6,6 +6,7 @@ Every model maps a batch of inputs to logits (no softmax).
 from .checks import check_model_output
 from .preact_resnet import PreActBlock, PreActResNet
 from .registry import BUILDERS, MODELS, build_model
+from .trees import TreeEnsemble, load_tree_model
 from .user import load_user_model
 
 __all__ = [
@@ -13,7 +14,9 @@ __all__ = [
     "MODELS",
     "PreActBlock",
     "PreActResNet",
+    "TreeEnsemble",
     "build_model",
     "check_model_output",
+    "load_tree_model",
     "load_user_model",
 ]
