@@ -242,7 +242,9 @@ def test_points_already_misclassified_are_left_alone(name):
     attack = make_attack(name, threat=threat, seed=0, **small_budget(ATTACKS[name]))
     x_adv = attack(model, x, y)
     assert torch.equal(x_adv[wrong], x[wrong])
-    assert attack.screens_clean_points == (name not in ("square", "hsj", "pgd", "fgsm"))
+    assert attack.screens_clean_points == (
+        name not in ("square", "feature-search", "hsj", "pgd", "fgsm")
+    )
     if attack.screens_clean_points:
         alone = make_attack(name, threat=threat, seed=0, **small_budget(ATTACKS[name]))
         assert torch.equal(x_adv[~wrong], alone(model, x[~wrong], y[~wrong]))
@@ -370,8 +372,8 @@ def test_bad_attack_inputs():
     with pytest.raises(
         UnknownNameError,
         match=(
-            "choose one of: apgd-ce, apgd-dlr, apgd-t, cw-l2, deepfool, fab, fab-t, fgsm, hsj, "
-            "pgd, square"
+            "choose one of: apgd-ce, apgd-dlr, apgd-t, cw-l2, deepfool, fab, fab-t, "
+            "feature-search, fgsm, hsj, pgd, square"
         ),
     ):
         make_attack("deepfool-9000", eps=0.1)

@@ -305,3 +305,24 @@ def test_black_box_evaluation_counts_only_feasible_rows(tmp_path: Path) -> None:
     integers = raw_adv[:, 2:5]
     assert bool(((integers - integers.round()).abs() < 1e-4).all())  # float32 storage aside
     assert bool((raw_adv[:, 2] <= raw_adv[:, 3] + 1e-4).all())  # tx_1h <= tx_24h
+
+
+def test_black_box_attack_classes_and_refusals(tmp_path: Path) -> None:
+    x, binary, _ = toy_table(360)
+    path = tmp_path / "model.json"
+    xgboost_model(x[:300], binary[:300]).save_model(str(path))
+    model = load_tree_model(path)
+    z, y = as_rows(x[300:]), torch.tensor(binary[300:])
+    threat = ThreatModel(norm="l2", eps=0.15)
+    report = evaluate_black_box(model, z, y, threat, queries=60, attack_classes=[1])
+    assert report.attack_classes == [1] and report.settings["norm"] == "l2"
+    for sample in report.per_sample:
+        assert sample["attacked"] == (sample["label"] == 1)
+        if sample["label"] == 0:  # never attacked: keeps its clean prediction
+            assert sample["broken_by"] in (None, "clean")
+            assert sample["adv_pred"] == sample["clean_pred"]
+    assert any(s["broken_by"] not in (None, "clean") for s in report.per_sample)
+    with pytest.raises(AdvtrainError, match="finite linf or l2 threat model, got l1"):
+        evaluate_black_box(model, z, y, ThreatModel(norm="l1", eps=1.0))
+    with pytest.raises(AdvtrainError, match="attack_classes: 4 is not a class"):
+        evaluate_black_box(model, z, y, threat, attack_classes=[4])

@@ -137,7 +137,9 @@ def evaluate_black_box(
         clean_pred = logits_clean.argmax(1)
         correct = clean_pred == y.cpu()
         attackable = (
-            None if checked is None else torch.isin(y.cpu(), torch.tensor(checked, dtype=y.dtype))
+            torch.ones(len(x), dtype=torch.bool)
+            if checked is None
+            else torch.isin(y.cpu(), torch.tensor(checked, dtype=y.dtype))
         )
         state = Cascade(
             x,
