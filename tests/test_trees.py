@@ -268,7 +268,13 @@ def test_black_box_evaluation_of_an_xgboost_model(tmp_path: Path) -> None:
     assert all(s["adv_pred"] != s["label"] for s in adversarial)
     assert report.positive_metrics is not None
     assert report.to_dict()["settings"]["suite"] == "black-box"
+    assert report.losses["per_step"] == {
+        "feature-search": "cw",
+        "hop-skip-jump": "labels only",
+        "transfer": "ce on the surrogate",
+    }
     report.to_json(tmp_path / "report.json")
+    assert "black-box" in report.to_html(tmp_path / "report.html").read_text()
     # the examples kept are the broken points first: inside the ball and misclassified
     shown = report.examples
     count = min(len(broken), len(shown["x"]))

@@ -36,7 +36,7 @@ from ..errors import AdvtrainError
 from ..threat import ThreatModel
 from ..util import check_positive_int
 from . import metrics
-from .cascade import Cascade, Step
+from .cascade import Cascade, Step, step_loss
 from .context import argmax, check_classes
 from .report import Report, robustness_score
 from .shards import Shards
@@ -61,12 +61,13 @@ def black_box_steps(
     """The black-box cascade: feature search (``queries`` per point), HopSkipJump (``queries``
     per point), and transfer from ``surrogate`` (PGD-40 on it, every step taken) when given;
     each attack seeded from its name (:meth:`.cascade.Step.seeded`)."""
+    search, labels, transfer = BLACK_BOX_STEPS
     steps = [
-        Step("feature-search", FeatureSearch(threat, n_queries=queries, batch_size=batch_size)),
-        Step("hop-skip-jump", HopSkipJump(threat, n_queries=queries, batch_size=batch_size)),
+        Step(search, FeatureSearch(threat, n_queries=queries, batch_size=batch_size)),
+        Step(labels, HopSkipJump(threat, n_queries=queries, batch_size=batch_size)),
     ]
     if surrogate is not None:
-        steps.append(Step("transfer", Transfer(surrogate, threat, batch_size=batch_size)))
+        steps.append(Step(transfer, Transfer(surrogate, threat, batch_size=batch_size)))
     return [step.seeded(seed) for step in steps]
 
 
@@ -156,6 +157,8 @@ def evaluate_black_box(
         )
         for step in steps:
             state.run(step, model)
+            if isinstance(step.attack, Transfer):  # the loss it ascends is the surrogate's
+                state.losses[step.name] = f"{step_loss(step.attack.crafting)} on the surrogate"
         logits_adv = shards.map(lambda rows: _scores(model, rows, batch_size), state.x_adv, seed)
     return _report(
         state,
