@@ -2,6 +2,7 @@
 
 from .attack_run import AttackRun, run_attack
 from .basic import AccuracyPair, clean_and_robust_accuracy, predict
+from .black_box import evaluate_black_box
 from .findings import Check, CheckName, Escalation
 from .report import ClassMetrics, Report, robustness_score
 from .suite import evaluate
@@ -18,6 +19,7 @@ __all__ = [
     "TransferReport",
     "clean_and_robust_accuracy",
     "evaluate",
+    "evaluate_black_box",
     "predict",
     "robustness_score",
     "run_attack",

@@ -293,6 +293,11 @@ def _attacks(d: dict[str, Any]) -> str:
         "<h2>Attacks</h2><p class='note'>Robust accuracy after each attack of the cascade, "
         "in the order run (each counts the points still standing after it and all before "
         "it).</p>"
+        + (
+            f"<p class='note'><b>{_e(str(d['settings']['note']))}</b></p>"
+            if d.get("settings", {}).get("note")
+            else ""
+        )
         + _table(("attack", "robust accuracy", "drop", "loss", ""), rows)
         + _losses(losses)
         + fell
