@@ -696,13 +696,15 @@ def test_warmup_eps_counts_replays_as_epochs():
 
 
 def _scripted_validation(trainer, figures):
-    """Make ``trainer._validate`` return ``figures[epoch - 1]``; returns the weights seen at
-    each validation, by epoch."""
+    """Make ``trainer._validate`` return ``figures[epoch - 1]`` (clean and robust accuracy);
+    returns the weights seen at each validation, by epoch."""
+    from advtrain.training.validation import EpochFigures
+
     states: list[dict[str, torch.Tensor]] = []
 
     def scripted():
         states.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
-        return figures[len(states) - 1]
+        return EpochFigures(*figures[len(states) - 1])
 
     trainer._validate = scripted
     return states

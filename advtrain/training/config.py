@@ -50,6 +50,14 @@ class TrainConfig:
     a ``torch.compile`` backend (``inductor``, ...) for the model inside the training loss;
     ``sync_batchnorm`` computes BatchNorm statistics over the global batch when several processes
     train (torchrun).
+
+    For imbalanced data: ``class_weight`` ``"balanced"`` draws each epoch's batches so that every
+    class fills an equal share of them (see :mod:`advtrain.training.sampling`; ``None``: a plain
+    shuffle); ``select_by`` names the validation figure that keeps the best epoch and drives
+    ``early_stop``: ``robust-accuracy``, ``robust-recall`` (the positive class's recall under the
+    validation PGD) or ``pr-auc`` (its average precision under that PGD); ``auto`` is
+    ``robust-recall`` on a dataset with a positive class and ``robust-accuracy`` otherwise (see
+    :meth:`selection`).
     """
 
     dataset: str = "digits"
@@ -89,6 +97,8 @@ class TrainConfig:
     channels_last: str = "auto"
     compile: str = "off"
     sync_batchnorm: bool = False
+    class_weight: str | None = None
+    select_by: str = "auto"
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch_size")
@@ -154,6 +164,19 @@ class TrainConfig:
             return self.ema_decay
         return FGSM_EMA_DECAY if self.method in FGSM_TYPE else 0.0
 
+    def selection(self, positive_class: int | None, dataset: str = "the dataset") -> str:
+        """The figure that keeps the best epoch: ``select_by`` with ``auto`` resolved
+        (``robust-recall`` when ``positive_class`` is set, else ``robust-accuracy``); a one-line
+        error when a positive-class figure is asked of ``dataset`` without a positive class."""
+        if self.select_by == "auto":
+            return "robust-accuracy" if positive_class is None else "robust-recall"
+        if self.select_by in POSITIVE_FIGURES and positive_class is None:
+            raise AdvtrainError(
+                f"select_by {self.select_by!r} needs a dataset with a positive class; "
+                f"{dataset} has none (use robust-accuracy)"
+            )
+        return self.select_by
+
     def _check_training_options(self) -> None:
         object.__setattr__(self, "method_options", _method_options(self.method_options))
         object.__setattr__(self, "augment", _augment_names(self.augment))
@@ -202,7 +225,23 @@ class TrainConfig:
             raise AdvtrainError(
                 f"co_threshold must be a number in (0, 1], got {self.co_threshold!r}"
             )
+        self._check_imbalance_options()
         self._check_runtime_options()
+
+    def _check_imbalance_options(self) -> None:
+        weight = self.class_weight
+        if isinstance(weight, str) and weight.strip().lower() == "none":
+            weight = None
+        if weight is not None and weight not in CLASS_WEIGHTS:
+            raise AdvtrainError(
+                f"unknown class_weight {self.class_weight!r}; choose {', '.join(CLASS_WEIGHTS)} "
+                "(or leave it unset for a plain shuffle)"
+            )
+        object.__setattr__(self, "class_weight", weight)
+        if self.select_by not in SELECT_BY:
+            raise AdvtrainError(
+                f"unknown select_by {self.select_by!r}; choose one of: {', '.join(SELECT_BY)}"
+            )
 
     def _check_runtime_options(self) -> None:
         if not isinstance(self.tensorboard, bool):
@@ -244,6 +283,12 @@ AMP = ("auto", "off", "bf16", "fp16")
 #: ``off`` or a ``torch.compile`` backend.
 COMPILE = ("off", "inductor", "aot_eager", "eager")
 CHANNELS_LAST = ("auto", "on", "off")
+#: ``class_weight`` values (``None``: none).
+CLASS_WEIGHTS = ("balanced",)
+#: ``select_by`` values: the validation figure that keeps the best epoch.
+SELECT_BY = ("auto", "robust-accuracy", "robust-recall", "pr-auc")
+#: The ``select_by`` figures that need a positive class.
+POSITIVE_FIGURES = ("robust-recall", "pr-auc")
 #: Options of the attack inside training, which have their own configuration keys.
 _RESERVED_OPTIONS = {"steps": "attack_steps", "step_size": "attack_step_size", "threat": "eps/norm"}
 

@@ -3,9 +3,12 @@
 After each epoch the trainer appends its :class:`~advtrain.training.records.EpochRecord` to the
 run's history and hands an :class:`EpochEnd` to each observer in turn:
 
-- :class:`BestEpoch` keeps the best epoch's weights (``model.safetensors``): the most robust on
-  the validation split for adversarial methods, Rice, Wong & Kolter (2020) having shown robust
-  overfitting; the most accurate for standard training;
+- :class:`BestEpoch` keeps the best epoch's weights (``model.safetensors``) by the run's
+  validation figure (``select_by``, see :func:`selection_key`): the most robust on the
+  validation split for adversarial methods, Rice, Wong & Kolter (2020) having shown robust
+  overfitting; the most accurate for standard training; on a dataset with a positive class
+  (fraud) by default its robust recall, since there a model that flags nothing has the
+  majority class's share as its robust accuracy;
 - :class:`RunFiles` writes the latest epoch (``last.safetensors``) and ``metrics.jsonl``;
 - :class:`TensorBoard` logs the epoch's figures; :class:`EpochLog` says one line;
 - :class:`CatastrophicWatch` and :class:`EarlyStop` decide whether the run stops;
@@ -100,19 +103,69 @@ class _Writer:
             save_checkpoint(self.run_dir / name, model.state_dict(), meta)
 
 
-class BestEpoch(EpochObserver):
-    """Keeps the best epoch so far (its weights in memory and in :data:`BEST`). Adversarial
-    methods rank epochs by (robust, clean) validation accuracy, ``standard`` training by (clean,
-    robust); a tie keeps the earlier epoch."""
+#: A figure a record lacks (no positive class, or undefined) ranks below every real one.
+MISSING = -1.0
 
-    def __init__(self, robust_first: bool, run_dir: Path | None, meta: dict[str, Any]) -> None:
-        self.robust_first = robust_first
+#: What each ``select_by`` figure ranks by: the record fields, the robust version's names
+#: (the clean version's are the same with ``clean`` for ``robust``).
+SELECTION_FIELDS = {
+    "robust-accuracy": ("val_robust_accuracy", "val_clean_accuracy"),
+    "robust-recall": ("val_robust_recall", "val_robust_pr_auc", "val_robust_accuracy"),
+    "pr-auc": ("val_robust_pr_auc", "val_robust_recall", "val_robust_accuracy"),
+}
+
+#: The words the log and the early stop use for each figure.
+SELECTION_NAMES = {
+    "robust-accuracy": "validation accuracy",
+    "robust-recall": "robust recall of the positive class",
+    "pr-auc": "robust PR-AUC of the positive class",
+}
+
+
+def selection_key(record: EpochRecord, select_by: str, robust_first: bool) -> tuple[float, ...]:
+    """The key by which ``record`` ranks (higher is better) for figure ``select_by`` (resolved,
+    see :meth:`~advtrain.training.config.TrainConfig.selection`).
+
+    ``robust-accuracy``: (robust, clean) accuracy, as before; ``robust-recall``: the positive
+    class's robust recall, then its robust PR-AUC, then robust accuracy; ``pr-auc``: robust
+    PR-AUC, then robust recall, then robust accuracy. Without ``robust_first`` (standard
+    training) the clean version of each figure comes first, then the robust one. A figure the
+    record lacks counts as :data:`MISSING`.
+    """
+    names = SELECTION_FIELDS[select_by]
+    if robust_first:
+        order = list(names)
+    else:
+        clean = [name.replace("robust", "clean") for name in names]
+        order = list(dict.fromkeys(clean + list(names)))
+    values = (getattr(record, name) for name in order)
+    return tuple(MISSING if value is None else float(value) for value in values)
+
+
+class BestEpoch(EpochObserver):
+    """Keeps the best epoch so far (its weights in memory and in :data:`BEST`) by
+    :func:`selection_key`: adversarial methods rank by the robust figure, ``standard`` training by
+    the clean one first; a tie keeps the earlier epoch."""
+
+    def __init__(
+        self,
+        robust_first: bool,
+        run_dir: Path | None,
+        meta: dict[str, Any],
+        select_by: str = "robust-accuracy",
+    ) -> None:
+        self.robust_first, self.select_by = robust_first, select_by
         self.writer = _Writer(run_dir, meta)
 
-    def key(self, record: EpochRecord) -> tuple[float, float]:
-        if self.robust_first:
-            return (record.val_robust_accuracy, record.val_clean_accuracy)
-        return (record.val_clean_accuracy, record.val_robust_accuracy)
+    def key(self, record: EpochRecord) -> tuple[float, ...]:
+        return selection_key(record, self.select_by, self.robust_first)
+
+    def start(self, run: RunState, resumed: bool) -> None:
+        # a checkpoint keeps its best key; rank it again as this run ranks (same result when the
+        # run's figure is the checkpoint's, which a resume with the same configuration ensures)
+        kept = [r for r in run.history if r.epoch == run.best_epoch]
+        if resumed and kept:
+            run.best_key = self.key(kept[0])
 
     def epoch_end(self, end: EpochEnd) -> None:
         run, key = end.run, self.key(end.record)
@@ -159,6 +212,10 @@ class TensorBoard(EpochObserver):
         ("accuracy/val_robust", "val_robust_accuracy"),
         ("lr", "lr"),
         ("eps", "eps"),
+        ("positive/val_clean_recall", "val_clean_recall"),
+        ("positive/val_robust_recall", "val_robust_recall"),
+        ("positive/val_clean_pr_auc", "val_clean_pr_auc"),
+        ("positive/val_robust_pr_auc", "val_robust_pr_auc"),
     )
 
     def __init__(self, run_dir: Path | None) -> None:
@@ -177,7 +234,8 @@ class TensorBoard(EpochObserver):
         if self.writer is not None:
             values = end.record.to_dict()
             for tag, name in self.SCALARS:
-                self.writer.add_scalar(tag, values[name], end.record.epoch)
+                if name in values:  # the positive class's figures only where there is one
+                    self.writer.add_scalar(tag, values[name], end.record.epoch)
             self.writer.flush()
 
     def close(self) -> None:
@@ -187,8 +245,9 @@ class TensorBoard(EpochObserver):
 
 
 class EpochLog(EpochObserver):
-    """One line per epoch: loss, validation accuracies, the learning rate when it is scheduled,
-    eps while it ramps up, and the epoch's time."""
+    """One line per epoch: loss, validation accuracies, the positive class's robust recall and
+    PR-AUC where there is one, the learning rate when it is scheduled, eps while it ramps up, and
+    the epoch's time."""
 
     def __init__(self, log: Callable[[str], None], scheduled: bool, eps: float) -> None:
         self.log, self.scheduled, self.eps = log, scheduled, eps
@@ -196,6 +255,10 @@ class EpochLog(EpochObserver):
     def epoch_end(self, end: EpochEnd) -> None:
         record = end.record
         extra = ""
+        if record.val_robust_recall is not None:
+            extra += f"  robust recall {record.val_robust_recall:.2%}"
+        if record.val_robust_pr_auc is not None:
+            extra += f"  robust PR-AUC {record.val_robust_pr_auc:.3f}"
         if self.scheduled:
             extra += f"  lr {record.lr:.3g}"
         if record.eps != self.eps:
@@ -260,10 +323,13 @@ class CatastrophicWatch(EpochObserver):
 
 
 class EarlyStop(EpochObserver):
-    """Stops the run after ``patience`` epochs without a better validation figure."""
+    """Stops the run after ``patience`` epochs without a better validation figure (the one
+    :class:`BestEpoch` keeps by, named ``figure`` in the message)."""
 
-    def __init__(self, patience: int, log: Callable[[str], None]) -> None:
-        self.patience, self.log = patience, log
+    def __init__(
+        self, patience: int, log: Callable[[str], None], figure: str = "validation accuracy"
+    ) -> None:
+        self.patience, self.log, self.figure = patience, log, figure
 
     def epoch_end(self, end: EpochEnd) -> None:
         run, epoch = end.run, end.record.epoch
@@ -273,7 +339,7 @@ class EarlyStop(EpochObserver):
             and epoch - run.best_epoch >= self.patience
         ):
             run.stop_reason = (
-                f"early stop after epoch {epoch}: no better validation accuracy for "
+                f"early stop after epoch {epoch}: no better {self.figure} for "
                 f"{self.patience} epoch(s) since epoch {run.best_epoch}, which is kept"
             )
             self.log(run.stop_reason)
@@ -312,9 +378,11 @@ def standard_observers(
     run_dir: Path | None,
     log: Callable[[str], None],
     catastrophic: str,
+    select_by: str = "robust-accuracy",
 ) -> list[EpochObserver]:
     """The observers of a run of ``config``, in the order they run (see the module docstring);
-    ``catastrophic`` is the watch's mode with ``auto`` resolved."""
+    ``catastrophic`` is the watch's mode and ``select_by`` the figure that keeps the best epoch,
+    both resolved (no ``auto``)."""
     meta = {
         "model": config.model,
         "dataset": info.name,
@@ -325,7 +393,7 @@ def standard_observers(
         "method": config.method,
     }
     found: list[EpochObserver] = [
-        BestEpoch(config.method != "standard", run_dir, meta),
+        BestEpoch(config.method != "standard", run_dir, meta, select_by),
         RunFiles(run_dir, meta),
     ]
     if config.tensorboard:
@@ -334,6 +402,6 @@ def standard_observers(
     if catastrophic != "off":
         found.append(CatastrophicWatch(catastrophic, config.co_threshold, log))
     if config.early_stop is not None:
-        found.append(EarlyStop(config.early_stop, log))
+        found.append(EarlyStop(config.early_stop, log, SELECTION_NAMES[select_by]))
     found.append(Curves(run_dir, log))
     return found

@@ -10,7 +10,13 @@ from torch import Tensor
 
 @dataclass
 class EpochRecord:
-    """What one epoch measured; ``lr`` and ``eps`` are those of its last batch."""
+    """What one epoch measured; ``lr`` and ``eps`` are those of its last batch.
+
+    On a dataset with a positive class the record also holds that class's validation recall and
+    PR-AUC, clean and under the validation attack (see :mod:`advtrain.training.validation`);
+    elsewhere they are None and left out of :meth:`to_dict`. With ``class_weight`` set, the
+    training loss and accuracy are those of the balanced batches.
+    """
 
     epoch: int
     train_loss: float
@@ -20,9 +26,13 @@ class EpochRecord:
     lr: float
     seconds: float
     eps: float
+    val_clean_recall: float | None = None
+    val_robust_recall: float | None = None
+    val_clean_pr_auc: float | None = None
+    val_robust_pr_auc: float | None = None
 
     def to_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass
@@ -32,7 +42,8 @@ class RunState:
 
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int = 0
-    best_key: tuple[float, float] | None = None
+    #: the kept epoch's ranking key (see :func:`advtrain.training.observers.selection_key`)
+    best_key: tuple[float, ...] | None = None
     best_state: dict[str, Tensor] | None = None
     global_step: int = 0
     stop_reason: str | None = None

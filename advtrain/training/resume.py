@@ -138,7 +138,7 @@ class ResumeState:
         run = RunState(
             history=[EpochRecord(**r) for r in meta["history"]],
             best_epoch=meta["best_epoch"],
-            best_key=_pair(meta["best_key"]),
+            best_key=_key(meta["best_key"]),
             best_state=best or None,
             global_step=meta["global_step"],
             stop_reason=meta["stop_reason"],
@@ -364,8 +364,8 @@ def _listed(values: tuple[Any, ...] | None) -> list[Any] | None:
     return None if values is None else list(values)
 
 
-def _pair(values: list[float] | None) -> tuple[float, float] | None:
-    return None if values is None else (float(values[0]), float(values[1]))
+def _key(values: list[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
 
 
 def _totals(values: list[Any] | None) -> Totals | None:

@@ -2,14 +2,17 @@
 
 The run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl`` (one
 line per epoch, with the learning rate and eps the epoch ended with), ``model.safetensors`` with
-its JSON sidecar (the epoch with the best robust validation accuracy, Rice et al. 2020 having
-shown robust overfitting), ``last.safetensors`` (the latest epoch), ``curves.png`` (learning
-curves), ``summary.json`` (test accuracies of the kept model), optionally ``tensorboard/``, and
+its JSON sidecar (the epoch with the best robust validation figure, Rice et al. 2020 having
+shown robust overfitting: robust accuracy, or the positive class's robust recall or PR-AUC, see
+``select_by``), ``last.safetensors`` (the latest epoch), ``curves.png`` (learning curves),
+``summary.json`` (test figures of the kept model), optionally ``tensorboard/``, and
 two resume checkpoints ``resume-0.safetensors`` / ``resume-1.safetensors`` with their sidecars
 (see :mod:`advtrain.training.resume`).
 
 The loop is here; the rest has its own module: the method (:mod:`~advtrain.training.method`),
-the computing set-up (:mod:`~advtrain.training.runtime`), what happens after each epoch
+the computing set-up (:mod:`~advtrain.training.runtime`), the order of an epoch's rows
+(:mod:`~advtrain.training.sampling`: a shuffle or a class-balanced draw), what is measured after
+each epoch (:mod:`~advtrain.training.validation`), what happens then
 (:mod:`~advtrain.training.observers`: best epoch, files, log, stop rules, curves, TensorBoard)
 and resuming (:mod:`~advtrain.training.resume`).
 """
@@ -29,7 +32,6 @@ from .. import distributed
 from ..attacks import PGD
 from ..data import Dataset
 from ..data.base import Split
-from ..evaluation import clean_and_robust_accuracy
 from ..util import atomic_write_json, atomic_write_text
 from . import observers as obs
 from .augment import make_augment
@@ -41,7 +43,9 @@ from .progress import EpochBar
 from .records import EpochRecord, RunState, TrainResult
 from .resume import Partial, RankState, ResumeState, Totals, clear_slots, read_newest, unfit
 from .runtime import make_optimizer, make_runtime
+from .sampling import epoch_order
 from .schedules import get_schedule, warmup_eps
+from .validation import EpochFigures, measure
 
 __all__ = ["EpochRecord", "TrainResult", "Trainer"]
 
@@ -108,13 +112,21 @@ class Trainer:
         if self.catastrophic == "auto":
             self.catastrophic = "stop" if config.method in FGSM_TYPE else "off"
         self.optimizer = make_optimizer(self.model, config)
+        self.positive_class = data.info.positive_class
+        self.select_by = config.selection(self.positive_class, repr(data.info.name))
         # Every rank reads the run directory (resume); only rank 0 writes to it and speaks.
         self.source_dir = None if run_dir is None else Path(run_dir)
         self.run_dir = self.source_dir if self.rank == 0 else None
         self.progress = progress and self.rank == 0
         self.log: Callable[[str], None] = (log if self.rank == 0 else None) or (lambda line: None)
         self.observers = obs.standard_observers(
-            config, data.info, self.threat, self.run_dir, self.log, self.catastrophic
+            config,
+            data.info,
+            self.threat,
+            self.run_dir,
+            self.log,
+            self.catastrophic,
+            self.select_by,
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self._reset_state()
@@ -154,21 +166,27 @@ class Trainer:
         elif self.average is not None:
             self.model.load_state_dict(self.average.state_dict())
         test_attack = self.test_attack()
-        test_clean, test_robust = self._measure(self.data.test, test_attack, self.model)
+        test = self._measure(self.data.test, test_attack, self.model)
+        extra = {
+            "test_attack": repr(test_attack),
+            "eps": self.threat.eps,
+            "norm": self.threat.norm,
+            "epochs_run": len(self.state.history),
+            "stop_reason": self.state.stop_reason,
+            "warnings": list(self.state.warnings),
+            "select_by": self.select_by,
+            "class_weight": cfg.class_weight,
+        }
+        if self.positive_class is not None:
+            extra["positive_class"] = self.positive_class
+            extra.update({f"test_{k}": v for k, v in test.positive().items()})
         result = TrainResult(
             best_epoch=self.state.best_epoch,
             history=list(self.state.history),
-            test_clean_accuracy=test_clean,
-            test_robust_accuracy=test_robust,
+            test_clean_accuracy=test.clean_accuracy,
+            test_robust_accuracy=test.robust_accuracy,
             seconds=time.perf_counter() - start,
-            extra={
-                "test_attack": repr(test_attack),
-                "eps": self.threat.eps,
-                "norm": self.threat.norm,
-                "epochs_run": len(self.state.history),
-                "stop_reason": self.state.stop_reason,
-                "warnings": list(self.state.warnings),
-            },
+            extra=extra,
         )
         if self.run_dir is not None:
             atomic_write_json(self.run_dir / "summary.json", result.to_dict())
@@ -196,13 +214,13 @@ class Trainer:
     def _epoch(self, epoch: int, generator: torch.Generator) -> EpochRecord:
         cfg = self.config
         start = time.perf_counter()
-        n, size, batches = len(self.data.train), cfg.batch_size, self.batches_per_epoch
+        size, batches = cfg.batch_size, self.batches_per_epoch
         partial, self._partial = self._partial, None
         self.method.on_epoch_start(self.model, epoch, self.run_epochs)
         total_loss: Tensor | float
         total_correct: Tensor | int
         if partial is None:
-            order = torch.randperm(n, generator=generator)
+            order = epoch_order(self.data.train.y, cfg.class_weight, generator)
             done, total_loss, total_correct, seen = 0, 0.0, 0, 0
         else:
             order, done, total_loss, total_correct, seen = partial
@@ -246,16 +264,17 @@ class Trainer:
                 [total_loss, total_correct, seen], self.device
             )
             total_correct, seen = int(summed_correct), int(seen_all)
-        clean, robust = self._validate()
+        val = self._validate()
         return EpochRecord(
             epoch=epoch,
             train_loss=total_loss / max(seen, 1),
             train_accuracy=total_correct / max(seen, 1),
-            val_clean_accuracy=clean,
-            val_robust_accuracy=robust,
+            val_clean_accuracy=val.clean_accuracy,
+            val_robust_accuracy=val.robust_accuracy,
             lr=self.optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - start,
             eps=self.method.eps,
+            **{f"val_{k}": v for k, v in val.positive().items()},
         )
 
     def _step(self, x: Tensor, y: Tensor, batch_rows: int | None = None) -> tuple[Tensor, Tensor]:
@@ -289,26 +308,26 @@ class Trainer:
             x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _validate(self) -> tuple[float, float]:
-        """Clean and PGD accuracy on the validation split."""
+    def _validate(self) -> EpochFigures:
+        """Clean and PGD accuracy on the validation split (and the positive class's figures)."""
         return self._measure(self.data.val, self.validation_attack(), self.kept_model)
 
-    def _measure(self, split: Split, attack: PGD, model: nn.Module) -> tuple[float, float]:
-        """Clean and robust accuracy of ``model`` on ``split``, measured by rank 0 and shared
-        with the other ranks (which hold the same weights)."""
-        clean = robust = 0.0
+    def _measure(self, split: Split, attack: PGD, model: nn.Module) -> EpochFigures:
+        """The figures of ``model`` on ``split`` (:func:`~advtrain.training.validation.measure`),
+        measured by rank 0 and shared with the other ranks (which hold the same weights)."""
+        found = EpochFigures(0.0, 0.0)
         if self.rank == 0:
-            found = clean_and_robust_accuracy(
+            found = measure(
                 model,
                 split.x.to(self.device),
                 split.y.to(self.device),
                 attack,
-                batch_size=self.config.eval_batch_size,
+                self.config.eval_batch_size,
+                self.positive_class,
             )
-            clean, robust = found.clean_accuracy, found.robust_accuracy
         if self.world > 1:
-            clean, robust = distributed.from_rank_zero([clean, robust], self.device)
-        return clean, robust
+            found = EpochFigures.from_list(distributed.from_rank_zero(found.as_list(), self.device))
+        return found
 
     def _finish_epoch(self, record: EpochRecord) -> None:
         """After an epoch: its record, the observers (files, stop rules), a checkpoint."""
