@@ -1,12 +1,33 @@
-"""Datasets for adversarial training: MNIST, scikit-learn's digits and breast cancer, and fraud.
+"""Datasets for adversarial training: MNIST, scikit-learn's digits and breast cancer, fraud,
+the generated card transactions, and a user's own table (:func:`load_table`).
 
 ``load_dataset(name)`` returns a :class:`Dataset`: a :class:`DatasetInfo` (classes, sample shape,
 input bounds, which features may change, a default ``eps``) and stratified, seeded
 train/val/test :class:`Split` s of float32 inputs inside the bounds and int64 labels.
+``load_table(path, schema)`` does the same for a CSV or Parquet file described by a TOML schema.
 """
 
-from .base import Dataset, DatasetInfo, Split
+from .base import Dataset, DatasetInfo, RawTable, Split
 from .mnist import download_mnist
 from .registry import DATASETS, load_dataset
+from .schema import ColumnSpec, LinearRule, TableSchema, parse_schema
+from .table import load_table
+from .table_encoding import TableEncoding
+from .table_output import write_adversarial_csv
 
-__all__ = ["DATASETS", "Dataset", "DatasetInfo", "Split", "download_mnist", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "ColumnSpec",
+    "Dataset",
+    "DatasetInfo",
+    "LinearRule",
+    "RawTable",
+    "Split",
+    "TableEncoding",
+    "TableSchema",
+    "download_mnist",
+    "load_dataset",
+    "load_table",
+    "parse_schema",
+    "write_adversarial_csv",
+]

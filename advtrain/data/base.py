@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import torch
@@ -12,6 +12,12 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..threat import Norm, ThreatModel
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..feasibility import FeatureConstraints
+    from .table_encoding import TableEncoding
 
 Bound = float | Tensor
 
@@ -22,7 +28,9 @@ class DatasetInfo:
 
     ``lower``/``upper`` are scalars for images and per-feature float32 tensors of shape ``shape``
     for tabular data; ``mutable`` is a bool tensor of shape ``shape``, True where a feature may be
-    changed by an adversary (None: all may change).
+    changed by an adversary (None: all may change). A table read with
+    :func:`advtrain.data.load_table` also carries its fitted ``encoding`` and the
+    ``constraints`` every attack must honour (both None for every other dataset).
     """
 
     name: str
@@ -35,6 +43,8 @@ class DatasetInfo:
     default_eps: float
     positive_class: int | None
     feature_names: tuple[str, ...] | None = None
+    encoding: TableEncoding | None = None
+    constraints: FeatureConstraints | None = None
 
     @property
     def n_classes(self) -> int:
@@ -42,7 +52,8 @@ class DatasetInfo:
         return len(self.classes)
 
     def threat_model(self, norm: str = "linf", eps: float | None = None) -> ThreatModel:
-        """A threat model with these bounds and mask; ``eps`` defaults to ``default_eps``."""
+        """A threat model with these bounds, mask and constraints; ``eps`` defaults to
+        ``default_eps``."""
 
         def copy(value: Bound) -> Bound:
             return value.clone() if isinstance(value, Tensor) else value
@@ -53,19 +64,26 @@ class DatasetInfo:
             lower=copy(self.lower),
             upper=copy(self.upper),
             mask=None if self.mutable is None else self.mutable.clone(),
+            constraints=self.constraints,
         )
 
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split of a dataset: float32 inputs ``x`` inside the bounds and int64 labels ``y``."""
+    """One split of a dataset: float32 inputs ``x`` inside the bounds and int64 labels ``y``.
+
+    ``rows`` (tables read from a file only) holds each row's position among the file's data rows.
+    """
 
     x: Tensor
     y: Tensor
+    rows: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
             raise DataError(f"split has {self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+        if self.rows is not None and len(self.rows) != self.x.shape[0]:
+            raise DataError(f"split has {self.x.shape[0]} inputs but {len(self.rows)} row numbers")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -78,13 +96,31 @@ class Split:
 
 
 @dataclass(frozen=True, eq=False)
+class RawTable:
+    """A table as read: every cell's original text, for writing rows back in the user's terms.
+
+    ``text`` holds all columns (label included) in file order as strings, its column names as
+    written; ``line_terminator`` is the file's (a newline, or carriage return and newline).
+    """
+
+    text: pd.DataFrame
+    encoding: TableEncoding
+    path: Path | None = None
+    line_terminator: str = "\n"
+
+
+@dataclass(frozen=True, eq=False)
 class Dataset:
-    """A dataset's description and its train, validation and test splits."""
+    """A dataset's description and its train, validation and test splits.
+
+    ``table`` is the raw table (tables read with :func:`advtrain.data.load_table` only).
+    """
 
     info: DatasetInfo
     train: Split
     val: Split
     test: Split
+    table: RawTable | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +135,7 @@ class LoadRequest:
     test_fraction: float = 0.2
 
 
-def make_split(x: np.ndarray, y: np.ndarray) -> Split:
+def make_split(x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> Split:
     """A :class:`Split` from numpy arrays, as contiguous float32 inputs and int64 labels.
 
     Read-only arrays (such as cached ones) are copied so the tensors never alias them.
@@ -110,4 +146,4 @@ def make_split(x: np.ndarray, y: np.ndarray) -> Split:
         y = y.copy()
     xt = torch.as_tensor(x).to(torch.float32).contiguous()
     yt = torch.as_tensor(y).to(torch.int64).contiguous()
-    return Split(xt, yt)
+    return Split(xt, yt, None if rows is None else np.asarray(rows, dtype=np.int64))

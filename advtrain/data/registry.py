@@ -11,6 +11,7 @@ from .fraud import load_fraud_dataset
 from .mnist import load_mnist_dataset
 from .splits import check_fractions
 from .tabular import load_breast_cancer_dataset, load_digits_dataset
+from .transactions import load_transactions_dataset
 
 Loader = Callable[[LoadRequest], Dataset]
 
@@ -19,6 +20,7 @@ LOADERS: dict[str, Loader] = {
     "digits": load_digits_dataset,
     "breast-cancer": load_breast_cancer_dataset,
     "fraud": load_fraud_dataset,
+    "transactions": load_transactions_dataset,
 }
 DATASETS: tuple[str, ...] = tuple(LOADERS)
 
