@@ -134,7 +134,7 @@ def _check_stratified(data: Dataset, fractions: dict[str, float], slack: int = 2
 
 # ---------------------------------------------------------------------------------- registry
 def test_dataset_names() -> None:
-    assert DATASETS == ("mnist", "digits", "breast-cancer", "fraud")
+    assert DATASETS == ("mnist", "digits", "breast-cancer", "fraud", "transactions")
 
 
 def test_unknown_dataset_lists_known_names() -> None:
