@@ -148,14 +148,17 @@ class TableSchema:
 def parse_schema(source: str | Path | Mapping[str, Any]) -> TableSchema:
     """Parse a schema from a TOML file path, TOML text or an already-loaded mapping.
 
-    A ``str`` holding a newline or ``=`` is TOML text; any other ``str`` is a path.
+    A ``str`` holding a newline, or an ``=`` and naming no file, is TOML text; any other
+    ``str`` is a path.
 
     Raises:
         DataError: one line naming the problem (file, key, column or rule).
     """
     if isinstance(source, Mapping):
         return _schema_from_mapping(source)
-    if isinstance(source, str) and ("\n" in source or "=" in source):
+    if isinstance(source, str) and (
+        "\n" in source or ("=" in source and not Path(source).is_file())
+    ):
         return _schema_from_mapping(_load_toml(source, "schema"))
     path = Path(source)
     try:
