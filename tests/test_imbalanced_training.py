@@ -31,9 +31,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def table():
-    """5,000 rows (a quarter for validation), 8 features, 2% positives shifted by 1.5 standard deviations along 3 features:
-    the classes overlap, so at a 2% prior the most accurate rule flags almost no positive, while
-    a rule for balanced classes flags most of them."""
+    """5,000 rows (a quarter for validation), 8 features, 2% positives shifted by 1.5 standard
+    deviations along 3 features: the classes overlap, so at a 2% prior the most accurate rule
+    flags almost no positive, while a rule for balanced classes flags most of them."""
     rng = np.random.default_rng(7)
     n, positives = 5000, 100
     y = np.zeros(n, dtype=np.int64)
@@ -134,8 +134,8 @@ def test_class_weight_none_spelled_out_is_unset():
 def test_auto_selection_follows_the_positive_class():
     config = TrainConfig()
     assert config.selection(None) == "robust-accuracy"
-    assert config.selection(1) == "robust-recall"
-    assert TrainConfig(select_by="pr-auc").selection(0) == "pr-auc"
+    assert config.selection(1) == "pr-auc"
+    assert TrainConfig(select_by="robust-recall").selection(0) == "robust-recall"
     with pytest.raises(AdvtrainError, match="needs a dataset with a positive class; 'digits'"):
         Trainer(
             fresh_digits(),
@@ -169,7 +169,7 @@ def test_balanced_sampling_finds_the_minority_class(runs, table):
 
 def test_records_and_files_carry_the_positive_class_figures(runs):
     for result, run_dir in runs.values():
-        assert result.extra["select_by"] == "robust-recall"  # auto, on a dataset with a positive
+        assert result.extra["select_by"] == "pr-auc"  # auto, on a dataset with a positive class
         assert result.extra["positive_class"] == 1
         for record in result.history:
             for name in ("recall", "pr_auc"):
@@ -186,14 +186,14 @@ def test_records_and_files_carry_the_positive_class_figures(runs):
     assert runs["balanced"][0].extra["class_weight"] == "balanced"
 
 
-def test_the_kept_epoch_is_the_best_robust_recall_of_the_history(runs):
+def test_the_kept_epoch_is_the_best_robust_pr_auc_of_the_history(runs):
     for result, run_dir in runs.values():
-        keys = [selection_key(r, "robust-recall", True) for r in result.history]
+        keys = [selection_key(r, "pr-auc", True) for r in result.history]
         best = max(range(len(keys)), key=lambda i: (keys[i], -i))
         assert result.best_epoch == best + 1
         _, meta = load_checkpoint(run_dir / "model.safetensors")
         assert meta["epoch"] == result.best_epoch
-        assert meta["val_robust_recall"] == result.history[best].val_robust_recall
+        assert meta["val_robust_pr_auc"] == result.history[best].val_robust_pr_auc
 
 
 def test_datasets_without_a_positive_class_record_no_positive_figures():
@@ -254,6 +254,7 @@ def test_early_stop_follows_the_selection_figure(table, monkeypatch):
     config = TrainConfig(
         **{**RUN, "epochs": len(SCRIPTED), "attack_steps": 1, "eval_steps": 1, "batch_size": 512},
         early_stop=2,
+        select_by="robust-recall",
     )
     trainer = Trainer(fresh_model(table), table, config, log=lines.append)
     real_epoch = trainer._epoch
@@ -272,9 +273,10 @@ def test_early_stop_follows_the_selection_figure(table, monkeypatch):
     # by robust accuracy epoch 1 stays best and the run would stop after epoch 3; by robust
     # recall epoch 2 is best, and epochs 3 and 4 bring nothing better
     assert result.best_epoch == 2 and len(result.history) == 4
-    assert "no better robust recall of the positive class for 2 epoch(s)" in result.extra[
-        "stop_reason"
-    ]
+    assert (
+        "no better robust recall of the positive class for 2 epoch(s)"
+        in result.extra["stop_reason"]
+    )
 
 
 # ---------------------------------------------------------------------- resume

@@ -56,7 +56,7 @@ class TrainConfig:
     shuffle); ``select_by`` names the validation figure that keeps the best epoch and drives
     ``early_stop``: ``robust-accuracy``, ``robust-recall`` (the positive class's recall under the
     validation PGD) or ``pr-auc`` (its average precision under that PGD); ``auto`` is
-    ``robust-recall`` on a dataset with a positive class and ``robust-accuracy`` otherwise (see
+    ``pr-auc`` on a dataset with a positive class and ``robust-accuracy`` otherwise (see
     :meth:`selection`).
     """
 
@@ -166,10 +166,11 @@ class TrainConfig:
 
     def selection(self, positive_class: int | None, dataset: str = "the dataset") -> str:
         """The figure that keeps the best epoch: ``select_by`` with ``auto`` resolved
-        (``robust-recall`` when ``positive_class`` is set, else ``robust-accuracy``); a one-line
-        error when a positive-class figure is asked of ``dataset`` without a positive class."""
+        (:data:`AUTO_POSITIVE_FIGURE` when ``positive_class`` is set, else ``robust-accuracy``); a
+        one-line error when a positive-class figure is asked of ``dataset`` without a positive
+        class."""
         if self.select_by == "auto":
-            return "robust-accuracy" if positive_class is None else "robust-recall"
+            return "robust-accuracy" if positive_class is None else AUTO_POSITIVE_FIGURE
         if self.select_by in POSITIVE_FIGURES and positive_class is None:
             raise AdvtrainError(
                 f"select_by {self.select_by!r} needs a dataset with a positive class; "
@@ -289,6 +290,11 @@ CLASS_WEIGHTS = ("balanced",)
 SELECT_BY = ("auto", "robust-accuracy", "robust-recall", "pr-auc")
 #: The ``select_by`` figures that need a positive class.
 POSITIVE_FIGURES = ("robust-recall", "pr-auc")
+#: What ``select_by = "auto"`` keeps epochs by on a dataset with a positive class. PR-AUC, not
+#: recall: recall alone is highest for a model that flags every row (an early epoch of balanced
+#: training often does), the mirror image of the accuracy of a model that flags none; PR-AUC
+#: ranks without a threshold and a model that flags everything scores the positive share.
+AUTO_POSITIVE_FIGURE = "pr-auc"
 #: Options of the attack inside training, which have their own configuration keys.
 _RESERVED_OPTIONS = {"steps": "attack_steps", "step_size": "attack_step_size", "threat": "eps/norm"}
 

@@ -7,8 +7,8 @@ run's history and hands an :class:`EpochEnd` to each observer in turn:
   validation figure (``select_by``, see :func:`selection_key`): the most robust on the
   validation split for adversarial methods, Rice, Wong & Kolter (2020) having shown robust
   overfitting; the most accurate for standard training; on a dataset with a positive class
-  (fraud) by default its robust recall, since there a model that flags nothing has the
-  majority class's share as its robust accuracy;
+  (fraud) by default its robust PR-AUC, since there a model that flags nothing has the
+  majority class's share as its robust accuracy (and one that flags everything a recall of 1);
 - :class:`RunFiles` writes the latest epoch (``last.safetensors``) and ``metrics.jsonl``;
 - :class:`TensorBoard` logs the epoch's figures; :class:`EpochLog` says one line;
 - :class:`CatastrophicWatch` and :class:`EarlyStop` decide whether the run stops;
