@@ -13,7 +13,7 @@ import click
 
 from ..errors import AdvtrainError
 from .attack_options import build_attack, check_attack_options, parse_attack_options
-from .loading import check_output_paths, load_model_and_data
+from .loading import check_output_paths, load_model_and_data, parse_classes
 from .processes import echo
 
 if TYPE_CHECKING:
@@ -27,6 +27,18 @@ if TYPE_CHECKING:
 @click.option("--weights", type=click.Path(dir_okay=False), help="safetensors or .pth state dict.")
 @click.option("--dataset", help="Dataset whose test split is attacked (default: the run's).")
 @click.option("--data-dir", help="Directory of data files.")
+@click.option(
+    "--data",
+    "table",
+    type=click.Path(dir_okay=False),
+    help="Your own table (.csv or .parquet), with --schema; with a table RUN_DIR: a new file "
+    "of the same columns, encoded as in training.",
+)
+@click.option(
+    "--schema",
+    type=click.Path(dir_okay=False),
+    help="The table's TOML schema: label, column types, bounds, mutability, directions, rules.",
+)
 @click.option(
     "--attack",
     "attack_name",
@@ -53,13 +65,20 @@ if TYPE_CHECKING:
     help="Targeted attack: push every point towards this class. Points already "
     "labelled with it are left unchanged and out of the success rate.",
 )
+@click.option(
+    "--attack-classes",
+    help="Attack only the rows of these true classes (comma-separated names or indices, e.g. 1 "
+    "for a fraud table's fraud rows); the others are left unchanged.",
+)
 @click.option("--batch-size", type=int, default=1000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option(
     "--out",
     required=True,
     type=click.Path(dir_okay=False),
-    help="The .npz file of clean and adversarial inputs, labels and predictions.",
+    help="The .npz file of clean and adversarial inputs, labels and predictions; for a table, "
+    "a .csv of the rows in your own columns (changed cells only re-written) with pred_clean, "
+    "pred_adv and success.",
 )
 @click.option(
     "--png",
@@ -82,6 +101,8 @@ def attack(
     weights: str | None,
     dataset: str | None,
     data_dir: str | None,
+    table: str | None,
+    schema: str | None,
     attack_name: str,
     norm: str | None,
     eps: float | None,
@@ -90,6 +111,7 @@ def attack(
     seed: int | None,
     options: tuple[str, ...],
     target_class: int | None,
+    attack_classes: str | None,
     batch_size: int,
     device: str,
     out: str,
@@ -136,7 +158,9 @@ def attack(
     check_output_paths({flag: path for flag, path in outputs.items() if path is not None})
     target_device = resolve_device(device)
 
-    loaded = load_model_and_data(run_dir, model_file, model_name, weights, dataset, data_dir, seed)
+    loaded = load_model_and_data(
+        run_dir, model_file, model_name, weights, dataset, data_dir, seed, table, schema
+    )
     info = loaded.data.info
     threat = loaded.threat_model(norm, eps)
     if target_class is not None and target_class >= info.n_classes:
@@ -156,7 +180,15 @@ def attack(
     x, y = loaded.data.test.x[:limit], loaded.data.test.y[:limit]
     model = loaded.model.to(target_device).eval()
     check_model_output(model, x, info.n_classes, target_device)
-    result = run_attack(model, attacker, x, y, target_class, batch_size=batch_size)
+    result = run_attack(
+        model,
+        attacker,
+        x,
+        y,
+        target_class,
+        batch_size=batch_size,
+        attack_classes=parse_classes(attack_classes, info.classes),
+    )
 
     settings = {
         "attack": repr(attacker),
@@ -169,7 +201,23 @@ def attack(
         "target_class": target_class,
     }
     meta = {**settings, "restarts": restarts, "options": hyperparameters, "model": loaded.source}
-    _write_npz(Path(out), result, meta)
+    if Path(out).suffix.lower() == ".csv":
+        from ..data import write_adversarial_csv
+
+        if loaded.data.table is None or loaded.data.test.rows is None:
+            raise AdvtrainError("--out FILE.csv is for tables (--data); use --out FILE.npz")
+        write_adversarial_csv(
+            out,
+            loaded.data,
+            loaded.data.test.rows[: result.n],
+            x,
+            result.x_adv,
+            result.pred_clean,
+            result.pred_adv,
+            result.success,
+        )
+    else:
+        _write_npz(Path(out), result, meta)
     if png_path is not None:
         from ..visualize import adversarial_grid
 

@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import click
+import torch
 
 from ..errors import AdvtrainError
 from .loading import load_model_and_data, parse_classes
@@ -15,9 +16,9 @@ from .processes import echo, leave_process_group, speaker, torchrun
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import torch
     from torch import nn
 
+    from ..data import Dataset
     from ..evaluation import Report
     from ..threat import ThreatModel
 
@@ -29,6 +30,18 @@ if TYPE_CHECKING:
 @click.option("--weights", type=click.Path(dir_okay=False), help="safetensors or .pth state dict.")
 @click.option("--dataset", help="Dataset whose test split is evaluated (default: the run's).")
 @click.option("--data-dir", help="Directory of data files.")
+@click.option(
+    "--data",
+    "table",
+    type=click.Path(dir_okay=False),
+    help="Your own table (.csv or .parquet), with --schema; with a table RUN_DIR: a new file "
+    "of the same columns, encoded as in training.",
+)
+@click.option(
+    "--schema",
+    type=click.Path(dir_okay=False),
+    help="The table's TOML schema: label, column types, bounds, mutability, directions, rules.",
+)
 @click.option("--norm", help="linf, l2 or l1 (default: the run's, else linf).")
 @click.option("--eps", type=float, help="Radius (default: the run's, else the dataset's).")
 @click.option(
@@ -83,6 +96,8 @@ def evaluate(
     weights: str | None,
     dataset: str | None,
     data_dir: str | None,
+    table: str | None,
+    schema: str | None,
     norm: str | None,
     eps: float | None,
     suite: str,
@@ -114,9 +129,13 @@ def evaluate(
         sys.exit(torchrun("evaluate", nproc))
     rank, _ = init_from_env(target_device.type)
     say = speaker(rank)
-    loaded = load_model_and_data(run_dir, model_file, model_name, weights, dataset, data_dir, seed)
+    loaded = load_model_and_data(
+        run_dir, model_file, model_name, weights, dataset, data_dir, seed, table, schema
+    )
     model, data, dataset, seed = loaded.model, loaded.data, loaded.dataset, loaded.seed
     threat = loaded.threat_model(norm, eps)
+    if getattr(model, "black_box", False) and suite == "pgd":
+        raise AdvtrainError("--suite pgd needs gradients; a tree ensemble is evaluated black-box")
     x, y = data.test.x[:limit], data.test.y[:limit]
     model = model.to(target_device)
     if suite == "pgd":
@@ -142,19 +161,23 @@ def evaluate(
             f"note: {world} processes share {chunks} chunk(s) of --batch-size {batch_size}; "
             f"--batch-size {-(-len(x) // world)} or less gives each of them work"
         )
-    report = run_evaluation(
-        model,
-        x,
-        y,
-        threat=threat,
-        suite=suite,
-        seed=seed,
-        batch_size=batch_size,
-        n_classes=data.info.n_classes,
-        positive_class=data.info.positive_class,
-        attack_classes=parse_classes(attack_classes, data.info.classes),
-        fpr=0.01 if fpr is None else fpr,
-    )
+    if getattr(model, "black_box", False):
+        report = _evaluate_black_box(model, data, x, y, threat, seed, batch_size, attack_classes)
+        say("black-box evaluation (a tree ensemble): " + str(report.settings.get("note", "")))
+    else:
+        report = run_evaluation(
+            model,
+            x,
+            y,
+            threat=threat,
+            suite=suite,
+            seed=seed,
+            batch_size=batch_size,
+            n_classes=data.info.n_classes,
+            positive_class=data.info.positive_class,
+            attack_classes=parse_classes(attack_classes, data.info.classes),
+            fpr=0.01 if fpr is None else fpr,
+        )
     report.settings["dataset"] = dataset
     _say_report(say, report, threat.norm)
     if json_path and rank == 0:
@@ -163,6 +186,39 @@ def evaluate(
         report.to_html(html_path)
         say(f"report: {html_path}")
     leave_process_group()
+
+
+def _evaluate_black_box(
+    model: nn.Module,
+    data: Dataset,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: ThreatModel,
+    seed: int,
+    batch_size: int,
+    attack_classes: str | None,
+) -> Report:
+    """A model seen only through its scores (a tree ensemble): feature search, HopSkipJump, and
+    transfer from an MLP surrogate fitted to the model's own labels on the training split."""
+    from ..evaluation import evaluate_black_box, predict
+    from ..models import build_model
+    from ..training import fit_surrogate
+
+    torch.manual_seed(seed)
+    surrogate = build_model("mlp", in_shape=data.info.shape, n_classes=data.info.n_classes)
+    labels = predict(model, data.train.x, batch_size=batch_size)
+    fit_surrogate(surrogate, data.train.x, labels, seed=seed)
+    return evaluate_black_box(
+        model,
+        x,
+        y,
+        threat,
+        surrogate=surrogate,
+        seed=seed,
+        batch_size=batch_size,
+        positive_class=data.info.positive_class,
+        attack_classes=parse_classes(attack_classes, data.info.classes),
+    )
 
 
 def _check_flags(

@@ -14,7 +14,7 @@ from ..errors import AdvtrainError
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..data import Dataset
+    from ..data import Dataset, TableEncoding
     from ..threat import ThreatModel
 
 
@@ -79,12 +79,17 @@ def load_model_and_data(
     dataset: str | None,
     data_dir: str | None,
     seed: int | None,
+    table: str | None = None,
+    schema: str | None = None,
 ) -> Loaded:
     """Exactly one of RUN_DIR, ``--model-file`` or ``--model`` (the last two with ``--weights``
-    and ``--dataset``): the model with its weights loaded, and the dataset split with ``seed``
-    (default: the run's, else 0)."""
+    and ``--dataset`` or ``--data``/``--schema``): the model with its weights loaded, and the
+    dataset split with ``seed`` (default: the run's, else 0).
+
+    A run trained on a table reads the same table again (its encoding, saved in the run, must
+    come out the same); ``--data NEW.csv`` with a table run evaluates the whole new file,
+    encoded with the run's saved encoding (its categories, bounds and constraints)."""
     from ..checkpoint import load_weights_into
-    from ..data import load_dataset
     from ..models import build_model, load_user_model
 
     sources = [s for s in (run_dir, model_file, model_name) if s]
@@ -94,30 +99,130 @@ def load_model_and_data(
     if run_dir:
         run = _read_run(run_dir, weights)
         weights = str(run["weights"])
-    elif weights is None:
+    elif weights is None and not (model_file and _is_tree_file(model_file)):
         raise AdvtrainError("--weights is required with --model-file or --model")
     seed = run.get("seed", 0) if seed is None else seed
     if not 0 <= seed < 2**32:
         raise AdvtrainError(f"--seed must be in [0, 2**32), got {seed}")
-    dataset = dataset or run.get("dataset")
-    if dataset is None:
-        raise AdvtrainError("--dataset is required with --model-file or --model")
-    data = load_dataset(
+    data, dataset = load_data(
         dataset,
-        data_dir=data_dir or run.get("data_dir"),
+        table,
+        schema,
+        data_dir=data_dir,
         seed=seed,
-        val_fraction=run.get("val_fraction", 0.1),
-        test_fraction=run.get("test_fraction", 0.2),
+        run=run,
+        run_dir=run_dir,
     )
-    if model_file:
+    if model_file and _is_tree_file(model_file):
+        model = _load_trees(model_file, data)
+        source = model_file
+    elif model_file:
         model = load_user_model(model_file, weights)
         source = f"{model_file} with {weights}"
     else:
         name = run.get("model", model_name)
         model = build_model(str(name), in_shape=data.info.shape, n_classes=data.info.n_classes)
+        assert weights is not None  # required above for every model but a tree ensemble
         load_weights_into(model, weights)
         source = f"{name} with {weights}"
     return Loaded(model, data, run, str(dataset), int(seed), source)
+
+
+#: The file a table run keeps its fitted encoding in (categories, bounds, constraints).
+TABLE_ENCODING_FILE = "table_encoding.json"
+
+
+def load_data(
+    dataset: str | None,
+    table: str | None,
+    schema: str | None,
+    *,
+    data_dir: str | None,
+    seed: int,
+    run: dict[str, Any] | None = None,
+    run_dir: str | None = None,
+) -> tuple[Dataset, str]:
+    """The dataset the flags (or the run) name, and its name for the record: a built-in set
+    (``--dataset``) or a table (``--data FILE --schema FILE.toml``)."""
+    from ..data import load_dataset, load_table
+
+    run = run or {}
+    if dataset and table:
+        raise AdvtrainError("give --dataset or --data, not both")
+    if schema and not table:
+        raise AdvtrainError("--schema goes with --data FILE.csv|FILE.parquet")
+    fractions = {
+        "val_fraction": run.get("val_fraction", 0.1),
+        "test_fraction": run.get("test_fraction", 0.2),
+    }
+    if table is None and not dataset and run.get("data"):
+        table, schema = str(run["data"]), run.get("schema")
+        data = load_table(table, schema, seed=seed, **fractions)
+        _check_same_encoding(data, run_dir)
+        return data, f"table {table}"
+    if table is not None:
+        if run_dir and run.get("data"):
+            return load_table(table, None, encoding=_saved_encoding(run_dir)), f"table {table}"
+        if schema is None:
+            raise AdvtrainError("--data needs --schema FILE.toml (the label, types and rules)")
+        return load_table(table, schema, seed=seed, **fractions), f"table {table}"
+    dataset = dataset or run.get("dataset")
+    if dataset is None:
+        raise AdvtrainError(
+            "--dataset (or --data FILE --schema FILE.toml) is required with --model-file or --model"
+        )
+    data = load_dataset(dataset, data_dir=data_dir or run.get("data_dir"), seed=seed, **fractions)
+    return data, str(dataset)
+
+
+def _saved_encoding(run_dir: str) -> TableEncoding:
+    from ..data import TableEncoding
+
+    return TableEncoding.from_json(_read_json(Path(run_dir) / TABLE_ENCODING_FILE))
+
+
+def _check_same_encoding(data: Dataset, run_dir: str | None) -> None:
+    """The table read again must encode as it did in training (same categories and bounds)."""
+    if run_dir is None or data.info.encoding is None:
+        return
+    path = Path(run_dir) / TABLE_ENCODING_FILE
+    if not path.is_file():
+        return
+    if _read_json(path) != json.loads(json.dumps(data.info.encoding.to_json())):
+        raise AdvtrainError(
+            f"the table {data.table.path if data.table else ''} no longer encodes as it did in "
+            f"training ({path} differs): evaluate a new file with --data NEW.csv"
+        )
+
+
+def _is_tree_file(model_file: str) -> bool:
+    """A tree ensemble's file (or a pickle, which the tree loader refuses with the safe formats)
+    rather than ``file.py:factory``."""
+    from ..models.trees import (
+        LIGHTGBM_SUFFIXES,
+        PICKLE_SUFFIXES,
+        SKOPS_SUFFIXES,
+        XGBOOST_SUFFIXES,
+    )
+
+    suffixes = (*XGBOOST_SUFFIXES, *LIGHTGBM_SUFFIXES, *SKOPS_SUFFIXES, *PICKLE_SUFFIXES)
+    return Path(model_file).suffix.lower() in suffixes
+
+
+def _load_trees(model_file: str, data: Dataset) -> nn.Module:
+    """A tree ensemble scoring the table's rows in raw units (its training layout: numeric
+    columns as they are in the file, categories one-hot)."""
+    from ..models.trees import load_tree_model
+
+    constraints = data.info.constraints
+    if data.info.kind != "tabular":
+        raise AdvtrainError(f"{model_file}: tree ensembles take tables, not {data.info.name}")
+    return load_tree_model(
+        model_file,
+        offset=None if constraints is None else constraints.offset,
+        scale=None if constraints is None else constraints.scale,
+        n_classes=data.info.n_classes,
+    )
 
 
 def _read_run(run_dir: str, weights: str | None) -> dict[str, Any]:
