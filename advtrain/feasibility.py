@@ -18,9 +18,11 @@ the attack loop. Theirs fixes equality constraints and types and leaves inequali
 penalty and a final filter; this one guarantees every rule, in three moves:
 
 1. each one-hot group becomes the one-hot vector of its largest coordinate;
-2. the numeric part of the perturbation is shrunk along the segment from the clean point to
-   the largest step ``t`` in [0, 1] for which every linear rule holds (exact for linear rules,
-   because the clean point satisfies them and the feasible set is convex);
+2. for each rule the step breaks, only the coordinates that push it over its bound are scaled
+   back onto it (a few passes, since shrinking one coordinate can break a rule it helped);
+   then the numeric part of the perturbation is shrunk along the segment from the clean point
+   to the largest step ``t`` in [0, 1] for which every linear rule holds (exact for linear
+   rules, because the clean point satisfies them and the feasible set is convex);
 3. integer coordinates are rounded to the nearest integer; a row that leaves the ball, the box
    or a rule by rounding is rounded towards the clean value instead, and if that still breaks a
    rule the step is halved and tried again. Rounding towards the clean value only shrinks each
@@ -44,6 +46,8 @@ from .errors import ThreatModelError
 if TYPE_CHECKING:
     from .threat import ThreatModel
 
+#: Passes over the rules that shrink only the coordinates pushing a broken rule.
+RULE_PASSES = 4
 #: Halvings of the step tried in the repair before a row falls back to its clean value.
 REPAIR_HALVINGS = 8
 #: Relative slack for a rule in float32 arithmetic: ``coef @ raw <= bound + slack``.
@@ -242,6 +246,38 @@ class FeatureConstraints:
             point[:, start:stop] = torch.nn.functional.one_hot(winner, stop - start).to(point.dtype)
         return point
 
+    def _relax_rules(self, raw_x: Tensor, raw_delta: Tensor) -> Tensor:
+        """Shrink, rule by rule, only the coordinates that push a broken rule over its bound.
+
+        For a rule the full step breaks, the coordinates whose change raises its left-hand side
+        are scaled by the one factor that brings it back to its bound; the others keep their
+        change, so one tight rule (``tx_1h <= tx_24h`` at equality, say) does not freeze the
+        columns it does not name. Shrinking a coordinate can break a rule it was helping, so
+        the rules are passed over a few times; whatever is left is the segment's business.
+        """
+        if not self.bounds.numel():
+            return raw_delta
+        coefficients = self.coefficients.to(raw_x.device)
+        bounds = self.bounds.to(raw_x.device)
+        headroom = RULE_HEADROOM * (1.0 + raw_x.abs() @ coefficients.abs().T + bounds.abs())
+        room = bounds - raw_x @ coefficients.T - headroom  # (n, r)
+        for _ in range(RULE_PASSES):
+            moved = False
+            for r in range(coefficients.shape[0]):
+                contribution = raw_delta * coefficients[r]  # (n, d)
+                rises = contribution.clamp_min(0).sum(dim=1)
+                falls = contribution.clamp_max(0).sum(dim=1)
+                broken = rises + falls > room[:, r]
+                if not bool(broken.any()):
+                    continue
+                moved = True
+                factor = ((room[:, r] - falls) / rises.clamp_min(1e-300)).clamp(0.0, 1.0)
+                shrink = broken.unsqueeze(1) & (contribution > 0)
+                raw_delta = torch.where(shrink, raw_delta * factor.unsqueeze(1), raw_delta)
+            if not moved:
+                break
+        return raw_delta
+
     def _step_limit(self, raw_x: Tensor, raw_delta: Tensor) -> Tensor:
         """Largest ``t`` in [0, 1] per row with every rule holding at ``raw_x + t * raw_delta``."""
         n = raw_x.shape[0]
@@ -294,6 +330,7 @@ class FeatureConstraints:
         """Moves 2 and 3 of the repair for the ``pending`` rows; returns the rows still pending."""
         integer = self.integer.to(x.device)
         clean_integer = raw_x.round()
+        raw_delta = self._relax_rules(raw_x, raw_delta)
         step = self._step_limit(raw_x, raw_delta)
         for _ in range(REPAIR_HALVINGS):
             raw = raw_x + step.unsqueeze(1) * raw_delta

@@ -162,9 +162,9 @@ def test_repair_keeps_what_is_allowed_and_stays_in_the_ball():
     projected = threat.project(wanted, x)
     assert bool(threat.contains(projected, x).all())
     raw = constraints.to_raw(projected)
-    # row 0: tx_1h 2 -> 6 would pass tx_24h = 5, so the step is shrunk to 3/4 of the way:
-    # amount 175, tx_1h 5 (the rule tight); the other columns never moved
-    assert raw[0, 0] == pytest.approx(175.0, abs=1e-2)
+    # row 0: tx_1h 2 -> 6 would pass tx_24h = 5, so tx_1h alone is held at 5 (the rule tight);
+    # amount, which that rule does not name, keeps its whole change (200 <= 40 * 5 holds)
+    assert raw[0, 0] == pytest.approx(200.0, abs=1e-2)
     assert raw[0, 1] == pytest.approx(5.0, abs=1e-3)
     # row 1 was tight on both rules (tx_1h = tx_24h, amount = 40 * tx_24h): it cannot move
     assert torch.allclose(projected[1], x[1])

@@ -264,7 +264,10 @@ class Square(Attack):
             return
         every = compaction_interval(x.device)
         dense = every > 1
-        forward = self.forward.open(model, x[rows], tuple(shape[1:]), windowed=linf and not dense)
+        constrained = self.threat.constraints is not None
+        forward = self.forward.open(
+            model, x[rows], tuple(shape[1:]), windowed=linf and not dense and not constrained
+        )
         state = SearchState(
             index=rows,
             x=x[rows],
@@ -290,6 +293,8 @@ class Square(Attack):
                 candidate, changed, window = self._propose_linf(state, i, generator, dense)
             else:
                 candidate, changed = self._propose_l2(state, i, box, generator)
+            if constrained:  # a table's constraints: every query is a feasible row
+                candidate, changed, window = self._repaired(state, candidate, shape)
             self._query(forward, state, candidate, changed, window, best, dense)
             if (i + 2) % every == 0:
                 state = state.keep(state.active)
@@ -301,6 +306,16 @@ class Square(Attack):
             )
             queried = active & (state.loss > float("-inf"))  # else never moved: keep its loss
             best.loss[index] = torch.where(queried, state.loss, best.loss[index])
+
+    def _repaired(
+        self, state: SearchState, candidate: Tensor, shape: torch.Size
+    ) -> tuple[Tensor, Tensor, None]:
+        """Candidates repaired by the threat model's projection (integers, one-hot groups,
+        directions, rules), which may move them beyond a window: every row is queried whole."""
+        flat = (len(candidate), *shape[1:])
+        repaired = self.threat.project(candidate.reshape(flat), state.x.reshape(flat))
+        repaired = repaired.reshape(candidate.shape)
+        return repaired, (repaired != state.cur).flatten(1).any(1), None
 
     def _query(
         self,

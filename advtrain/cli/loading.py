@@ -128,10 +128,6 @@ def load_model_and_data(
     return Loaded(model, data, run, str(dataset), int(seed), source)
 
 
-#: The file a table run keeps its fitted encoding in (categories, bounds, constraints).
-TABLE_ENCODING_FILE = "table_encoding.json"
-
-
 def load_data(
     dataset: str | None,
     table: str | None,
@@ -176,13 +172,15 @@ def load_data(
 
 
 def _saved_encoding(run_dir: str) -> TableEncoding:
-    from ..data import TableEncoding
+    from ..data import TABLE_ENCODING_FILE, TableEncoding
 
     return TableEncoding.from_json(_read_json(Path(run_dir) / TABLE_ENCODING_FILE))
 
 
 def _check_same_encoding(data: Dataset, run_dir: str | None) -> None:
     """The table read again must encode as it did in training (same categories and bounds)."""
+    from ..data import TABLE_ENCODING_FILE
+
     if run_dir is None or data.info.encoding is None:
         return
     path = Path(run_dir) / TABLE_ENCODING_FILE

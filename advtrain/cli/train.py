@@ -17,7 +17,28 @@ from .processes import echo, leave_process_group, speaker, torchrun
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), help="TOML file of settings."
 )
-@click.option("--dataset", help="digits (default), mnist, breast-cancer, fraud.")
+@click.option("--dataset", help="digits (default), mnist, breast-cancer, fraud, transactions.")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    help="Your own table (.csv or .parquet) instead of --dataset, with --schema.",
+)
+@click.option(
+    "--schema",
+    type=click.Path(dir_okay=False),
+    help="The table's TOML schema: label, column types, bounds, mutability, directions, rules.",
+)
+@click.option(
+    "--class-weight",
+    help="balanced: class-balanced batches (for a rare positive class such as fraud); "
+    "none (default).",
+)
+@click.option(
+    "--select-by",
+    help="The validation figure that keeps the best epoch: auto (default: the positive class's "
+    "robust PR-AUC where there is one, else robust accuracy), robust-accuracy, robust-recall, "
+    "pr-auc.",
+)
 @click.option(
     "--model", help="digits-cnn (default), mnist-small, mnist-large, mlp, preact-resnet18."
 )
@@ -142,7 +163,7 @@ def train(
     **options: Any,
 ) -> None:
     """Train a model, adversarially by default; with no options, PGD training on digits."""
-    from ..data import load_dataset
+    from ..data import load_dataset, load_table
     from ..distributed import env_world_size
     from ..models import build_model
     from ..training import Trainer, load_config
@@ -153,6 +174,16 @@ def train(
 
     if method_option:
         options["method_options"] = parse_method_options(method_option)
+    if options.get("data") is not None:
+        if options.get("dataset") is not None:
+            raise AdvtrainError("give --dataset or --data, not both")
+        if options.get("schema") is None:
+            raise AdvtrainError("--data needs --schema FILE.toml (the label, types and rules)")
+        options["dataset"] = "table"
+        if options.get("model") is None:
+            options["model"] = "mlp"
+    elif options.get("schema") is not None:
+        raise AdvtrainError("--schema goes with --data FILE.csv|FILE.parquet")
     if resume is not None:
         if config_path is not None:
             raise AdvtrainError(
@@ -161,13 +192,22 @@ def train(
         config = load_run_config(resume, **options)
     else:
         config = load_config(config_path, **options)
-    data = load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-    )
+    if config.data is not None:
+        data = load_table(
+            config.data,
+            config.schema,
+            seed=config.seed,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+        )
+    else:
+        data = load_dataset(
+            config.dataset,
+            data_dir=config.data_dir,
+            seed=config.seed,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+        )
     torch.manual_seed(config.seed)
     model = build_model(config.model, in_shape=data.info.shape, n_classes=data.info.n_classes)
     trainer = Trainer(
@@ -177,7 +217,8 @@ def train(
     quiet = quiet or trainer.rank > 0  # rank 0 speaks for the run
     if not quiet:
         echo(
-            f"training {config.model} on {config.dataset} ({len(data.train)} images) with "
+            f"training {config.model} on {config.data or config.dataset} ({len(data.train)} "
+            f"{'rows' if data.info.kind == 'tabular' else 'images'}) with "
             f"{config.method}, {trainer.threat.norm} eps={trainer.threat.eps:g}, "
             f"{config.epochs} epochs, device {trainer.device}"
             + (

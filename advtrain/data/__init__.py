@@ -12,11 +12,12 @@ from .mnist import download_mnist
 from .registry import DATASETS, load_dataset
 from .schema import ColumnSpec, LinearRule, TableSchema, parse_schema
 from .table import load_table
-from .table_encoding import TableEncoding
+from .table_encoding import TABLE_ENCODING_FILE, TableEncoding
 from .table_output import write_adversarial_csv
 
 __all__ = [
     "DATASETS",
+    "TABLE_ENCODING_FILE",
     "ColumnSpec",
     "Dataset",
     "DatasetInfo",

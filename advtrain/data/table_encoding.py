@@ -40,6 +40,9 @@ from .schema import COLUMN_TYPES, DIRECTIONS, LinearRule, TableSchema
 
 #: Identifies the dict of :meth:`TableEncoding.to_json`.
 ENCODING_FORMAT = "advtrain-table-encoding"
+#: The file of a run directory that keeps a table's fitted encoding (the preprocessing in front
+#: of the model), so the run reads raw rows again.
+TABLE_ENCODING_FILE = "table_encoding.json"
 ENCODING_VERSION = 1
 _DIRECTION_SIGN = {"any": 0, "increase": 1, "decrease": -1}
 _TRUE_FALSE = {"true": "1", "false": "0"}

@@ -143,6 +143,17 @@ def unbounded(
     big = threat.replace(eps=max(radius, threat.eps))
     broken = (judge(PGD(big, steps=100, loss="cw", seed=seed)(model, x, y)) != y).cpu()
     rate = _rate(broken)
+    if _restricted(threat):
+        # immutable features or table constraints: the true class may hang on what the attacker
+        # cannot change, so no success rate is owed; reported, never a verdict
+        return Check(
+            CheckName.UNBOUNDED,
+            False,
+            f"PGD at eps={big.eps:.3g} breaks {rate:.1%} of {len(x)} points; not judged: "
+            "immutable features or constraints keep part of every input out of reach",
+            WARNING,
+            {"points": len(x), "eps": big.eps, "success": rate, "judged": False},
+        )
     return Check(
         CheckName.UNBOUNDED,
         rate < 0.95,
@@ -151,6 +162,13 @@ def unbounded(
         VERDICT,
         {"points": len(x), "eps": big.eps, "success": rate},
     )
+
+
+def _restricted(threat: ThreatModel) -> bool:
+    """Whether some valid inputs are out of the attacker's reach whatever the radius."""
+    if threat.constraints is not None:
+        return True
+    return threat.mask is not None and not bool(threat.mask.all())
 
 
 def eps_growth(

@@ -51,6 +51,9 @@ class TrainConfig:
     ``sync_batchnorm`` computes BatchNorm statistics over the global batch when several processes
     train (torchrun).
 
+    A user's own table: ``data`` (a ``.csv`` or ``.parquet`` file) with ``schema`` (its TOML
+    schema, :func:`advtrain.data.load_table`) instead of ``dataset``.
+
     For imbalanced data: ``class_weight`` ``"balanced"`` draws each epoch's batches so that every
     class fills an equal share of them (see :mod:`advtrain.training.sampling`; ``None``: a plain
     shuffle); ``select_by`` names the validation figure that keeps the best epoch and drives
@@ -99,6 +102,8 @@ class TrainConfig:
     sync_batchnorm: bool = False
     class_weight: str | None = None
     select_by: str = "auto"
+    data: str | None = None
+    schema: str | None = None
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch_size")
@@ -117,8 +122,7 @@ class TrainConfig:
                 raise AdvtrainError(
                     f"{name} must be a non-empty string, got {getattr(self, name)!r}"
                 )
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise AdvtrainError(f"data_dir must be a string, got {self.data_dir!r}")
+        self._check_paths()
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not _finite_nonnegative(value) or not 0 < value < 1:
@@ -137,6 +141,15 @@ class TrainConfig:
                 f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
             )
         self._check_training_options()
+
+    def _check_paths(self) -> None:
+        """``data_dir``, ``data`` and ``schema`` are strings; a table needs both of the last."""
+        for name in ("data_dir", "data", "schema"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise AdvtrainError(f"{name} must be a string, got {value!r}")
+        if (self.data is None) != (self.schema is None):
+            raise AdvtrainError("a table needs both data (the .csv/.parquet file) and schema")
 
     @property
     def eps_warmup_epochs(self) -> int:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..attacks import PGD
-from ..data import Dataset
+from ..data import TABLE_ENCODING_FILE, Dataset
 from ..data.base import Split
 from ..util import atomic_write_json, atomic_write_text
 from . import observers as obs
@@ -352,6 +352,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clear_slots(self.run_dir)
         atomic_write_json(self.run_dir / "config.json", self.config.to_dict())
+        encoding = self.data.info.encoding
+        if encoding is not None:  # the preprocessing in front of the model, to read raw rows again
+            atomic_write_json(self.run_dir / TABLE_ENCODING_FILE, encoding.to_json())
         (self.run_dir / "metrics.jsonl").write_text("")
 
     # ------------------------------------------------------------------ checkpoints to resume from
