@@ -5,10 +5,13 @@
 >>> model = advtrain.build_model("digits-cnn", in_shape=data.info.shape, n_classes=10)
 >>> advtrain.Trainer(model, data, advtrain.TrainConfig(method="pgd")).fit()
 >>> x_adv = advtrain.PGD(data.info.threat_model())(model, data.test.x, data.test.y)
+
+A table of your own: ``advtrain.load_table("tx.csv", "tx.toml")`` gives the same kind of dataset,
+whose threat model also holds the schema's constraints (integers, categories, directions, rules).
 """
 
 from .attacks import FGSM, PGD, Attack, make_attack
-from .data import load_dataset
+from .data import load_dataset, load_table
 from .errors import AdvtrainError
 from .evaluation import Report, clean_and_robust_accuracy, evaluate, predict
 from .models import build_model, load_user_model
@@ -30,6 +33,7 @@ __all__ = [
     "clean_and_robust_accuracy",
     "evaluate",
     "load_dataset",
+    "load_table",
     "load_user_model",
     "make_attack",
     "predict",

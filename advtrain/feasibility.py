@@ -35,7 +35,7 @@ evaluation never counts them as broken.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,6 +81,9 @@ class FeatureConstraints:
     rule_bounds: Tensor | None = None
     rules: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
+    _moved: dict[tuple[str, torch.device], Tensor] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         d = int(torch.as_tensor(self.offset).numel())
@@ -98,6 +101,7 @@ class FeatureConstraints:
         set_(self, "groups", tuple((int(a), int(b)) for a, b in self.groups))
         set_(self, "rules", tuple(self.rules))
         set_(self, "names", tuple(self.names))
+        set_(self, "_moved", {})
         for name in ("scale", "integer", "direction"):
             if getattr(self, name).numel() != d:
                 raise ThreatModelError(
@@ -163,8 +167,16 @@ class FeatureConstraints:
             )
 
     # ------------------------------------------------------------------ raw units
+    def _here(self, name: str, device: torch.device) -> Tensor:
+        """The float64/bool/int8 tensor ``name`` on ``device``, moved once per device."""
+        key = (name, device)
+        cached = self._moved.get(key)
+        if cached is None:
+            cached = self._moved[key] = getattr(self, name).to(device)
+        return cached
+
     def _on(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        return self.offset.to(like.device), self.scale.to(like.device)
+        return self._here("offset", like.device), self._here("scale", like.device)
 
     def to_raw(self, z: Tensor) -> Tensor:
         """Raw values (float64) of encoded rows."""
@@ -178,8 +190,8 @@ class FeatureConstraints:
 
     def _rule_excess(self, raw: Tensor) -> Tensor:
         """``coef @ raw - bound`` minus the float slack, ``(n, r)``: > 0 where a rule breaks."""
-        coefficients = self.coefficients.to(raw.device)
-        bounds = self.bounds.to(raw.device)
+        coefficients = self._here("rule_coefficients", raw.device)
+        bounds = self._here("rule_bounds", raw.device)
         value = raw @ coefficients.T
         slack = RULE_RTOL * (1.0 + raw.abs() @ coefficients.abs().T + bounds.abs())
         return value - bounds - slack
@@ -194,7 +206,7 @@ class FeatureConstraints:
         """Per-row bools ``(n,)``, True where ``x_adv`` breaks a kind of constraint."""
         self.check_shape(x_adv)
         raw = self.to_raw(x_adv)
-        integer = self.integer.to(x_adv.device)
+        integer = self._here("integer", x_adv.device)
         off_integer = (raw - raw.round()).abs() > self._integer_tolerance(x_adv)
         broken_integer = (off_integer & integer).any(dim=1)
         broken_one_hot = torch.zeros(x_adv.shape[0], dtype=torch.bool, device=x_adv.device)
@@ -250,32 +262,30 @@ class FeatureConstraints:
         """Shrink, rule by rule, only the coordinates that push a broken rule over its bound.
 
         For a rule the full step breaks, the coordinates whose change raises its left-hand side
-        are scaled by the one factor that brings it back to its bound; the others keep their
-        change, so one tight rule (``tx_1h <= tx_24h`` at equality, say) does not freeze the
-        columns it does not name. Shrinking a coordinate can break a rule it was helping, so
-        the rules are passed over a few times; whatever is left is the segment's business.
+        are scaled by the one factor that brings it back to its bound (a coordinate pushing
+        several broken rules takes the smallest factor); the others keep their change, so one
+        tight rule (``tx_1h <= tx_24h`` at equality, say) does not freeze the columns it does not
+        name. Shrinking a coordinate can break a rule it was helping, so this is repeated a few
+        times; whatever is left is the segment's business.
         """
         if not self.bounds.numel():
             return raw_delta
-        coefficients = self.coefficients.to(raw_x.device)
-        bounds = self.bounds.to(raw_x.device)
+        coefficients = self._here("rule_coefficients", raw_x.device)
+        bounds = self._here("rule_bounds", raw_x.device)
         headroom = RULE_HEADROOM * (1.0 + raw_x.abs() @ coefficients.abs().T + bounds.abs())
         room = bounds - raw_x @ coefficients.T - headroom  # (n, r)
         for _ in range(RULE_PASSES):
-            moved = False
-            for r in range(coefficients.shape[0]):
-                contribution = raw_delta * coefficients[r]  # (n, d)
-                rises = contribution.clamp_min(0).sum(dim=1)
-                falls = contribution.clamp_max(0).sum(dim=1)
-                broken = rises + falls > room[:, r]
-                if not bool(broken.any()):
-                    continue
-                moved = True
-                factor = ((room[:, r] - falls) / rises.clamp_min(1e-300)).clamp(0.0, 1.0)
-                shrink = broken.unsqueeze(1) & (contribution > 0)
-                raw_delta = torch.where(shrink, raw_delta * factor.unsqueeze(1), raw_delta)
-            if not moved:
+            contribution = raw_delta.unsqueeze(1) * coefficients  # (n, r, d)
+            rises = contribution.clamp_min(0).sum(dim=2)
+            falls = contribution.clamp_max(0).sum(dim=2)
+            broken = rises + falls > room  # (n, r)
+            if not bool(broken.any()):
                 break
+            factor = ((room - falls) / rises.clamp_min(1e-300)).clamp(0.0, 1.0)
+            # every coordinate takes the smallest factor of the broken rules it pushes
+            pushing = broken.unsqueeze(2) & (contribution > 0)
+            scale = torch.where(pushing, factor.unsqueeze(2), 1.0).amin(dim=1)
+            raw_delta = raw_delta * scale
         return raw_delta
 
     def _step_limit(self, raw_x: Tensor, raw_delta: Tensor) -> Tensor:
@@ -283,8 +293,8 @@ class FeatureConstraints:
         n = raw_x.shape[0]
         if not self.bounds.numel():
             return torch.ones(n, dtype=raw_x.dtype, device=raw_x.device)
-        coefficients = self.coefficients.to(raw_x.device)
-        bounds = self.bounds.to(raw_x.device)
+        coefficients = self._here("rule_coefficients", raw_x.device)
+        bounds = self._here("rule_bounds", raw_x.device)
         headroom = RULE_HEADROOM * (1.0 + raw_x.abs() @ coefficients.abs().T + bounds.abs())
         room = bounds - raw_x @ coefficients.T - headroom  # (n, r)
         push = raw_delta @ coefficients.T  # (n, r)
@@ -328,7 +338,7 @@ class FeatureConstraints:
         threat: ThreatModel,
     ) -> tuple[Tensor, Tensor]:
         """Moves 2 and 3 of the repair for the ``pending`` rows; returns the rows still pending."""
-        integer = self.integer.to(x.device)
+        integer = self._here("integer", x.device)
         clean_integer = raw_x.round()
         raw_delta = self._relax_rules(raw_x, raw_delta)
         step = self._step_limit(raw_x, raw_delta)
@@ -341,6 +351,8 @@ class FeatureConstraints:
                 ok = pending & self._holds(candidate, x, threat)
                 result = torch.where(ok.unsqueeze(1), candidate, result)
                 pending = pending & ~ok
+                if not bool(pending.any()):
+                    return result, pending
             if not bool(pending.any()):
                 break
             step = step / 2

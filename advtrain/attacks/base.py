@@ -96,11 +96,14 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
     Inside, the input-gradient speed-up of the model's device is in force
     (:func:`~advtrain.attacks.fast_grad.input_gradient_speedup`: on the CPU, the faster backward
-    of small-channel convolutions; nothing elsewhere).
+    of small-channel convolutions; nothing elsewhere), for a model with a convolution only: for
+    any other (an MLP on a table) it would put every torch call through Python for nothing.
     """
     _freeze(model)
     try:
-        with input_gradient_speedup(model_device(model, torch.device("cpu"))):
+        has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        device = model_device(model, torch.device("cpu"))
+        with input_gradient_speedup(device) if has_conv else contextlib.nullcontext():
             yield model
     finally:
         _thaw(model)
