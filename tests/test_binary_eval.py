@@ -264,11 +264,14 @@ def _constraints(x: Tensor) -> FeatureConstraints:
 
 @dataclasses.dataclass(frozen=True)
 class Unrepaired(ThreatModel):
-    """A threat model whose projection forgets the rules (as a careless attack would): its
-    outputs can break them, and the cascade must refuse those."""
+    """A threat model whose projection forgets the constraints (as a careless attack would):
+    its outputs break the direction of feature 0 and the rule, and the cascade must refuse
+    those."""
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
-        return self.clip_bounds(x + self.project_delta(x_adv - x))
+        return ThreatModel.project(
+            ThreatModel(self.norm, self.eps, self.lower, self.upper), x_adv, x
+        )
 
 
 @pytest.mark.parametrize("repaired", [True, False])
