@@ -3,11 +3,16 @@ flags (over a TOML file, over the defaults) and fit; or resume an interrupted ru
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import torch
+
+if TYPE_CHECKING:
+    from ..data import Dataset
+    from ..training import TrainConfig
 
 from ..errors import AdvtrainError
 from .processes import echo, leave_process_group, speaker, torchrun
@@ -40,7 +45,8 @@ from .processes import echo, leave_process_group, speaker, torchrun
     "pr-auc.",
 )
 @click.option(
-    "--model", help="digits-cnn (default), mnist-small, mnist-large, mlp, preact-resnet18."
+    "--model",
+    help="digits-cnn (default; mlp for tables), mnist-small, mnist-large, mlp, preact-resnet18.",
 )
 @click.option(
     "--method",
@@ -163,7 +169,6 @@ def train(
     **options: Any,
 ) -> None:
     """Train a model, adversarially by default; with no options, PGD training on digits."""
-    from ..data import load_dataset, load_table
     from ..distributed import env_world_size
     from ..models import build_model
     from ..training import Trainer, load_config
@@ -174,16 +179,7 @@ def train(
 
     if method_option:
         options["method_options"] = parse_method_options(method_option)
-    if options.get("data") is not None:
-        if options.get("dataset") is not None:
-            raise AdvtrainError("give --dataset or --data, not both")
-        if options.get("schema") is None:
-            raise AdvtrainError("--data needs --schema FILE.toml (the label, types and rules)")
-        options["dataset"] = "table"
-        if options.get("model") is None:
-            options["model"] = "mlp"
-    elif options.get("schema") is not None:
-        raise AdvtrainError("--schema goes with --data FILE.csv|FILE.parquet")
+    _check_table_options(options)
     if resume is not None:
         if config_path is not None:
             raise AdvtrainError(
@@ -192,22 +188,13 @@ def train(
         config = load_run_config(resume, **options)
     else:
         config = load_config(config_path, **options)
-    if config.data is not None:
-        data = load_table(
-            config.data,
-            config.schema,
-            seed=config.seed,
-            val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction,
-        )
-    else:
-        data = load_dataset(
-            config.dataset,
-            data_dir=config.data_dir,
-            seed=config.seed,
-            val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction,
-        )
+    data = _load_data(config)
+    if (
+        data.info.kind == "tabular"
+        and options.get("model") is None
+        and config.model == "digits-cnn"
+    ):
+        config = dataclasses.replace(config, model="mlp")  # the default model is for images
     torch.manual_seed(config.seed)
     model = build_model(config.model, in_shape=data.info.shape, n_classes=data.info.n_classes)
     trainer = Trainer(
@@ -238,5 +225,43 @@ def train(
         f"{result.test_robust_accuracy:.2%} under PGD-40 ({trainer.threat.norm} "
         f"eps={trainer.threat.eps:g}); {result.seconds:.1f}s"
     )
+    if result.extra.get("test_robust_recall") is not None:
+        extra = result.extra
+        say(
+            f"positive class {extra['positive_class']}: recall {extra['test_clean_recall']:.2%} "
+            f"clean, {extra['test_robust_recall']:.2%} under PGD-40; PR-AUC "
+            f"{extra['test_clean_pr_auc']:.3f} clean, {extra['test_robust_pr_auc']:.3f} under "
+            f"PGD-40 (accuracy on imbalanced data mostly counts the other class)"
+        )
     say(f"run directory: {config.out}")
     leave_process_group()
+
+
+def _check_table_options(options: dict[str, Any]) -> None:
+    """``--data`` goes with ``--schema`` and without ``--dataset`` (recorded as "table")."""
+    if options.get("data") is not None:
+        if options.get("dataset") is not None:
+            raise AdvtrainError("give --dataset or --data, not both")
+        if options.get("schema") is None:
+            raise AdvtrainError("--data needs --schema FILE.toml (the label, types and rules)")
+        options["dataset"] = "table"
+    elif options.get("schema") is not None:
+        raise AdvtrainError("--schema goes with --data FILE.csv|FILE.parquet")
+
+
+def _load_data(config: TrainConfig) -> Dataset:
+    """The configuration's table (``data`` with ``schema``) or named dataset, split by its seed."""
+    from ..data import load_dataset, load_table
+
+    val, test = config.val_fraction, config.test_fraction
+    if config.data is not None:
+        return load_table(
+            config.data, config.schema, seed=config.seed, val_fraction=val, test_fraction=test
+        )
+    return load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        seed=config.seed,
+        val_fraction=val,
+        test_fraction=test,
+    )
