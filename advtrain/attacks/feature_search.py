@@ -48,21 +48,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..errors import AdvtrainError
-from ..losses import cross_entropy, cw_margin, is_adversarial
-from ..threat import ThreatModel
-from ..util import check_positive_int
-from .base import Attack, Outcome
+from ..losses import is_adversarial
+from .base import Outcome
 from .fast_grad import suspended
+from .random_search import RANDOM_SEARCH_LOSSES, RandomSearch
 from .registry import register
 from .square_geometry import nonempty_subsets, p_selection, random_signs
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
+    pass
 
-    from .base import AttackOptions
-
-FEATURE_SEARCH_LOSSES = ("margin", "ce")
+FEATURE_SEARCH_LOSSES = RANDOM_SEARCH_LOSSES
 
 
 @dataclass
@@ -90,7 +86,7 @@ class _State:
 
 
 @register("feature-search")
-class FeatureSearch(Attack):
+class FeatureSearch(RandomSearch):
     """Square Attack's random search over random subsets of features (score-based, linf or l2).
 
     Args:
@@ -105,45 +101,6 @@ class FeatureSearch(Attack):
     The queries each point used are on :meth:`outcome`'s result (``.queries``, int64, summed over
     restarts).
     """
-
-    norms = ("linf", "l2")
-    counts_queries = True
-
-    def __init__(
-        self,
-        threat: ThreatModel | None = None,
-        *,
-        n_queries: int = 5000,
-        p_init: float = 0.8,
-        loss: str = "margin",
-        **options: Unpack[AttackOptions],
-    ) -> None:
-        super().__init__(threat, **options)
-        check_positive_int("n_queries", n_queries)
-        if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
-            raise AdvtrainError(f"p_init must be in (0, 1], got {p_init!r}")
-        if loss not in FEATURE_SEARCH_LOSSES:
-            raise AdvtrainError(
-                f"unknown loss {loss!r}; choose one of: {', '.join(FEATURE_SEARCH_LOSSES)}"
-            )
-        self.n_queries, self.p_init, self.loss = n_queries, float(p_init), loss
-
-    def _hyperparameters(self) -> dict[str, object]:
-        return {
-            **super()._hyperparameters(),
-            "n_queries": self.n_queries,
-            "p_init": self.p_init,
-            "loss": self.loss,
-        }
-
-    @property
-    def screens_clean_points(self) -> bool:
-        return False  # the clean point is the search's first query, counted in its budget
-
-    def _objective(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-        if target is not None:
-            return -cross_entropy(logits, target)
-        return cw_margin(logits, y) if self.loss == "margin" else cross_entropy(logits, y)
 
     # ------------------------------------------------------------------ the search
     def run(

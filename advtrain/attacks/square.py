@@ -52,11 +52,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..losses import cross_entropy, cw_margin, is_adversarial
+from ..losses import is_adversarial
 from ..threat import ThreatModel
-from ..util import check_positive_int
-from .base import Attack, Outcome, compaction_interval, put_rows
+from .base import Outcome, compaction_interval, put_rows
 from .fast_grad import suspended
+from .random_search import RANDOM_SEARCH_LOSSES, RandomSearch
 from .registry import register
 from .square_forward import QueryForward, QueryPass, Window, WindowQueries
 from .square_geometry import (
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 
     from .base import AttackOptions
 
-SQUARE_LOSSES = ("margin", "ce")
+SQUARE_LOSSES = RANDOM_SEARCH_LOSSES
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _per_sample(values: Tensor) -> Tensor:
 
 
 @register("square")
-class Square(Attack):
+class Square(RandomSearch):
     """The Square attack (Andriushchenko et al. 2020), score-based black-box, linf or l2.
 
     Args:
@@ -154,9 +154,6 @@ class Square(Attack):
     restarts).
     """
 
-    norms = ("linf", "l2")
-    counts_queries = True
-
     def __init__(
         self,
         threat: ThreatModel | None = None,
@@ -167,37 +164,14 @@ class Square(Attack):
         forward: QueryForward | None = None,
         **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, **options)
-        check_positive_int("n_queries", n_queries)
-        if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
-            raise AdvtrainError(f"p_init must be in (0, 1], got {p_init!r}")
-        if loss not in SQUARE_LOSSES:
-            raise AdvtrainError(f"unknown loss {loss!r}; choose one of: {', '.join(SQUARE_LOSSES)}")
+        super().__init__(threat, n_queries=n_queries, p_init=p_init, loss=loss, **options)
         if forward is not None and not isinstance(forward, QueryForward):
             raise AdvtrainError(
                 f"forward must be a QueryForward (WindowQueries, FullQueries), got {forward!r}"
             )
-        self.n_queries, self.p_init, self.loss = n_queries, float(p_init), loss
         self.forward: QueryForward = WindowQueries() if forward is None else forward
 
-    def _hyperparameters(self) -> dict[str, object]:
-        return {
-            **super()._hyperparameters(),
-            "n_queries": self.n_queries,
-            "p_init": self.p_init,
-            "loss": self.loss,
-        }
-
-    @property
-    def screens_clean_points(self) -> bool:
-        return False  # the clean point is the search's first query, counted in its budget
-
     # ------------------------------------------------------------------ the search
-    def _objective(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-        if target is not None:
-            return -cross_entropy(logits, target)
-        return cw_margin(logits, y) if self.loss == "margin" else cross_entropy(logits, y)
-
     def run(
         self,
         model: nn.Module,
