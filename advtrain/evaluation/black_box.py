@@ -36,7 +36,7 @@ from ..errors import AdvtrainError
 from ..threat import ThreatModel
 from ..util import check_positive_int
 from . import metrics
-from .cascade import Cascade, Step, step_loss
+from .cascade import Cascade, Step, feasibility, step_loss
 from .context import argmax, check_classes
 from .report import Report, robustness_score
 from .shards import Shards
@@ -191,28 +191,6 @@ def _scores(model: nn.Module, points: Tensor, batch_size: int) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
-def _feasibility(state: Cascade) -> dict[str, Any] | None:
-    """The suite's ``feasibility`` entry for one cascade: adversarial points counted, how many
-    satisfy the constraints, the outputs refused, the constraint set; None without constraints
-    and refusals."""
-    constraints = state.threat.constraints
-    if constraints is None and not state.refused:
-        return None
-    rows = [i for i, by in enumerate(state.broken_by) if by not in (None, "clean")]
-    feasible = None
-    if rows and constraints is not None:
-        index = torch.tensor(rows, dtype=torch.int64)
-        feasible = int(constraints.feasible(state.x_adv[index], state.x[index]).sum())
-    return {
-        "adversarial_points": len(rows),
-        "feasible": feasible,
-        "feasible_share": None if feasible is None else feasible / len(rows),
-        "refused": sum(state.refused.values()),
-        "refused_by_step": dict(state.refused),
-        "constraints": None if constraints is None else constraints.describe(),
-    }
-
-
 def _report(
     state: Cascade,
     correct: Tensor,
@@ -317,7 +295,7 @@ def _report(
         losses={"per_step": used, "used": sorted(set(used.values())), "skipped": {}},
         attack_classes=None if attacked is None else list(attacked),
         positive_metrics=positive_metrics,
-        feasibility=_feasibility(state),
+        feasibility=feasibility(state.threat, [state]),
     )
 
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -415,3 +416,38 @@ class Cascade:
         for i in chosen.tolist():
             self.broken_by[i] = name
         return int(success.sum())
+
+
+def feasibility(
+    threat: ThreatModel, cascades: Sequence[Cascade], borrowed: str | None = None
+) -> dict[str, Any] | None:
+    """The report's ``feasibility`` entry: the adversarial points the cascades counted (a point
+    ``broken_by`` the name ``borrowed``, taken from another cascade, once), how many satisfy
+    ``threat.constraints``, the outputs refused (in all and per step), and the constraint set;
+    None without constraints and refusals."""
+    constraints = threat.constraints
+    refused: dict[str, int] = {}
+    for cascade in cascades:
+        for name, count in cascade.refused.items():
+            refused[name] = refused.get(name, 0) + count
+    if constraints is None and not refused:
+        return None
+    points, clean = [], []
+    for cascade in cascades:
+        rows = [i for i, by in enumerate(cascade.broken_by) if by not in (None, "clean", borrowed)]
+        if rows:
+            index = torch.tensor(rows, dtype=torch.int64)
+            points.append(cascade.x_adv[index.to(cascade.x_adv.device)])
+            clean.append(cascade.x[index.to(cascade.x.device)])
+    count = sum(len(p) for p in points)
+    feasible = None
+    if count and constraints is not None:
+        feasible = int(constraints.feasible(torch.cat(points), torch.cat(clean)).sum())
+    return {
+        "adversarial_points": count,
+        "feasible": feasible,
+        "feasible_share": None if feasible is None or not count else feasible / count,
+        "refused": sum(refused.values()),
+        "refused_by_step": refused,
+        "constraints": None if constraints is None else constraints.describe(),
+    }

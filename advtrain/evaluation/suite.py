@@ -54,6 +54,7 @@ from .cascade import (
     Cascade,
     Step,
     binary,
+    feasibility,
     gradient_step,
     margin_attack,
     suite_attacks,
@@ -271,40 +272,6 @@ def _losses(ctx: EvalContext, cascades: Sequence[Cascade]) -> dict[str, Any]:
     }
 
 
-def _feasibility(ctx: EvalContext, cascades: Sequence[Cascade]) -> dict[str, Any] | None:
-    """Feasibility of the adversarial points counted (every cascade's, the operating point's
-    borrowed argmax points once) under ``threat.constraints``, the refused outputs, and the
-    constraint set; None without constraints and refusals."""
-    constraints = getattr(ctx.threat, "constraints", None)
-    refused: dict[str, int] = {}
-    for cascade in cascades:
-        for name, count in cascade.refused.items():
-            refused[name] = refused.get(name, 0) + count
-    if constraints is None and not refused:
-        return None
-    points, clean = [], []
-    for cascade in cascades:
-        rows = [
-            i for i, by in enumerate(cascade.broken_by) if by not in (None, "clean", FROM_ARGMAX)
-        ]
-        if rows:
-            index = torch.tensor(rows, dtype=torch.int64)
-            points.append(cascade.x_adv[index.to(cascade.x_adv.device)])
-            clean.append(cascade.x[index.to(cascade.x.device)])
-    count = sum(len(p) for p in points)
-    feasible = None
-    if count and constraints is not None:
-        feasible = int(constraints.feasible(torch.cat(points), torch.cat(clean)).sum())
-    return {
-        "adversarial_points": count,
-        "feasible": feasible,
-        "feasible_share": None if feasible is None or not count else feasible / count,
-        "refused": sum(refused.values()),
-        "refused_by_step": refused,
-        "constraints": None if constraints is None else constraints.describe(),
-    }
-
-
 def _naive(ctx: EvalContext, correct: Tensor, clean_pred: Tensor) -> Cascade:
     """What a naive evaluation would have said of a model that needed wrapping: the cascade's
     first attack on the model as it is, judged by its own argmax."""
@@ -449,7 +416,7 @@ def _report(
         losses=_losses(ctx, cascades),
         attack_classes=None if settings.attack_classes is None else list(settings.attack_classes),
         positive_metrics=None if positive is None else positive.figures,
-        feasibility=_feasibility(ctx, cascades),
+        feasibility=feasibility(ctx.threat, cascades, borrowed=FROM_ARGMAX),
     )
 
 
