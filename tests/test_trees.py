@@ -332,3 +332,31 @@ def test_black_box_attack_classes_and_refusals(tmp_path: Path) -> None:
         evaluate_black_box(model, z, y, ThreatModel(norm="l1", eps=1.0))
     with pytest.raises(AdvtrainError, match="attack_classes: 4 is not a class"):
         evaluate_black_box(model, z, y, threat, attack_classes=[4])
+
+
+@pytest.mark.parametrize("kind", ["lightgbm", "skops"])
+def test_lightgbm_and_sklearn_models_are_attacked_too(tmp_path: Path, kind: str) -> None:
+    """Every format goes through the same black-box search: LightGBM's text model and a
+    scikit-learn forest saved with skops lose accuracy to it, inside the threat model."""
+    from advtrain.attacks import FeatureSearch
+
+    x, binary, _ = toy_table(400)
+    if kind == "lightgbm":
+        path = tmp_path / "model.txt"
+        train = lgb.Dataset(x[:300], label=binary[:300])
+        params = {"objective": "binary", "num_threads": 1, "seed": 0, "verbose": -1}
+        lgb.train(params, train, num_boost_round=30).save_model(str(path))
+    else:
+        from sklearn.ensemble import RandomForestClassifier
+
+        path = tmp_path / "model.skops"
+        forest = RandomForestClassifier(n_estimators=30, max_depth=5, random_state=0, n_jobs=1)
+        skops_io.dump(forest.fit(x[:300], binary[:300]), path)
+    model = load_tree_model(path)
+    z, y = as_rows(x[300:]), torch.tensor(binary[300:])
+    threat = ThreatModel(norm="linf", eps=0.1)
+    x_adv = FeatureSearch(threat, n_queries=200, seed=0)(model, z, y)
+    assert bool(threat.contains(x_adv, z).all())
+    clean = float((model(z).argmax(1) == y).float().mean())
+    attacked = float((model(x_adv).argmax(1) == y).float().mean())
+    assert attacked < clean - 0.1
