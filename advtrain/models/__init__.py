@@ -3,6 +3,7 @@
 Every model maps a batch of inputs to logits (no softmax).
 """
 
+from .adapters import NORMALIZATIONS, Normalize, logits_model, with_normalization
 from .checks import check_model_output
 from .preact_resnet import PreActBlock, PreActResNet
 from .registry import BUILDERS, MODELS, build_model
@@ -12,6 +13,8 @@ from .user import load_user_model
 __all__ = [
     "BUILDERS",
     "MODELS",
+    "NORMALIZATIONS",
+    "Normalize",
     "PreActBlock",
     "PreActResNet",
     "TreeEnsemble",
@@ -19,4 +22,6 @@ __all__ = [
     "check_model_output",
     "load_tree_model",
     "load_user_model",
+    "logits_model",
+    "with_normalization",
 ]
