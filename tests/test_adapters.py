@@ -95,3 +95,63 @@ def test_normalisation_names_and_errors():
     assert torch.allclose(one(torch.ones(1, 3, 2, 2)), torch.ones(1, 3, 2, 2))
     with pytest.raises(AdvtrainError, match="3 channels"):
         Normalize(*NORMALIZATIONS["imagenet"])(torch.rand(1, 1, 4, 4))
+
+
+HF_STYLE_PY = """
+import torch
+from types import SimpleNamespace
+
+
+class Net(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+    def forward(self, x):
+        logits = self.body(x)
+        if self.kind == "dict":
+            return {"logits": logits, "hidden_states": None}
+        if self.kind == "object":
+            return SimpleNamespace(logits=logits)
+        return {"scores": logits}
+
+
+def make_dict():
+    return Net("dict")
+
+
+def make_object():
+    return Net("object")
+
+
+def make_bad():
+    return Net("bad")
+"""
+
+
+@pytest.mark.parametrize("factory", ["make_dict", "make_object", "make_bad"])
+def test_a_model_file_with_dict_or_object_output_is_evaluated(capsys, tmp_path, factory):
+    import json
+
+    from safetensors.torch import save_file
+
+    from advtrain.cli import run
+
+    (tmp_path / "hf.py").write_text(HF_STYLE_PY)
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    save_file({f"body.{k}": v for k, v in body.state_dict().items()}, tmp_path / "w.safetensors")
+    report = tmp_path / "r.json"
+    capsys.readouterr()
+    rc = run(
+        ["evaluate", "--model-file", f"{tmp_path / 'hf.py'}:{factory}",
+         "--weights", str(tmp_path / "w.safetensors"), "--dataset", "digits", "--n", "20",
+         "--suite", "pgd", "--steps", "2", "--json", str(report)]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    if factory == "make_bad":
+        assert rc == 2 and "'logits'" in err and "Traceback" not in err
+    else:
+        assert rc == 0, err
+        assert json.loads(report.read_text())["n"] == 20

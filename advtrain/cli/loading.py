@@ -90,7 +90,7 @@ def load_model_and_data(
     come out the same); ``--data NEW.csv`` with a table run evaluates the whole new file,
     encoded with the run's saved encoding (its categories, bounds and constraints)."""
     from ..checkpoint import load_weights_into
-    from ..models import build_model, load_user_model
+    from ..models import build_model, load_user_model, logits_model
 
     sources = [s for s in (run_dir, model_file, model_name) if s]
     if len(sources) != 1:
@@ -117,7 +117,8 @@ def load_model_and_data(
         model = _load_trees(model_file, data)
         source = model_file
     elif model_file:
-        model = load_user_model(model_file, weights)
+        # a tuple, dict or output object is reduced to its logits (else a one-line error)
+        model = logits_model(load_user_model(model_file, weights))
         source = f"{model_file} with {weights}"
     else:
         name = run.get("model", model_name)
