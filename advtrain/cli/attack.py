@@ -13,7 +13,7 @@ import click
 
 from ..errors import AdvtrainError
 from .attack_options import build_attack, check_attack_options, parse_attack_options
-from .loading import check_output_paths, load_model_and_data, parse_classes
+from .loading import check_output_paths, load_model_and_data, parse_classes, table_options
 from .processes import echo
 
 if TYPE_CHECKING:
@@ -27,18 +27,7 @@ if TYPE_CHECKING:
 @click.option("--weights", type=click.Path(dir_okay=False), help="safetensors or .pth state dict.")
 @click.option("--dataset", help="Dataset whose test split is attacked (default: the run's).")
 @click.option("--data-dir", help="Directory of data files.")
-@click.option(
-    "--data",
-    "table",
-    type=click.Path(dir_okay=False),
-    help="Your own table (.csv or .parquet), with --schema; with a table RUN_DIR: a new file "
-    "of the same columns, encoded as in training.",
-)
-@click.option(
-    "--schema",
-    type=click.Path(dir_okay=False),
-    help="The table's TOML schema: label, column types, bounds, mutability, directions, rules.",
-)
+@table_options
 @click.option(
     "--attack",
     "attack_name",

@@ -10,7 +10,7 @@ import click
 import torch
 
 from ..errors import AdvtrainError
-from .loading import load_model_and_data, parse_classes
+from .loading import load_model_and_data, parse_classes, table_options
 from .processes import echo, leave_process_group, speaker, torchrun
 
 if TYPE_CHECKING:
@@ -30,18 +30,7 @@ if TYPE_CHECKING:
 @click.option("--weights", type=click.Path(dir_okay=False), help="safetensors or .pth state dict.")
 @click.option("--dataset", help="Dataset whose test split is evaluated (default: the run's).")
 @click.option("--data-dir", help="Directory of data files.")
-@click.option(
-    "--data",
-    "table",
-    type=click.Path(dir_okay=False),
-    help="Your own table (.csv or .parquet), with --schema; with a table RUN_DIR: a new file "
-    "of the same columns, encoded as in training.",
-)
-@click.option(
-    "--schema",
-    type=click.Path(dir_okay=False),
-    help="The table's TOML schema: label, column types, bounds, mutability, directions, rules.",
-)
+@table_options
 @click.option("--norm", help="linf, l2 or l1 (default: the run's, else linf).")
 @click.option("--eps", type=float, help="Radius (default: the run's, else the dataset's).")
 @click.option(

@@ -5,6 +5,7 @@ and the checks on output paths made before any work."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,24 @@ if TYPE_CHECKING:
 
     from ..data import Dataset, TableEncoding
     from ..threat import ThreatModel
+
+
+def table_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--data`` (passed as ``table``) and ``--schema``, for ``evaluate`` and ``attack``."""
+    import click
+
+    command = click.option(
+        "--schema",
+        type=click.Path(dir_okay=False),
+        help="The table's TOML schema: label, column types, bounds, mutability, directions, rules.",
+    )(command)
+    return click.option(
+        "--data",
+        "table",
+        type=click.Path(dir_okay=False),
+        help="Your own table (.csv or .parquet), with --schema; with a table RUN_DIR: a new "
+        "file of the same columns, encoded as in training.",
+    )(command)
 
 
 def check_output_paths(paths: dict[str, Path]) -> None:

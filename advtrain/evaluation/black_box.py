@@ -36,7 +36,7 @@ from ..errors import AdvtrainError
 from ..threat import ThreatModel
 from ..util import check_positive_int
 from . import metrics
-from .cascade import Cascade, Step, feasibility, step_loss
+from .cascade import Cascade, Step, feasibility, per_sample_records, step_loss
 from .context import argmax, check_classes
 from .report import Report, robustness_score
 from .shards import Shards
@@ -218,21 +218,9 @@ def _report(
             ),
         }
     attacked = run["attack_classes"]
-    per_sample = [
-        {
-            "index": i,
-            "label": int(yc[i]),
-            "clean_pred": int(clean_pred[i]),
-            "adv_pred": int(pred_adv[i]),
-            "broken_by": state.broken_by[i],
-            "perturbation_norm": float(state.norm[i])
-            if state.broken_by[i] not in (None, "clean")
-            else None,
-            "min_norm": None,
-            **({} if attacked is None else {"attacked": bool(state.attackable[i])}),
-        }
-        for i in range(n)
-    ]
+    per_sample = per_sample_records(
+        state, yc, clean_pred, pred_adv, None, None if attacked is None else state.attackable
+    )
     broken = (correct & ~state.standing).nonzero().squeeze(1)
     shown = torch.cat([broken, state.standing.nonzero().squeeze(1)])[: run["examples"]]
     used = dict(state.losses)

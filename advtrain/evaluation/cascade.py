@@ -451,3 +451,31 @@ def feasibility(
         "refused_by_step": refused,
         "constraints": None if constraints is None else constraints.describe(),
     }
+
+
+def per_sample_records(
+    state: Cascade,
+    labels: Tensor,
+    clean_pred: Tensor,
+    adv_pred: Tensor,
+    min_norms: Tensor | None,
+    attackable: Tensor | None,
+) -> list[dict[str, Any]]:
+    """The report's ``per_sample`` rows: label, predictions, what broke the point and how far
+    it moved, its minimum-norm margin (None where none was measured), and, when only some
+    classes were attacked (``attackable`` given), whether it was."""
+    return [
+        {
+            "index": i,
+            "label": int(labels[i]),
+            "clean_pred": int(clean_pred[i]),
+            "adv_pred": int(adv_pred[i]),
+            "broken_by": state.broken_by[i],
+            "perturbation_norm": float(state.norm[i])
+            if state.broken_by[i] not in (None, "clean")
+            else None,
+            "min_norm": None if min_norms is None else float(min_norms[i]),
+            **({} if attackable is None else {"attacked": bool(attackable[i])}),
+        }
+        for i in range(len(labels))
+    ]

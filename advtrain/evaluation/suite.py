@@ -57,6 +57,7 @@ from .cascade import (
     feasibility,
     gradient_step,
     margin_attack,
+    per_sample_records,
     suite_attacks,
 )
 from .context import EvalContext, SuiteSettings, check_classes
@@ -333,21 +334,14 @@ def _report(
     }
     ran_min_norm = threat.norm in ("linf", "l2")
     attackable = ctx.attackable
-    per_sample = [
-        {
-            "index": i,
-            "label": int(yc[i]),
-            "clean_pred": int(pred_clean[i]),
-            "adv_pred": int(pred_adv[i]),
-            "broken_by": state.broken_by[i],
-            "perturbation_norm": float(state.norm[i])
-            if state.broken_by[i] not in (None, "clean")
-            else None,
-            "min_norm": float(margins[i]) if ran_min_norm else None,
-            **({} if settings.attack_classes is None else {"attacked": bool(attackable[i])}),
-        }
-        for i in range(len(x))
-    ]
+    per_sample = per_sample_records(
+        state,
+        yc,
+        pred_clean,
+        pred_adv,
+        margins if ran_min_norm else None,
+        None if settings.attack_classes is None else attackable,
+    )
     positive = (
         None
         if settings.positive_class is None
