@@ -195,8 +195,9 @@ def _evaluate_black_box(
 
     torch.manual_seed(seed)
     surrogate = build_model("mlp", in_shape=data.info.shape, n_classes=data.info.n_classes)
-    labels = predict(model, data.train.x, batch_size=batch_size)
-    fit_surrogate(surrogate, data.train.x, labels, seed=seed)
+    x_train = data.train.x[:]  # a tensor (tree ensembles take tables, which are held whole)
+    labels = predict(model, x_train, batch_size=batch_size)
+    fit_surrogate(surrogate, x_train, labels, seed=seed)
     return evaluate_black_box(
         model,
         x,

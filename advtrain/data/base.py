@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..threat import Norm, ThreatModel
+from .lazy import Inputs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,10 +73,12 @@ class DatasetInfo:
 class Split:
     """One split of a dataset: float32 inputs ``x`` inside the bounds and int64 labels ``y``.
 
-    ``rows`` (tables read from a file only) holds each row's position among the file's data rows.
+    ``x`` is a tensor held whole, or for image folders a :class:`~advtrain.data.lazy.LazyInputs`
+    whose files are read when indexed (``x[index]`` is a tensor either way). ``rows`` (tables
+    read from a file only) holds each row's position among the file's data rows.
     """
 
-    x: Tensor
+    x: Inputs
     y: Tensor
     rows: np.ndarray | None = None
 

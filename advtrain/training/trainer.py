@@ -317,9 +317,11 @@ class Trainer:
         measured by rank 0 and shared with the other ranks (which hold the same weights)."""
         found = EpochFigures(0.0, 0.0)
         if self.rank == 0:
+            # inputs read on demand (an image folder) go to the device chunk by chunk
+            x = split.x.to(self.device) if isinstance(split.x, Tensor) else split.x
             found = measure(
                 model,
-                split.x.to(self.device),
+                x,
                 split.y.to(self.device),
                 attack,
                 self.config.eval_batch_size,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..attacks import Attack, frozen
 from ..attacks.base import model_device
+from ..data.lazy import Inputs
 from ..evaluation.metrics import positive_class_metrics, positive_score
 
 #: The positive-class figures an :class:`EpochFigures` may carry, in order.
@@ -59,9 +60,10 @@ class EpochFigures:
         return {name: getattr(self, name) for name in POSITIVE_FIELDS}
 
 
-def logits_of(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+def logits_of(model: nn.Module, x: Inputs, batch_size: int) -> Tensor:
     """The model's logits for ``x``, in batches, in eval mode (restored), on ``x``'s device;
-    their argmax is :func:`advtrain.evaluation.predict`'s labels."""
+    their argmax is :func:`advtrain.evaluation.predict`'s labels. Inputs read on demand
+    (:class:`~advtrain.data.lazy.LazyInputs`) are read one batch at a time."""
     device = model_device(model, default=x.device)
     with frozen(model), torch.no_grad():
         parts = [
@@ -73,16 +75,20 @@ def logits_of(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
 
 def measure(
     model: nn.Module,
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
     attack: Attack,
     batch_size: int,
     positive_class: int | None = None,
 ) -> EpochFigures:
-    """The figures of ``model`` on ``x, y`` under ``attack`` (see the module docstring)."""
+    """The figures of ``model`` on ``x, y`` under ``attack`` (see the module docstring).
+
+    ``x`` may be read on demand (:class:`~advtrain.data.lazy.LazyInputs`): it is then read one
+    chunk of ``batch_size`` at a time, moved to ``y``'s device, and never held whole.
+    """
     if len(x) == 0:
         return EpochFigures(float("nan"), float("nan"))
-    clean_logits = logits_of(model, x, batch_size)
+    clean_logits = logits_of(model, x, batch_size).to(y.device)
     clean_pred = clean_logits.argmax(dim=1)
     correct = clean_pred == y
     robust = correct.clone()
@@ -90,7 +96,7 @@ def measure(
     index = correct.nonzero().squeeze(1)
     for start in range(0, len(index), batch_size):
         chunk = index[start : start + batch_size]
-        x_adv = attack(model, x[chunk], y[chunk])
+        x_adv = attack(model, x[chunk].to(y.device), y[chunk])
         chunk_logits = logits_of(model, x_adv, batch_size)
         adv_logits[chunk] = chunk_logits
         robust[chunk] = chunk_logits.argmax(dim=1) == y[chunk]
