@@ -31,6 +31,7 @@ __all__ = [
     "VERSION",
     "load_checkpoint",
     "load_state_dict",
+    "load_state_into",
     "load_weights_into",
     "save_checkpoint",
     "sidecar_path",
@@ -264,7 +265,15 @@ def load_weights_into(model: nn.Module, path: str | Path, strict: bool = True) -
     Keys the model lacks or the file lacks (when ``strict``) and tensors of the wrong shape
     (always) are a :class:`CheckpointError` that names a few of them.
     """
-    state = load_state_dict(path)
+    return load_state_into(model, load_state_dict(path), path, strict)
+
+
+def load_state_into(
+    model: nn.Module, state: Mapping[str, Tensor], source: str | Path, strict: bool = True
+) -> nn.Module:
+    """:func:`load_weights_into` for a state dict already read from ``source`` (named in the
+    errors)."""
+    path = source
     own = model.state_dict()
     problems = []
     if strict:

@@ -173,10 +173,7 @@ class ThreatModel:
         lower, upper = self._bounds_like(x)
         if bool((x < lower - DEFAULT_ATOL).any()) or bool((x > upper + DEFAULT_ATOL).any()):
             lo, hi = float(x.min()), float(x.max())
-            raise ThreatModelError(
-                f"inputs lie outside the threat model's bounds (inputs span [{lo:.4g}, {hi:.4g}]); "
-                "scale the data into the bounds or pass the right lower/upper"
-            )
+            raise ThreatModelError(_outside_message(lo, hi, float(upper.max()), float(lower.min())))
 
     # ------------------------------------------------------------------ geometry
     def _bounds_like(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -320,3 +317,22 @@ def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
         if have not in (1, want):
             return False
     return True
+
+
+def _outside_message(lo: float, hi: float, upper: float, lower: float) -> str:
+    """Why inputs spanning ``[lo, hi]`` lie outside ``[lower, upper]``, naming the usual mistakes
+    with [0, 1] images: 0–255 pixels, and inputs already normalised with a mean and std."""
+    head = f"inputs lie outside the threat model's bounds (inputs span [{lo:.4g}, {hi:.4g}])"
+    pixels = (lower, upper) == (0.0, 1.0)
+    if pixels and lo >= 0 and 5 < hi <= 255:
+        return (
+            f"{head}: they look like 0-255 pixels; advtrain expects [0, 1], so divide by 255 "
+            "(normalisation goes inside the model with --normalize or with_normalization)"
+        )
+    if pixels and lo < 0 and hi < 10:
+        return (
+            f"{head}: they look normalised with a mean and std; advtrain expects [0, 1] pixels, "
+            "so leave out the normalisation transform and put it inside the model (--normalize "
+            "or with_normalization)"
+        )
+    return f"{head}; scale the data into the bounds or pass the right lower/upper"

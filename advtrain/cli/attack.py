@@ -13,7 +13,13 @@ import click
 
 from ..errors import AdvtrainError
 from .attack_options import build_attack, check_attack_options, parse_attack_options
-from .loading import check_output_paths, load_model_and_data, parse_classes, table_options
+from .loading import (
+    check_output_paths,
+    load_model_and_data,
+    model_options,
+    parse_classes,
+    table_options,
+)
 from .processes import echo
 
 if TYPE_CHECKING:
@@ -23,11 +29,16 @@ if TYPE_CHECKING:
 @click.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--model-file", help="Your own model as path/to/file.py:factory.")
-@click.option("--model", "model_name", help="A built-in architecture name, with --weights.")
+@click.option(
+    "--model",
+    "model_name",
+    help="An architecture, with --weights: a built-in name, torchvision:NAME or timm:NAME.",
+)
 @click.option("--weights", type=click.Path(dir_okay=False), help="safetensors or .pth state dict.")
 @click.option("--dataset", help="Dataset whose test split is attacked (default: the run's).")
 @click.option("--data-dir", help="Directory of data files.")
 @table_options
+@model_options
 @click.option(
     "--attack",
     "attack_name",
@@ -92,6 +103,8 @@ def attack(
     data_dir: str | None,
     table: str | None,
     schema: str | None,
+    normalize: str | None,
+    num_classes: int | None,
     attack_name: str,
     norm: str | None,
     eps: float | None,
@@ -148,7 +161,17 @@ def attack(
     target_device = resolve_device(device)
 
     loaded = load_model_and_data(
-        run_dir, model_file, model_name, weights, dataset, data_dir, seed, table, schema
+        run_dir,
+        model_file,
+        model_name,
+        weights,
+        dataset,
+        data_dir,
+        seed,
+        table,
+        schema,
+        normalize=normalize,
+        num_classes=num_classes,
     )
     info = loaded.data.info
     threat = loaded.threat_model(norm, eps)

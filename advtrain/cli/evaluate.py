@@ -10,7 +10,7 @@ import click
 import torch
 
 from ..errors import AdvtrainError
-from .loading import load_model_and_data, parse_classes, table_options
+from .loading import load_model_and_data, model_options, parse_classes, table_options
 from .processes import echo, leave_process_group, speaker, torchrun
 
 if TYPE_CHECKING:
@@ -26,11 +26,16 @@ if TYPE_CHECKING:
 @click.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--model-file", help="Your own model as path/to/file.py:factory.")
-@click.option("--model", "model_name", help="A built-in architecture name, with --weights.")
+@click.option(
+    "--model",
+    "model_name",
+    help="An architecture, with --weights: a built-in name, torchvision:NAME or timm:NAME.",
+)
 @click.option("--weights", type=click.Path(dir_okay=False), help="safetensors or .pth state dict.")
 @click.option("--dataset", help="Dataset whose test split is evaluated (default: the run's).")
 @click.option("--data-dir", help="Directory of data files.")
 @table_options
+@model_options
 @click.option("--norm", help="linf, l2 or l1 (default: the run's, else linf).")
 @click.option("--eps", type=float, help="Radius (default: the run's, else the dataset's).")
 @click.option(
@@ -87,6 +92,8 @@ def evaluate(
     data_dir: str | None,
     table: str | None,
     schema: str | None,
+    normalize: str | None,
+    num_classes: int | None,
     norm: str | None,
     eps: float | None,
     suite: str,
@@ -119,7 +126,17 @@ def evaluate(
     rank, _ = init_from_env(target_device.type)
     say = speaker(rank)
     loaded = load_model_and_data(
-        run_dir, model_file, model_name, weights, dataset, data_dir, seed, table, schema
+        run_dir,
+        model_file,
+        model_name,
+        weights,
+        dataset,
+        data_dir,
+        seed,
+        table,
+        schema,
+        normalize=normalize,
+        num_classes=num_classes,
     )
     model, data, dataset, seed = loaded.model, loaded.data, loaded.dataset, loaded.seed
     threat = loaded.threat_model(norm, eps)

@@ -37,6 +37,45 @@ def table_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--normalize`` and ``--num-classes``, for ``evaluate`` and ``attack``."""
+    import click
+
+    command = click.option(
+        "--num-classes",
+        type=int,
+        help="Outputs of the model's head when it has more than the data has classes "
+        "(default: the data's count).",
+    )(command)
+    return click.option(
+        "--normalize",
+        help="The mean/std normalisation the model was trained with: imagenet, cifar10 or "
+        "MEAN,STD (m1/m2/m3,s1/s2/s3); it becomes the model's first layer, the data stay in "
+        "[0, 1] (default: the run's, else none).",
+    )(command)
+
+
+def with_model_classes(data: Dataset, num_classes: int | None) -> Dataset:
+    """``data`` for a model with ``num_classes`` outputs (``--num-classes``): more than the data's
+    classes adds unnamed ones; fewer, or labels beyond the head, is a one-line error."""
+    import dataclasses
+
+    n = data.info.n_classes
+    if num_classes is None or num_classes == n:
+        return data
+    if type(num_classes) is not int or num_classes < 2:
+        raise AdvtrainError(f"--num-classes must be an integer >= 2, got {num_classes!r}")
+    top = max(int(split.y.max()) for split in (data.train, data.val, data.test) if len(split.y))
+    if num_classes < n or top >= num_classes:
+        raise AdvtrainError(
+            f"--num-classes {num_classes} is too few for {data.info.name}: it has {n} classes "
+            f"(labels up to {top}); the model's head needs at least {max(n, top + 1)} outputs"
+        )
+    extra = tuple(f"class {i}" for i in range(n, num_classes))
+    info = dataclasses.replace(data.info, classes=data.info.classes + extra)
+    return dataclasses.replace(data, info=info)
+
+
 def check_output_paths(paths: dict[str, Path]) -> None:
     """Before any work: every output goes to an existing directory, and no two to one file."""
     seen: dict[Path, str] = {}
@@ -100,6 +139,9 @@ def load_model_and_data(
     seed: int | None,
     table: str | None = None,
     schema: str | None = None,
+    *,
+    normalize: str | None = None,
+    num_classes: int | None = None,
 ) -> Loaded:
     """Exactly one of RUN_DIR, ``--model-file`` or ``--model`` (the last two with ``--weights``
     and ``--dataset`` or ``--data``/``--schema``): the model with its weights loaded, and the
@@ -107,9 +149,12 @@ def load_model_and_data(
 
     A run trained on a table reads the same table again (its encoding, saved in the run, must
     come out the same); ``--data NEW.csv`` with a table run evaluates the whole new file,
-    encoded with the run's saved encoding (its categories, bounds and constraints)."""
-    from ..checkpoint import load_weights_into
-    from ..models import build_model, load_user_model, logits_model
+    encoded with the run's saved encoding (its categories, bounds and constraints).
+
+    ``normalize`` and ``num_classes`` (``--normalize``, ``--num-classes``) go with ``--model`` and
+    ``--model-file``; a run directory rebuilds the model with its own."""
+    from ..models import build_model, load_user_model, logits_model, with_normalization
+    from ..models.weights import load_adapted_weights
 
     sources = [s for s in (run_dir, model_file, model_name) if s]
     if len(sources) != 1:
@@ -132,20 +177,63 @@ def load_model_and_data(
         run=run,
         run_dir=run_dir,
     )
+    normalize, num_classes = _run_model_options(run, normalize, num_classes)
+    data = with_model_classes(data, num_classes)
     if model_file and _is_tree_file(model_file):
+        if normalize is not None:
+            raise AdvtrainError("--normalize applies to neural networks, not tree ensembles")
         model = _load_trees(model_file, data)
         source = model_file
     elif model_file:
         # a tuple, dict or output object is reduced to its logits (else a one-line error)
         model = logits_model(load_user_model(model_file, weights))
+        if normalize is not None:
+            model = with_normalization(model, *_normalization(normalize, data))
         source = f"{model_file} with {weights}"
     else:
         name = run.get("model", model_name)
-        model = build_model(str(name), in_shape=data.info.shape, n_classes=data.info.n_classes)
+        model = build_model(
+            str(name),
+            in_shape=data.info.shape,
+            n_classes=data.info.n_classes,
+            normalize=normalize,
+        )
         assert weights is not None  # required above for every model but a tree ensemble
-        load_weights_into(model, weights)
+        load_adapted_weights(model, weights)
         source = f"{name} with {weights}"
     return Loaded(model, data, run, str(dataset), int(seed), source)
+
+
+def _run_model_options(
+    run: dict[str, Any], normalize: str | None, num_classes: int | None
+) -> tuple[str | None, int | None]:
+    """``--normalize`` and ``--num-classes``, or a run's own (the flags may only repeat them)."""
+    if not run:
+        return normalize, num_classes
+    for flag, given, key in (
+        ("--normalize", normalize, "normalize"),
+        ("--num-classes", num_classes, "num_classes"),
+    ):
+        if given is not None and given != run.get(key):
+            raise AdvtrainError(
+                f"{flag} {given} differs from the run's ({run.get(key)}): a run directory "
+                "rebuilds its model as it was trained"
+            )
+    return run.get("normalize"), run.get("num_classes")
+
+
+def _normalization(normalize: str, data: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``--normalize`` as ``(mean, std)``, with as many means as the images have channels."""
+    from ..models.adapters import parse_normalization
+
+    mean, std = parse_normalization(normalize)
+    shape = data.info.shape
+    if data.info.kind != "image" or len(mean) not in (1, shape[0]):
+        raise AdvtrainError(
+            f"normalisation {normalize} has {len(mean)} means; inputs of shape {shape} need one "
+            "per channel of (C, H, W) images, or one for all"
+        )
+    return mean, std
 
 
 def load_data(

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ..training import TrainConfig
 
 from ..errors import AdvtrainError
+from .loading import with_model_classes
 from .processes import echo, leave_process_group, speaker, torchrun
 
 
@@ -46,7 +47,18 @@ from .processes import echo, leave_process_group, speaker, torchrun
 )
 @click.option(
     "--model",
-    help="digits-cnn (default; mlp for tables), mnist-small, mnist-large, mlp, preact-resnet18.",
+    help="digits-cnn (default; mlp for tables), mnist-small, mnist-large, mlp, preact-resnet18, "
+    "torchvision:NAME or timm:NAME (pip install 'advtrain[vision]').",
+)
+@click.option(
+    "--normalize",
+    help="Mean/std normalisation as the model's first layer: imagenet, cifar10 or MEAN,STD "
+    "(m1/m2/m3,s1/s2/s3); the data and the attacks stay in [0, 1].",
+)
+@click.option(
+    "--num-classes",
+    type=int,
+    help="Outputs of the model's head when it needs more than the data's classes.",
 )
 @click.option(
     "--method",
@@ -195,8 +207,14 @@ def train(
         and config.model == "digits-cnn"
     ):
         config = dataclasses.replace(config, model="mlp")  # the default model is for images
+    data = with_model_classes(data, config.num_classes)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, in_shape=data.info.shape, n_classes=data.info.n_classes)
+    model = build_model(
+        config.model,
+        in_shape=data.info.shape,
+        n_classes=data.info.n_classes,
+        normalize=config.normalize,
+    )
     trainer = Trainer(
         model, data, config, config.out, progress=not quiet, log=None if quiet else echo
     )

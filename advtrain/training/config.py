@@ -54,6 +54,11 @@ class TrainConfig:
     A user's own table: ``data`` (a ``.csv`` or ``.parquet`` file) with ``schema`` (its TOML
     schema, :func:`advtrain.data.load_table`) instead of ``dataset``.
 
+    A network people already have: ``model`` ``torchvision:NAME`` or ``timm:NAME``;
+    ``normalize`` (``imagenet``, ``cifar10`` or ``MEAN,STD``) becomes the model's first layer, so
+    the data and the attacks stay in [0, 1]; ``num_classes`` sets the model's head when it has
+    more outputs than the dataset has classes (default: the dataset's count).
+
     For imbalanced data: ``class_weight`` ``"balanced"`` draws each epoch's batches so that every
     class fills an equal share of them (see :mod:`advtrain.training.sampling`; ``None``: a plain
     shuffle); ``select_by`` names the validation figure that keeps the best epoch and drives
@@ -104,6 +109,8 @@ class TrainConfig:
     select_by: str = "auto"
     data: str | None = None
     schema: str | None = None
+    normalize: str | None = None
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch_size")
@@ -241,6 +248,19 @@ class TrainConfig:
             )
         self._check_imbalance_options()
         self._check_runtime_options()
+        self._check_model_options()
+
+    def _check_model_options(self) -> None:
+        """``normalize`` is a name or MEAN,STD; ``num_classes`` an integer >= 2 (or unset)."""
+        from ..models.adapters import parse_normalization
+
+        if self.normalize is not None:
+            if not isinstance(self.normalize, str):
+                raise AdvtrainError(f"normalize must be a string, got {self.normalize!r}")
+            parse_normalization(self.normalize)
+        count = self.num_classes
+        if count is not None and (type(count) is not int or count < 2):
+            raise AdvtrainError(f"num_classes must be an integer >= 2, got {count!r}")
 
     def _check_imbalance_options(self) -> None:
         weight = self.class_weight
