@@ -24,6 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..losses import is_adversarial
+from .counting import uncounted
 from .window_forward import MAX_MAP_BYTES, Change, WindowForward
 
 #: A window of a query: top row, left column and (height, width), the same in every point.
@@ -80,8 +81,11 @@ class _WindowPass(QueryPass):
     def __init__(self, model: nn.Module, shape: tuple[int, ...], local: WindowForward) -> None:
         super().__init__(model, shape)
         self.local = local
+        self.counter = uncounted(model)[1]
 
     def start(self, x: Tensor) -> list[Tensor]:
+        if self.counter is not None:
+            self.counter.add(len(x))
         return self.local.start(x)[1]
 
     def logits(
@@ -95,6 +99,8 @@ class _WindowPass(QueryPass):
         """The window pass where it pays, else the full pass through the kept layers; the
         pending state is the :class:`Change` or the whole new state."""
         local = self.local
+        if self.counter is not None:  # the window pass stands for a full pass of each candidate
+            self.counter.add(len(candidates))
         if window is None or not local.pays(window[2]):
             logits, new_maps = local.start(candidates)
             return logits, new_maps
@@ -150,7 +156,7 @@ class WindowQueries(QueryForward):
         self, model: nn.Module, x: Tensor, shape: tuple[int, ...], windowed: bool
     ) -> QueryPass:
         if windowed and tuple(x.shape[1:]) == tuple(shape):
-            local = WindowForward.build(model, tuple(shape))
+            local = WindowForward.build(uncounted(model)[0], tuple(shape))
             if local is not None and local.map_bytes(x) <= self.max_map_bytes:
                 return _WindowPass(model, shape, local)
         return _FullPass(model, shape)

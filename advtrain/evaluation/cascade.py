@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,15 +31,21 @@ from torch import Tensor, nn
 
 from ..attacks import APGD, APGDT, FAB, FABT, PGD, Attack, HopSkipJump, Square
 from ..attacks.base import MinNormAttack
+from ..attacks.counting import CountedModel
 from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
+from .journal import Journal, Unit
+from .points import Points, TensorPoints
 from .shards import Shards, chunk_seed, seeded, step_seed
 
 #: The suites of :func:`advtrain.evaluate`.
 SUITES = ("quick", "standard", "thorough")
 Judge = Callable[[Tensor], Tensor]
-#: The per-sample tensors of a :class:`Cascade` that attacks change (besides ``broken_by``).
-_ROW_FIELDS = ("standing", "adv_pred", "x_adv", "norm", "margin", "measured")
+#: ``progress(step, chunks done, chunks, points standing)``, called as a cascade goes.
+Progress = Callable[[str, int, int, int], None]
+#: The per-sample tensors of a :class:`Cascade` that attacks change (besides ``broken_by``,
+#: ``adv_logits`` and ``x_adv``).
+_SCALAR_FIELDS = ("standing", "adv_pred", "norm", "margin", "measured")
 #: Why the DLR losses are left out for two classes, as the report says it.
 DLR_SKIPPED = (
     "DLR skipped: 2 classes (its denominator is the gap between the only two logits, so the loss "
@@ -219,25 +226,36 @@ def margin_attack(
 class Cascade:
     """Per-sample state of an evaluation: which points stand, what broke the others, with what.
 
+    ``x`` is the points (a tensor, or :class:`.points.Points` read a chunk at a time).
     ``attack_model`` is what gradients are taken of (the model, or a repaired wrapper of it);
     ``judge`` gives the labels that count (the model's prediction, or a majority vote of a
-    randomised model). ``attackable`` (bool per sample, default all) names the points an
-    attacker moves: the others are never attacked and keep their clean prediction, so a
-    correctly classified one stands to the end.
+    randomised model); ``score`` (optional) gives the logits the report measures, kept per
+    broken point in ``adv_logits`` as it breaks. ``attackable`` (bool per sample, default all)
+    names the points an attacker moves: the others are never attacked and keep their clean
+    prediction, so a correctly classified one stands to the end.
+
+    ``x_adv`` holds the adversarial example of every broken point (``keep_points``, the
+    default), or, for points read on demand, only those of the ``examples`` broken points of
+    lowest index (:class:`KeptRows`): the memory then stays bounded by the chunk.
 
     An attack output outside the threat model (``threat.contains``: the ball, the bounds, the
     mask, and the feature constraints where the threat model has them) is refused: never counted
     as adversarial. ``refused`` counts, per step, the refused outputs that the judge would have
-    counted as adversarial; ``losses`` names the loss each step ran with (:func:`step_loss`).
+    counted as adversarial; ``losses`` names the loss each step ran with (:func:`step_loss`);
+    ``seconds`` the wall-clock time of each step; ``feasible`` per step, the adversarial points
+    it kept and how many satisfy the feature constraints.
+
+    With a ``journal`` (:mod:`.journal`), each step's work on each chunk is saved as it ends,
+    under ``scope``, and replayed instead of run when the evaluation resumes.
     """
 
-    x: Tensor
+    x: Any  # Tensor | Points: made Points in __post_init__
     y: Tensor
     threat: ThreatModel
     judge: Judge
     standing: Tensor  # bool per sample
     adv_pred: Tensor  # the judged label of each point's current worst case (clean at first)
-    x_adv: Tensor = field(init=False)
+    x_adv: Any = field(init=False)  # Tensor, or KeptRows
     broken_by: list[str | None] = field(init=False)
     norm: Tensor = field(init=False)  # perturbation norm of the example that broke each point
     margin: Tensor = field(init=False)  # smallest adversarial norm known per point
@@ -250,13 +268,30 @@ class Cascade:
     attackable: Tensor = None  # type: ignore[assignment]  # default: every point
     refused: dict[str, int] = field(default_factory=dict)
     losses: dict[str, str] = field(default_factory=dict)
+    score: Judge | None = None
+    keep_points: bool = True
+    examples: int = 8
+    journal: Journal | None = None
+    scope: str = "cascade"
+    #: Told of each chunk as the cascade goes (a progress bar); None: silent.
+    progress: Progress | None = None
+    #: The forward-pass count of the evaluated model (journaled with each unit).
+    counter: CountedModel | None = None
+    adv_logits: Tensor | None = field(default=None, init=False)
+    seconds: dict[str, float] = field(default_factory=dict)
+    feasible: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.x, Tensor):
+            self.x = TensorPoints(self.x)
         n = len(self.x)
         if self.attackable is None:
             self.attackable = torch.ones(n, dtype=torch.bool)
         self.attackable = self.attackable.cpu().to(torch.bool)
-        self.x_adv = self.x.clone()
+        if self.keep_points and isinstance(self.x, TensorPoints):
+            self.x_adv = self.x.tensor.clone()
+        else:
+            self.x_adv = KeptRows(self.x, None if self.keep_points else self.examples)
         self.broken_by = [None if s else "clean" for s in self.standing.tolist()]
         self.norm = torch.zeros(n)
         self.margin = torch.where(self.standing, torch.full((n,), float("inf")), torch.zeros(n))
@@ -264,6 +299,10 @@ class Cascade:
         self.correct = self.standing.clone()
         if self.shards is None:
             self.shards = Shards(n, max(n, 1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
 
     @property
     def robust_accuracy(self) -> float:
@@ -293,6 +332,7 @@ class Cascade:
         """Run one attack on the standing points (those of ``among`` only, when given: indices),
         chunk by chunk (:mod:`.shards`); returns how many it broke."""
         name = label or step.name
+        start = time.perf_counter()
         # a minimum-norm step measures every point classified correctly at first, for its margin
         chosen = (self.correct & ~self.measured) if step.min_norm else self.standing.clone()
         chosen &= self.attackable.to(chosen.device)
@@ -301,6 +341,7 @@ class Cascade:
         before = self._snapshot()
         prior = self.refused.pop(name, 0)
         broken = self._each_chunk(
+            name,
             chosen,
             step.attack,
             lambda attack, index: self._attack(step, attack, attack_model, index, name),
@@ -310,29 +351,61 @@ class Cascade:
             self.refused[name] = prior + refused
         self.per_attack[name] = self.robust_accuracy
         self.losses[name] = step_loss(step.attack)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         return broken
 
-    def measure(self, attack: MinNormAttack, attack_model: nn.Module) -> None:
+    def measure(
+        self,
+        attack: MinNormAttack,
+        attack_model: nn.Module,
+        name: str = "robust margins",
+    ) -> None:
         """Robust margins of the correctly classified points not measured yet (nothing broken)."""
+        start = time.perf_counter()
         before = self._snapshot()
         self._each_chunk(
+            name,
             self.correct & ~self.measured & self.attackable.to(self.correct.device),
             attack,
             lambda chunk_attack, index: self._margins(chunk_attack, attack_model, index),
         )
         self._exchange(before, 0, 0)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def _each_chunk(
-        self, chosen: Tensor, attack: Attack, work: Callable[[Attack, Tensor], int]
+        self,
+        name: str,
+        chosen: Tensor,
+        attack: Attack,
+        work: Callable[[Attack, Tensor], int],
     ) -> int:
         """``work(attack seeded for the chunk, indices)`` on the ``chosen`` points of each chunk of
-        this rank, with torch's global generator seeded for the chunk; the sum of its results."""
-        total = 0
-        for chunk, rows in self.shards.mine():
+        this rank, with torch's global generator seeded for the chunk; the sum of its results.
+        With a journal, a chunk's saved outcome is replayed instead (:mod:`.journal`)."""
+        total, progress = 0, self.progress
+        mine = self.shards.mine()
+        for done, (chunk, rows) in enumerate(mine):
+            if progress is not None:
+                progress(name, done, len(mine), int(self.indices().numel()))
             index = chosen[rows].nonzero().squeeze(1) + rows.start
-            if len(index):
-                with seeded(chunk_seed(attack.seed or 0, chunk), self.x.device):
-                    total += work(self.shards.for_chunk(attack, chunk), index)
+            if not len(index):
+                continue
+            key = f"{self.scope}|{name}|{chunk}"
+            unit = None if self.journal is None else self.journal.get(key)
+            if unit is not None:
+                total += self._replay(index, unit)
+                continue
+            before = self._row_state(index)
+            counted = self._counted()
+            with seeded(chunk_seed(attack.seed or 0, chunk), self.device):
+                result = work(self.shards.for_chunk(attack, chunk), index)
+            total += result
+            if self.journal is not None:
+                unit = self._unit(index, before, result, name)
+                unit.facts["forwards"] = [a - b for a, b in zip(self._counted(), counted)]
+                self.journal.put(key, unit)
+        if progress is not None:
+            progress(name, len(mine), len(mine), int(self.indices().numel()))
         return total
 
     def _margins(self, attack: Attack, attack_model: nn.Module, index: Tensor) -> int:
@@ -359,9 +432,88 @@ class Cascade:
             )
             standing = self.standing[index]
             index, x_adv = index[standing], x_adv[standing.to(x_adv.device)]
+            x = x[standing.to(x.device)]
         else:
             x_adv = attack(attack_model, x, y)
-        return self.record(index, x_adv, name) if len(index) else 0
+        return self.record(index, x_adv, name, clean=x) if len(index) else 0
+
+    # ------------------------------------------------------------------ resume
+    def _row_state(self, index: Tensor) -> dict[str, Any]:
+        """What a unit may change of the rows ``index``: to tell the newly broken ones after."""
+        return {
+            "broken": [self.broken_by[i] for i in index.tolist()],
+            "refused": dict(self.refused),
+            "feasible": dict(self.feasible),
+        }
+
+    def _unit(self, index: Tensor, before: dict[str, Any], result: int, name: str) -> Unit:
+        """The outcome of a unit of work on the rows ``index``, for the journal."""
+        rows = index.cpu()
+        newly = [i for i, was in zip(rows.tolist(), before["broken"]) if was != self.broken_by[i]]
+        kept = self.x_adv.kept(newly) if isinstance(self.x_adv, KeptRows) else newly
+        tensors: dict[str, Tensor] = {
+            "index": rows,
+            **{f: getattr(self, f)[rows.to(getattr(self, f).device)] for f in _SCALAR_FIELDS},
+        }
+        if kept:
+            kept_index = torch.tensor(kept, dtype=torch.int64)
+            tensors["kept_index"] = kept_index
+            tensors["kept_rows"] = self.x_adv[kept_index.to(self.device)]
+        if self.adv_logits is not None:
+            tensors["adv_logits"] = self.adv_logits[rows]
+        return Unit(
+            tensors,
+            {
+                "result": result,
+                "broken_by": [self.broken_by[i] for i in rows.tolist()],
+                "refused": self.refused.get(name, 0) - before["refused"].get(name, 0),
+                "feasible": [
+                    a - b
+                    for a, b in zip(
+                        self.feasible.get(name, (0, 0)), before["feasible"].get(name, (0, 0))
+                    )
+                ],
+            },
+        )
+
+    def _replay(self, index: Tensor, unit: Unit) -> int:
+        """Apply a saved unit's outcome to the rows ``index``; returns its result."""
+        rows = unit.tensors["index"]
+        if not torch.equal(rows, index.cpu()):
+            raise AdvtrainError(
+                "the resume state does not match this evaluation (a chunk's points differ)"
+            )
+        for f in _SCALAR_FIELDS:
+            target = getattr(self, f)
+            target[rows.to(target.device)] = unit.tensors[f].to(target.device, target.dtype)
+        for i, by in zip(rows.tolist(), unit.facts["broken_by"]):
+            self.broken_by[i] = by
+        if "adv_logits" in unit.tensors:
+            self._logits_rows(rows, unit.tensors["adv_logits"])
+        if "kept_index" in unit.tensors:
+            kept = unit.tensors["kept_index"]
+            self.x_adv[kept.to(self.device)] = unit.tensors["kept_rows"].to(self.device)
+        if self.counter is not None:
+            self.counter.points += int(unit.facts["forwards"][0])
+            self.counter.calls += int(unit.facts["forwards"][1])
+        name = unit.facts["key"].split("|")[1]
+        if unit.facts["refused"]:
+            self.refused[name] = self.refused.get(name, 0) + int(unit.facts["refused"])
+        counted, feasible = unit.facts["feasible"]
+        if counted:
+            was = self.feasible.get(name, (0, 0))
+            self.feasible[name] = (was[0] + counted, was[1] + feasible)
+        return int(unit.facts["result"])
+
+    def _counted(self) -> tuple[int, int]:
+        """The forward passes counted so far (inputs, calls)."""
+        return (0, 0) if self.counter is None else (self.counter.points, self.counter.calls)
+
+    def _logits_rows(self, index: Tensor, logits: Tensor) -> None:
+        """``adv_logits[index] = logits``, allocating ``adv_logits`` at the first write."""
+        if self.adv_logits is None:
+            self.adv_logits = torch.zeros(len(self.x), logits.shape[1])
+        self.adv_logits[index] = logits.float().cpu()
 
     # ------------------------------------------------------------------ ranks
     def _snapshot(self) -> tuple[Tensor, Tensor] | None:
@@ -376,28 +528,43 @@ class Cascade:
             return broken, refused
         changed = (self.standing != before[0]) | (self.measured != before[1])
         index = (changed & self.shards.owned()).nonzero().squeeze(1)
+        newly = [i for i in index.tolist() if bool(before[0][i]) and not bool(self.standing[i])]
+        kept = self.x_adv.kept(newly) if isinstance(self.x_adv, KeptRows) else newly
+        kept_index = torch.tensor(kept, dtype=torch.int64)
         rows = {
             "index": index,
             "broken": broken,
             "refused": refused,
+            "feasible": dict(self.feasible),
             "broken_by": [self.broken_by[i] for i in index.tolist()],
-            **{f: getattr(self, f)[index.to(getattr(self, f).device)].cpu() for f in _ROW_FIELDS},
+            "kept_index": kept_index,
+            "kept_rows": self.x_adv[kept_index.to(self.device)].cpu() if kept else None,
+            "adv_logits": None if self.adv_logits is None else self.adv_logits[index],
+            **{
+                f: getattr(self, f)[index.to(getattr(self, f).device)].cpu() for f in _SCALAR_FIELDS
+            },
         }
         total, refused_total = 0, 0
         for sent in self.shards.all_gather(rows):
             total += sent["broken"]
             refused_total += sent["refused"]
-            for f in _ROW_FIELDS:
+            for f in _SCALAR_FIELDS:
                 tensor = getattr(self, f)
                 tensor[sent["index"].to(tensor.device)] = sent[f].to(tensor.device)
             for i, by in zip(sent["index"].tolist(), sent["broken_by"]):
                 self.broken_by[i] = by
+            if sent["adv_logits"] is not None and len(sent["index"]):
+                self._logits_rows(sent["index"], sent["adv_logits"])
+            if sent["kept_rows"] is not None:
+                self.x_adv[sent["kept_index"].to(self.device)] = sent["kept_rows"].to(self.device)
         return total, refused_total
 
-    def record(self, index: Tensor, x_adv: Tensor, name: str) -> int:
-        """Judge adversarial candidates for the standing points ``index``; keep the successes
-        inside the threat model, refuse (and count in ``refused[name]``) the others."""
-        inside = self.threat.contains(x_adv, self.x[index]).cpu()
+    def record(self, index: Tensor, x_adv: Tensor, name: str, clean: Tensor | None = None) -> int:
+        """Judge adversarial candidates for the standing points ``index`` (whose clean points
+        are ``clean``, read again when not given); keep the successes inside the threat model,
+        refuse (and count in ``refused[name]``) the others."""
+        x = self.x[index] if clean is None else clean
+        inside = self.threat.contains(x_adv, x).cpu()
         pred = self.judge(x_adv)
         fooled = (pred != self.y[index]).cpu()
         outside = int((fooled & ~inside).sum())
@@ -407,22 +574,65 @@ class Cascade:
         chosen = index[success]
         if len(chosen) == 0:
             return 0
-        self.x_adv[chosen] = x_adv[success]
-        self.adv_pred[chosen] = pred[success]
+        on = success.to(x_adv.device)
+        kept, from_clean = x_adv[on], x[success.to(x.device)]
+        self.x_adv[chosen.to(self.device)] = kept
+        self.adv_pred[chosen] = pred[success.to(pred.device)]
         self.standing[chosen] = False
-        norms = lp_norm(x_adv[success] - self.x[chosen], self.threat.norm).cpu()
+        norms = lp_norm(kept - from_clean, self.threat.norm).cpu()
         self.norm[chosen] = norms
         self.margin[chosen] = torch.minimum(self.margin[chosen], norms)
+        if self.score is not None:
+            self._logits_rows(chosen.cpu(), self.score(kept))
+        if self.threat.constraints is not None:
+            was = self.feasible.get(name, (0, 0))
+            ok = int(self.threat.constraints.feasible(kept, from_clean).sum())
+            self.feasible[name] = (was[0] + len(chosen), was[1] + ok)
         for i in chosen.tolist():
             self.broken_by[i] = name
         return int(success.sum())
 
 
+class KeptRows:
+    """Adversarial examples of broken points, by index, without a dense copy of the inputs.
+
+    With ``limit`` None every example written is kept; otherwise only those of the ``limit``
+    lowest indices (a point's example is written once, when it breaks, so these are the
+    examples of the ``limit`` broken points of lowest index). Reading a row not kept gives the
+    clean point (a point still standing is its own worst case)."""
+
+    def __init__(self, x: Points, limit: int | None) -> None:
+        self.x, self.limit = x, limit
+        self.rows: dict[int, Tensor] = {}
+
+    def kept(self, index: list[int]) -> list[int]:
+        """The entries of ``index`` whose examples are kept."""
+        return [i for i in index if i in self.rows]
+
+    def __setitem__(self, index: Tensor, values: Tensor) -> None:
+        for i, row in zip(index.tolist(), values):
+            self.rows[int(i)] = row.detach().clone()  # a clone: never a view of the whole batch
+        if self.limit is not None and len(self.rows) > self.limit:
+            for i in sorted(self.rows)[self.limit :]:
+                del self.rows[i]
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        rows = index.cpu().tolist()
+        missing = [i for i in rows if i not in self.rows]
+        read = (
+            dict(zip(missing, self.x[torch.tensor(missing, dtype=torch.int64)])) if missing else {}
+        )
+        parts = [self.rows[i] if i in self.rows else read[i] for i in rows]
+        if not parts:
+            return self.x[torch.zeros(0, dtype=torch.int64)] if len(self.x) else torch.zeros(0)
+        return torch.stack([p.to(self.x.device) for p in parts])
+
+
 def feasibility(
     threat: ThreatModel, cascades: Sequence[Cascade], borrowed: str | None = None
 ) -> dict[str, Any] | None:
-    """The report's ``feasibility`` entry: the adversarial points the cascades counted (a point
-    ``broken_by`` the name ``borrowed``, taken from another cascade, once), how many satisfy
+    """The report's ``feasibility`` entry: the adversarial points the cascades counted as they
+    broke (those of the step ``borrowed``, taken from another cascade, once), how many satisfy
     ``threat.constraints``, the outputs refused (in all and per step), and the constraint set;
     None without constraints and refusals."""
     constraints = threat.constraints
@@ -432,17 +642,12 @@ def feasibility(
             refused[name] = refused.get(name, 0) + count
     if constraints is None and not refused:
         return None
-    points, clean = [], []
+    count, feasible_count = 0, 0
     for cascade in cascades:
-        rows = [i for i, by in enumerate(cascade.broken_by) if by not in (None, "clean", borrowed)]
-        if rows:
-            index = torch.tensor(rows, dtype=torch.int64)
-            points.append(cascade.x_adv[index.to(cascade.x_adv.device)])
-            clean.append(cascade.x[index.to(cascade.x.device)])
-    count = sum(len(p) for p in points)
-    feasible = None
-    if count and constraints is not None:
-        feasible = int(constraints.feasible(torch.cat(points), torch.cat(clean)).sum())
+        for name, (counted, ok) in cascade.feasible.items():
+            if name != borrowed:
+                count, feasible_count = count + counted, feasible_count + ok
+    feasible = feasible_count if count and constraints is not None else None
     return {
         "adversarial_points": count,
         "feasible": feasible,

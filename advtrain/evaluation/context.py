@@ -37,8 +37,12 @@ from ..attacks.adaptive import (
     looks_like_probabilities,
     majority_vote,
 )
+from ..attacks.counting import CountedModel
 from ..errors import AdvtrainError
 from ..threat import ThreatModel
+from .cascade import Cascade, Progress
+from .journal import Journal
+from .points import Points
 from .shards import Shards, seeded, step_seed
 
 
@@ -88,7 +92,7 @@ class EvalContext:
     """
 
     model: nn.Module
-    x: Tensor
+    x: Points
     y: Tensor
     threat: ThreatModel
     settings: SuiteSettings
@@ -105,12 +109,18 @@ class EvalContext:
     device: str
     #: ``time.perf_counter()`` when the evaluation began.
     started: float
+    #: The saved state of a resumable evaluation (:mod:`.journal`); None: nothing saved.
+    journal: Journal | None = None
+    #: Told of each chunk of each attack (a progress bar); None: silent.
+    progress: Progress | None = None
+    #: The count of the forward passes of ``model`` (:class:`~advtrain.attacks.CountedModel`).
+    counter: CountedModel | None = None
 
     @classmethod
     def build(
         cls,
         model: nn.Module,
-        x: Tensor,
+        x: Points,
         y: Tensor,
         threat: ThreatModel,
         settings: SuiteSettings,
@@ -243,6 +253,32 @@ class ShiftedLogit(nn.Module):
         shift = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
         shift[self.positive] = self.threshold
         return logits - shift
+
+
+def cascade_for(
+    ctx: EvalContext, scope: str, clean_pred: Tensor, attackable: Tensor | None = None
+) -> Cascade:
+    """A :class:`.cascade.Cascade` of ``ctx``'s points judged by ``ctx.judge``, from the clean
+    predictions ``clean_pred``, its work journaled under ``scope``; adversarial examples kept
+    whole only for points held in memory (else the report's few examples)."""
+    correct = clean_pred.cpu() == ctx.y.cpu()
+    return Cascade(
+        ctx.x,
+        ctx.y,
+        ctx.threat,
+        ctx.judge,
+        correct.clone(),
+        clean_pred.clone(),
+        shards=ctx.shards,
+        attackable=ctx.attackable if attackable is None else attackable,
+        score=ctx.logits,
+        keep_points=not ctx.x.streamed or ctx.settings.positive_class is not None,
+        examples=ctx.settings.examples,
+        journal=ctx.journal,
+        scope=scope,
+        progress=ctx.progress,
+        counter=ctx.counter,
+    )
 
 
 def check_classes(name: str, classes: Sequence[int], n_classes: int) -> tuple[int, ...]:

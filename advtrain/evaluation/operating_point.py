@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import metrics
 from .cascade import Cascade, suite_attacks
-from .context import EvalContext
+from .context import EvalContext, cascade_for
 
 #: The label of the argmax cascade's adversarial points tried first at the operating point.
 FROM_ARGMAX = "argmax cascade"
@@ -68,16 +68,7 @@ def evaluate_operating_point(
     threshold = metrics.threshold_at_fpr(clean_scores, negative, fpr)
     op = ctx.at_threshold(positive, threshold)
     clean_pred = op.shards.map(op.judge, op.x, op.seed).cpu()
-    state = Cascade(
-        op.x,
-        op.y,
-        op.threat,
-        op.judge,
-        (clean_pred == y).clone(),
-        clean_pred.clone(),
-        shards=op.shards,
-        attackable=ctx.attackable & is_positive,
-    )
+    state = cascade_for(op, "operating point", clean_pred, attackable=ctx.attackable & is_positive)
     attacked = state.indices()
     if len(attacked):
         broken = [i for i in attacked.tolist() if main.broken_by[i] not in (None, "clean")]

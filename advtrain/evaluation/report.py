@@ -113,6 +113,7 @@ class Report:
     attack_classes: list[int] | None = None
     positive_metrics: dict[str, Any] | None = None
     feasibility: dict[str, Any] | None = None
+    model_card: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ convenience
     @property
@@ -154,6 +155,32 @@ class Report:
         atomically; returns the path."""
         atomic_write_text(path, render_html(self))
         return Path(path)
+
+
+def model_card(
+    clean: float,
+    robust: float,
+    threat: Any,
+    *,
+    passes_per_prediction: int,
+    forward_passes: int,
+    unreliable: bool,
+) -> dict[str, Any]:
+    """The fields RobustBench's model cards carry (Croce et al. 2021, its ``model_info`` files):
+    ``clean_acc`` and ``autoattack_acc`` in percent (here the robust accuracy of the suite run,
+    AutoAttack's recipe for ``standard``), ``threat_model`` (``Linf``, ``L2``, ``L1``), ``eps``,
+    ``number_forward_passes`` (passes per prediction: 1, or the votes of a randomised model),
+    ``unreliable`` (a gradient-masking verdict fired) and, beyond RobustBench,
+    ``forward_passes_used``: the inputs the whole evaluation passed through the model."""
+    return {
+        "clean_acc": round(100 * clean, 2) if math.isfinite(clean) else None,
+        "autoattack_acc": round(100 * robust, 2) if math.isfinite(robust) else None,
+        "threat_model": {"linf": "Linf", "l2": "L2", "l1": "L1"}.get(threat.norm, threat.norm),
+        "eps": threat.eps,
+        "number_forward_passes": passes_per_prediction,
+        "forward_passes_used": forward_passes,
+        "unreliable": unreliable,
+    }
 
 
 def robustness_score(clean: float, robust: float) -> float:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..attacks.base import Attack
 from ..distributed import gathered_objects
+from .points import Points
 
 #: Seeds of chunk ``c > 0`` are ``seed + SEED_STRIDE * c``; chunk 0 keeps ``seed``, so an
 #: evaluation of at most ``batch_size`` points is seeded exactly as its attacks were built.
@@ -107,11 +108,11 @@ class Shards:
         chunk_attack.seed = chunk_seed(attack.seed, chunk)
         return chunk_attack
 
-    def map(self, fn: Callable[[Tensor], Tensor], x: Tensor, seed: int) -> Tensor:
+    def map(self, fn: Callable[[Tensor], Tensor], x: Tensor | Points, seed: int) -> Tensor:
         """``fn`` over ``x`` chunk by chunk, torch's global generator seeded per chunk with
         :func:`chunk_seed` of ``seed``; every rank's rows, in order, on the CPU."""
         if self.n == 0:
-            return fn(x).cpu()
+            return fn(x[0:0]).cpu()
         parts = []
         for chunk, rows in self.mine():
             with seeded(chunk_seed(seed, chunk), x.device):

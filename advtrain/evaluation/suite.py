@@ -36,16 +36,22 @@ attacked chunk by chunk (:mod:`.shards`), so a run repeats exactly, in one proce
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import Dataset as TorchDataset
 
 from ..attacks.base import frozen, model_device
+from ..attacks.counting import CountedModel
 from ..errors import AdvtrainError
+from ..models.adapters import logits_model
 from ..threat import Norm, ThreatModel
 from . import diagnostics as checks
 from . import metrics
@@ -60,11 +66,14 @@ from .cascade import (
     per_sample_records,
     suite_attacks,
 )
-from .context import EvalContext, SuiteSettings, check_classes
+from .context import EvalContext, SuiteSettings, cascade_for, check_classes
 from .escalation import escalate
-from .findings import Check, CheckName, Escalation
+from .findings import VERDICT, Check, CheckName, Escalation
+from .journal import Journal, Unit, model_digest, tensor_digest
 from .operating_point import FROM_ARGMAX, evaluate_operating_point
-from .report import Report, robustness_score
+from .points import Points, StreamedPoints, TensorPoints, dataset_labels
+from .progress import terminal_progress
+from .report import Report, model_card, robustness_score
 from .shards import seeded
 
 #: The name the robust-margin measurement after the escalations is seeded by.
@@ -95,8 +104,18 @@ def evaluate(
     examples: int = 8,
     attack_classes: Sequence[int] | None = None,
     fpr: float | None = 0.01,
+    resume: str | Path | None = None,
+    progress: bool | None = None,
 ) -> Report:
-    """Evaluate ``model`` (returning logits) on ``x, y`` or on a DataLoader of ``(x, y)`` batches.
+    """Evaluate ``model`` (returning logits) on ``x, y``, or on a dataset read a chunk at a time.
+
+    ``x`` is a tensor (with labels ``y``), a map-style ``torch.utils.data.Dataset`` of ``(x, y)``
+    items, a ``DataLoader`` over one (its ``dataset`` is read in index order, chunk by chunk: its
+    sampler and batch size play no part, so the evaluation is repeatable and resumable), or
+    :class:`advtrain.data.LazyInputs` (its ``labels`` are the labels). A dataset is never held
+    whole in memory: each stage reads the rows it works on (:mod:`.points`), so the memory is
+    bounded by ``batch_size`` points; the report equals the one of the same points as a tensor.
+    Any other iterable of ``(x, y)`` batches is read whole first.
 
     Args:
         norm, eps, lower, upper, mask: the threat model (or pass ``threat``).
@@ -124,11 +143,23 @@ def evaluate(
             most this share of them is flagged, and the recall of the positives there is
             reported clean and attacked, the attack run against the thresholded classifier
             (:mod:`.operating_point`). None: no operating point.
+        resume: a directory for the evaluation's state (:mod:`.journal`): every attack's work on
+            every chunk is saved there as it ends, and an evaluation of the same model, points
+            and settings given the same directory replays what was saved and goes on, ending
+            with the same report, bit for bit, as an uninterrupted run (wall-clock times aside).
+            Other settings than the saved ones are an error that names them.
+        progress: a progress bar (attack, chunk, points standing) on the terminal; default:
+            when standard error is a terminal.
+
+    Raises:
+        AdvtrainError: bad settings, or inputs that do not fit: a model whose output is not
+            logits (a tuple, dict or object output goes through
+            :func:`advtrain.models.logits_model` first), labels outside ``0..n_classes-1``,
+            NaN inputs or inputs outside the bounds (0-255 pixels against [0, 1] bounds).
     """
     start = time.perf_counter()
     if fpr is not None and not (isinstance(fpr, (int, float)) and 0 < fpr < 1):
         raise AdvtrainError(f"fpr must be a false-positive rate between 0 and 1, got {fpr!r}")
-    x, y = _as_tensors(x, y)
     if threat is None:
         # ThreatModel checks the norm's name and reports a misspelt one
         threat = ThreatModel(norm=cast(Norm, norm), eps=eps, lower=lower, upper=upper, mask=mask)
@@ -136,11 +167,11 @@ def evaluate(
         raise AdvtrainError("evaluate needs a finite eps")
     if not isinstance(model, nn.Module):
         raise AdvtrainError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    threat.validate(x)
     if device is not None:
         model = model.to(device)
     device = model_device(model, default=torch.device("cpu"))
-    x, y = x.detach().to(device), y.to(device)
+    points, y = _as_points(x, y, threat, device)
+    model = _logits_only(model, points, seed)
     settings = SuiteSettings(
         suite=suite,
         seed=seed,
@@ -153,15 +184,31 @@ def evaluate(
         examples=examples,
         fpr=None if fpr is None else float(fpr),
     )
-    with frozen(model):
+    with frozen(model), terminal_progress(progress) as bar:
+        counted = CountedModel(model).eval()
         ctx = EvalContext.build(
-            model, x, y, threat, settings, n_classes=n_classes, device=str(device), started=start
+            counted,
+            points,
+            y,
+            threat,
+            settings,
+            n_classes=n_classes,
+            device=str(device),
+            started=start,
         )
+        check_labels(y, ctx.n_classes)
         if positive_class is not None:
             check_classes("positive_class", [positive_class], ctx.n_classes)
         if attack_classes is not None:
             checked = check_classes("attack_classes", attack_classes, ctx.n_classes)
             ctx = replace(ctx, settings=replace(settings, attack_classes=checked))
+        journal = None if resume is None else _journal(resume, ctx, model)
+        ctx = replace(
+            ctx,
+            journal=journal,
+            progress=bar if ctx.shards.rank == 0 else None,
+            counter=counted,
+        )
         return _evaluate(ctx)
 
 
@@ -178,20 +225,14 @@ class CascadeRun:
 
 def _evaluate(ctx: EvalContext) -> Report:
     """The cascade, the checks, the escalations they call for, and the margins: the report."""
+    stages: dict[str, float] = {}
+    mark = time.perf_counter()
     clean_pred = ctx.shards.map(ctx.judge, ctx.x, ctx.seed)
     correct = clean_pred == ctx.y.cpu()
-    state = Cascade(
-        ctx.x,
-        ctx.y,
-        ctx.threat,
-        ctx.judge,
-        correct.clone(),
-        clean_pred.clone(),
-        shards=ctx.shards,
-        attackable=ctx.attackable,
-    )
+    stages["clean predictions"] = time.perf_counter() - mark
+    state = cascade_for(ctx, "cascade", clean_pred)
     steps = suite_attacks(ctx.settings.suite, ctx.threat, ctx.n_classes, ctx.seed, ctx.batch_size)
-    naive = _naive(ctx, correct, clean_pred) if ctx.repaired_outputs else None
+    naive = _naive(ctx, clean_pred) if ctx.repaired_outputs else None
     run = _cascade(state, steps, ctx.attack_model, correct)
     escalations = []
     if naive is not None:
@@ -211,18 +252,22 @@ def _evaluate(ctx: EvalContext) -> Report:
         )
 
     # diagnostics on a subset of the correctly classified points (rank 0 runs them)
+    mark = time.perf_counter()
     found: list[Check] = []
     if ctx.shards.rank == 0:
-        with seeded(ctx.seed, ctx.x.device):
-            found = _diagnostics(ctx, state, correct, steps[0], run)
+        found = _journaled_diagnostics(ctx, state, correct, steps[0], run)
     found = ctx.shards.from_rank_zero(found)
+    stages["diagnostics"] = time.perf_counter() - mark
     escalations += escalate(ctx, state, found)
 
     # robust margins of the points no minimum-norm attack has measured yet
     if ctx.threat.norm in ("linf", "l2"):
         margins = margin_attack(ctx.threat, ctx.n_classes, ctx.seed_for(MARGINS), ctx.batch_size)
-        state.measure(margins, ctx.attack_model)
-    return _report(ctx, state, correct, clean_pred, found, escalations)
+        state.measure(margins, ctx.attack_model, MARGINS)
+    if naive is not None:
+        stages["naive cascade"] = sum(naive.seconds.values())
+    stages.update(state.seconds)
+    return _report(ctx, state, correct, clean_pred, found, escalations, stages)
 
 
 @dataclass
@@ -273,19 +318,10 @@ def _losses(ctx: EvalContext, cascades: Sequence[Cascade]) -> dict[str, Any]:
     }
 
 
-def _naive(ctx: EvalContext, correct: Tensor, clean_pred: Tensor) -> Cascade:
+def _naive(ctx: EvalContext, clean_pred: Tensor) -> Cascade:
     """What a naive evaluation would have said of a model that needed wrapping: the cascade's
     first attack on the model as it is, judged by its own argmax."""
-    naive = Cascade(
-        ctx.x,
-        ctx.y,
-        ctx.threat,
-        ctx.argmax,
-        correct.clone(),
-        clean_pred.clone(),
-        shards=ctx.shards,
-        attackable=ctx.attackable,
-    )
+    naive = replace(cascade_for(ctx, "naive", clean_pred), judge=ctx.argmax)
     naive.run(gradient_step(ctx.threat, batch_size=ctx.batch_size).seeded(ctx.seed), ctx.model)
     return naive
 
@@ -316,12 +352,14 @@ def _report(
     clean_pred: Tensor,
     found: list[Check],
     escalations: list[Escalation],
+    stages: dict[str, float],
 ) -> Report:
     threat, settings, x = ctx.threat, ctx.settings, ctx.x
+    mark = time.perf_counter()
     clean_acc = float(correct.float().mean()) if len(x) else float("nan")
     robust_acc = state.robust_accuracy
     logits_clean = state.shards.map(ctx.logits, x, ctx.seed)
-    logits_adv = state.shards.map(ctx.logits, state.x_adv, ctx.seed)
+    logits_adv = _adversarial_logits(state, logits_clean)
     yc = ctx.y.cpu()
     margins = state.margin
     grid = metrics.eps_grid(threat.eps, margins[correct])
@@ -356,6 +394,8 @@ def _report(
         ]
     )
     shown = _example_rows(state, correct, settings.examples)
+    stages["report"] = time.perf_counter() - mark
+    forwards = 0 if ctx.counter is None else ctx.counter.points
     return Report(
         clean_accuracy=clean_acc,
         robust_accuracy=robust_acc,
@@ -398,7 +438,9 @@ def _report(
             "probabilities": ctx.probabilities,
             "processes": state.shards.world,
             "batch_size": settings.batch_size,
+            "forward_passes": forwards,
             "seconds": time.perf_counter() - ctx.started,
+            "seconds_by_stage": stages,
         },
         examples={
             "x": state.x[shown].cpu(),
@@ -411,7 +453,55 @@ def _report(
         attack_classes=None if settings.attack_classes is None else list(settings.attack_classes),
         positive_metrics=None if positive is None else positive.figures,
         feasibility=feasibility(ctx.threat, cascades, borrowed=FROM_ARGMAX),
+        model_card=model_card(
+            clean_acc,
+            robust_acc,
+            threat,
+            passes_per_prediction=settings.votes if ctx.randomized else 1,
+            forward_passes=forwards,
+            unreliable=any(c.triggered and c.severity == VERDICT for c in found),
+        ),
     )
+
+
+def _journaled_diagnostics(
+    ctx: EvalContext, state: Cascade, correct: Tensor, first: Step, run: CascadeRun
+) -> list[Check]:
+    """The checks of :func:`_diagnostics`, saved in the journal (and replayed from it)."""
+    journal, before = ctx.journal, (0, 0) if ctx.counter is None else ctx.counter.counts()
+    unit = None if journal is None else journal.get("diagnostics")
+    if unit is not None:
+        if ctx.counter is not None:
+            ctx.counter.points += int(unit.facts["forwards"][0])
+            ctx.counter.calls += int(unit.facts["forwards"][1])
+        return [Check(**check) for check in unit.facts["checks"]]
+    with seeded(ctx.seed, ctx.x.device):
+        found = _diagnostics(ctx, state, correct, first, run)
+    if journal is not None:
+        after = (0, 0) if ctx.counter is None else ctx.counter.counts()
+        checks = [json.loads(json.dumps(asdict(c), default=_plain)) for c in found]
+        facts = {"checks": checks, "forwards": [a - b for a, b in zip(after, before)]}
+        journal.put("diagnostics", Unit(facts=facts))
+        # the run goes on with the checks as they will be replayed, so both runs agree
+        found = [Check(**check) for check in checks]
+    return found
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what a check's evidence may hold besides plain values."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _adversarial_logits(state: Cascade, clean: Tensor) -> Tensor:
+    """Each point's logits at its worst case: those kept as it broke, else the clean ones."""
+    if state.adv_logits is None:
+        return clean
+    broken = torch.tensor([by not in (None, "clean") for by in state.broken_by], dtype=torch.bool)
+    return torch.where(broken.unsqueeze(1), state.adv_logits, clean)
 
 
 def _diagnostics(
@@ -462,16 +552,31 @@ def _diagnostics(
 
 
 # ---------------------------------------------------------------------- helpers
-def _as_tensors(x: Tensor | Iterable[Any], y: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``x, y`` as given, or concatenated from an iterable of ``(x, y)`` batches (a DataLoader)."""
+def _as_points(
+    x: Tensor | Iterable[Any], y: Tensor | None, threat: ThreatModel, device: torch.device
+) -> tuple[Points, Tensor]:
+    """The points to evaluate and their labels on ``device``: a tensor as given (checked against
+    the threat model now), a dataset read on demand (each read checked), or the batches of
+    another iterable read whole."""
     if isinstance(x, Tensor):
         if y is None:
             raise AdvtrainError("evaluate needs labels y with a tensor x")
         if not isinstance(y, Tensor) or y.shape != (len(x),):
             raise AdvtrainError(f"y must be a tensor of shape ({len(x)},)")
-        return x, y
+        threat.validate(x)
+        return TensorPoints(x.detach().to(device)), y.to(device)
     if y is not None:
-        raise AdvtrainError("pass either x and y tensors or one DataLoader of (x, y) batches")
+        raise AdvtrainError("pass either x and y tensors or one dataset or DataLoader")
+    source = x.dataset if isinstance(x, DataLoader) else x
+    if (isinstance(source, TorchDataset) and not isinstance(source, IterableDataset)) or hasattr(
+        source, "labels"
+    ):
+        labels = dataset_labels(source)
+        if not len(labels):
+            raise AdvtrainError("the dataset to evaluate is empty")
+        points = StreamedPoints(source, device, check=threat.validate)
+        points[torch.arange(min(len(labels), 2))]  # the first rows checked before any work
+        return points, labels.to(device)
     xs, ys = [], []
     try:
         for batch in x:
@@ -480,11 +585,70 @@ def _as_tensors(x: Tensor | Iterable[Any], y: Tensor | None) -> tuple[Tensor, Te
             ys.append(by)
     except (TypeError, IndexError):
         raise AdvtrainError(
-            "evaluate needs x, y tensors or an iterable of (x, y) batches"
+            "evaluate needs x, y tensors, a dataset of (x, y) items or an iterable of (x, y) "
+            "batches"
         ) from None
     if not xs:
         raise AdvtrainError("the data loader gave no batches")
-    return torch.cat(xs), torch.cat(ys)
+    return _as_points(torch.cat(xs), torch.cat(ys), threat, device)
+
+
+def _logits_only(model: nn.Module, points: Points, seed: int) -> nn.Module:
+    """``model``, or its logits adapter (:func:`advtrain.models.logits_model`) where it returns a
+    tuple, a dict or an output object; any other output is an error that names it."""
+    if not len(points):
+        return model
+    with seeded(seed, points.device), torch.no_grad(), frozen(model):
+        out = model(points[0:1])
+    if isinstance(out, Tensor):
+        return model
+    adapted = logits_model(model)
+    with seeded(seed, points.device), torch.no_grad(), frozen(adapted):
+        adapted(points[0:1])  # a one-line error for an output with no logits in it
+    return adapted
+
+
+def check_labels(y: Tensor, n_classes: int) -> None:
+    """Labels must be class indices of the model: integers in ``0..n_classes-1``."""
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise AdvtrainError(f"labels must be integer class indices, got {y.dtype}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        bad = int(y.max()) if int(y.max()) >= n_classes else int(y.min())
+        raise AdvtrainError(
+            f"label {bad} is outside 0..{n_classes - 1}: the model has {n_classes} classes "
+            "(pass n_classes, or check the labels)"
+        )
+
+
+def _journal(directory: str | Path, ctx: EvalContext, model: nn.Module) -> Journal:
+    """The resume state for this evaluation: its settings as digests and values."""
+    settings = asdict(ctx.settings)
+    threat = ctx.threat
+    return Journal(
+        directory,
+        {
+            "model": model_digest(model),
+            "points": ctx.x.fingerprint(ctx.batch_size),
+            "labels": tensor_digest(ctx.y),
+            "threat": {
+                "norm": threat.norm,
+                "eps": threat.eps,
+                "lower": _digest_or_value(threat.lower),
+                "upper": _digest_or_value(threat.upper),
+                "mask": None if threat.mask is None else tensor_digest(threat.mask),
+                "constraints": None
+                if threat.constraints is None
+                else json.loads(json.dumps(threat.constraints.describe(), default=str)),
+            },
+            "settings": json.loads(json.dumps(settings, default=str)),
+            "n_classes": ctx.n_classes,
+            "processes": ctx.shards.world,
+        },
+    )
+
+
+def _digest_or_value(value: float | Tensor) -> float | str:
+    return tensor_digest(value) if isinstance(value, Tensor) else float(value)
 
 
 def _subset(correct: Tensor, size: int, seed: int) -> Tensor:
