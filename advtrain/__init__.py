@@ -8,10 +8,12 @@
 
 A table of your own: ``advtrain.load_table("tx.csv", "tx.toml")`` gives the same kind of dataset,
 whose threat model also holds the schema's constraints (integers, categories, directions, rules).
+Images of your own: ``advtrain.load_images("scans/")`` (class folders, an ``.npz``, CIFAR files),
+read from disk as they are indexed.
 """
 
 from .attacks import FGSM, PGD, Attack, make_attack
-from .data import load_dataset, load_table
+from .data import load_dataset, load_images, load_table
 from .errors import AdvtrainError
 from .evaluation import Report, clean_and_robust_accuracy, evaluate, predict
 from .models import build_model, load_user_model
@@ -33,6 +35,7 @@ __all__ = [
     "clean_and_robust_accuracy",
     "evaluate",
     "load_dataset",
+    "load_images",
     "load_table",
     "load_user_model",
     "make_attack",
