@@ -103,6 +103,7 @@ def attack(
     data_dir: str | None,
     table: str | None,
     schema: str | None,
+    image_size: str | None,
     normalize: str | None,
     num_classes: int | None,
     attack_name: str,
@@ -172,6 +173,7 @@ def attack(
         schema,
         normalize=normalize,
         num_classes=num_classes,
+        image_size=image_size,
     )
     info = loaded.data.info
     threat = loaded.threat_model(norm, eps)

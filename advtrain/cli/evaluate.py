@@ -92,6 +92,7 @@ def evaluate(
     data_dir: str | None,
     table: str | None,
     schema: str | None,
+    image_size: str | None,
     normalize: str | None,
     num_classes: int | None,
     norm: str | None,
@@ -137,6 +138,7 @@ def evaluate(
         schema,
         normalize=normalize,
         num_classes=num_classes,
+        image_size=image_size,
     )
     model, data, dataset, seed = loaded.model, loaded.data, loaded.dataset, loaded.seed
     threat = loaded.threat_model(norm, eps)

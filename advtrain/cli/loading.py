@@ -20,9 +20,16 @@ if TYPE_CHECKING:
 
 
 def table_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--data`` (passed as ``table``) and ``--schema``, for ``evaluate`` and ``attack``."""
+    """``--data`` (passed as ``table``: a table or images), ``--schema`` and ``--image-size``,
+    for ``evaluate`` and ``attack``."""
     import click
 
+    command = click.option(
+        "--image-size",
+        metavar="H[xW]",
+        help="Resize the images of a --data folder to H x W pixels (default: the run's, else "
+        "their own size, which must then be the same for all).",
+    )(command)
     command = click.option(
         "--schema",
         type=click.Path(dir_okay=False),
@@ -31,9 +38,10 @@ def table_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--data",
         "table",
-        type=click.Path(dir_okay=False),
+        type=click.Path(),
         help="Your own table (.csv or .parquet), with --schema; with a table RUN_DIR: a new "
-        "file of the same columns, encoded as in training.",
+        "file of the same columns, encoded as in training. Or your own images: a folder of "
+        "class folders (or of train/, test/ folders of them), an .npz, or a CIFAR folder.",
     )(command)
 
 
@@ -142,6 +150,7 @@ def load_model_and_data(
     *,
     normalize: str | None = None,
     num_classes: int | None = None,
+    image_size: str | None = None,
 ) -> Loaded:
     """Exactly one of RUN_DIR, ``--model-file`` or ``--model`` (the last two with ``--weights``
     and ``--dataset`` or ``--data``/``--schema``): the model with its weights loaded, and the
@@ -176,6 +185,7 @@ def load_model_and_data(
         seed=seed,
         run=run,
         run_dir=run_dir,
+        image_size=image_size,
     )
     normalize, num_classes = _run_model_options(run, normalize, num_classes)
     data = with_model_classes(data, num_classes)
@@ -245,14 +255,19 @@ def load_data(
     seed: int,
     run: dict[str, Any] | None = None,
     run_dir: str | None = None,
+    image_size: str | None = None,
 ) -> tuple[Dataset, str]:
     """The dataset the flags (or the run) name, and its name for the record: a built-in set
-    (``--dataset``) or a table (``--data FILE --schema FILE.toml``)."""
+    (``--dataset``), a table (``--data FILE --schema FILE.toml``) or images (``--data PATH``,
+    :func:`advtrain.data.load_images`, resized by ``--image-size`` or as the run was)."""
     from ..data import load_dataset, load_table
 
     run = run or {}
     if dataset and table:
         raise AdvtrainError("give --dataset or --data, not both")
+    images = _load_image_data(dataset, table, schema, image_size, seed=seed, run=run)
+    if images is not None:
+        return images
     if schema and not table:
         raise AdvtrainError("--schema goes with --data FILE.csv|FILE.parquet")
     fractions = {
@@ -277,6 +292,40 @@ def load_data(
         )
     data = load_dataset(dataset, data_dir=data_dir or run.get("data_dir"), seed=seed, **fractions)
     return data, str(dataset)
+
+
+def _load_image_data(
+    dataset: str | None,
+    path: str | None,
+    schema: str | None,
+    image_size: str | None,
+    *,
+    seed: int,
+    run: dict[str, Any],
+) -> tuple[Dataset, str] | None:
+    """The images ``--data`` names (or, without ``--data`` or ``--dataset``, those of an image
+    run: ``data`` without a ``schema``); None when the data are not images."""
+    from ..data.image_folder import parse_image_size
+    from ..data.images import is_image_source, load_images
+
+    run_images = bool(run.get("data")) and run.get("schema") is None
+    if path is None and not dataset and run_images:
+        path = str(run["data"])
+    if path is None or not (is_image_source(path) or (run_images and path == run.get("data"))):
+        if image_size is not None:
+            raise AdvtrainError("--image-size goes with --data of images (a folder, .npz, CIFAR)")
+        return None
+    if schema is not None:
+        raise AdvtrainError(f"--schema is for tables; '{path}' is image data (leave --schema out)")
+    size = parse_image_size(image_size) if image_size is not None else run.get("image_size")
+    data = load_images(
+        path,
+        image_size=size,
+        seed=seed,
+        val_fraction=run.get("val_fraction", 0.1),
+        test_fraction=run.get("test_fraction", 0.2),
+    )
+    return data, f"images {path}"
 
 
 def _saved_encoding(run_dir: str) -> TableEncoding:

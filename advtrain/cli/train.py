@@ -26,8 +26,16 @@ from .processes import echo, leave_process_group, speaker, torchrun
 @click.option("--dataset", help="digits (default), mnist, breast-cancer, fraud, transactions.")
 @click.option(
     "--data",
-    type=click.Path(dir_okay=False),
-    help="Your own table (.csv or .parquet) instead of --dataset, with --schema.",
+    type=click.Path(),
+    help="Your own table (.csv or .parquet) instead of --dataset, with --schema; or your own "
+    "images: a folder of class folders (or of train/, test/ and val/ folders of them), an .npz "
+    "(x and y, or MedMNIST's) or a CIFAR-10/100 folder.",
+)
+@click.option(
+    "--image-size",
+    metavar="H[xW]",
+    help="Resize the images of a --data folder to H x W pixels (default: their own size, "
+    "which must then be the same for all).",
 )
 @click.option(
     "--schema",
@@ -256,22 +264,41 @@ def train(
 
 
 def _check_table_options(options: dict[str, Any]) -> None:
-    """``--data`` goes with ``--schema`` and without ``--dataset`` (recorded as "table")."""
-    if options.get("data") is not None:
-        if options.get("dataset") is not None:
-            raise AdvtrainError("give --dataset or --data, not both")
-        if options.get("schema") is None:
-            raise AdvtrainError("--data needs --schema FILE.toml (the label, types and rules)")
-        options["dataset"] = "table"
-    elif options.get("schema") is not None:
-        raise AdvtrainError("--schema goes with --data FILE.csv|FILE.parquet")
+    """``--data`` goes without ``--dataset``: a table with ``--schema`` (recorded as "table"),
+    images without it (recorded as "images", with ``--image-size``)."""
+    from ..data.images import is_image_source
+
+    data = options.get("data")
+    images = data is not None and is_image_source(data)
+    if options.get("image_size") is not None and not images:
+        raise AdvtrainError("--image-size goes with --data of images (a folder, .npz, CIFAR)")
+    if data is None:
+        if options.get("schema") is not None:
+            raise AdvtrainError("--schema goes with --data FILE.csv|FILE.parquet")
+        return
+    if options.get("dataset") is not None:
+        raise AdvtrainError("give --dataset or --data, not both")
+    if images and options.get("schema") is not None:
+        raise AdvtrainError(f"--schema is for tables; '{data}' is image data (leave --schema out)")
+    if not images and options.get("schema") is None:
+        raise AdvtrainError("--data needs --schema FILE.toml (the label, types and rules)")
+    options["dataset"] = "images" if images else "table"
 
 
 def _load_data(config: TrainConfig) -> Dataset:
-    """The configuration's table (``data`` with ``schema``) or named dataset, split by its seed."""
-    from ..data import load_dataset, load_table
+    """The configuration's table (``data`` with ``schema``), images (``data`` alone) or named
+    dataset, split by its seed."""
+    from ..data import load_dataset, load_images, load_table
 
     val, test = config.val_fraction, config.test_fraction
+    if config.data is not None and config.schema is None:
+        return load_images(
+            config.data,
+            image_size=config.image_size,
+            seed=config.seed,
+            val_fraction=val,
+            test_fraction=test,
+        )
     if config.data is not None:
         return load_table(
             config.data, config.schema, seed=config.seed, val_fraction=val, test_fraction=test

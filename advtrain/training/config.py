@@ -52,7 +52,10 @@ class TrainConfig:
     train (torchrun).
 
     A user's own table: ``data`` (a ``.csv`` or ``.parquet`` file) with ``schema`` (its TOML
-    schema, :func:`advtrain.data.load_table`) instead of ``dataset``.
+    schema, :func:`advtrain.data.load_table`) instead of ``dataset``. A user's own images:
+    ``data`` alone (a folder of class folders, an ``.npz`` or a CIFAR folder,
+    :func:`advtrain.data.load_images`), with ``image_size`` ``(H, W)`` to resize a folder's
+    images (also given as ``"H"`` or ``"HxW"``).
 
     A network people already have: ``model`` ``torchvision:NAME`` or ``timm:NAME``;
     ``normalize`` (``imagenet``, ``cifar10`` or ``MEAN,STD``) becomes the model's first layer, so
@@ -109,6 +112,7 @@ class TrainConfig:
     select_by: str = "auto"
     data: str | None = None
     schema: str | None = None
+    image_size: tuple[int, int] | None = None
     normalize: str | None = None
     num_classes: int | None = None
 
@@ -150,13 +154,25 @@ class TrainConfig:
         self._check_training_options()
 
     def _check_paths(self) -> None:
-        """``data_dir``, ``data`` and ``schema`` are strings; a table needs both of the last."""
+        """``data_dir``, ``data`` and ``schema`` are strings; a schema needs its table
+        (``data``), ``image_size`` images (``data`` without a schema)."""
         for name in ("data_dir", "data", "schema"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise AdvtrainError(f"{name} must be a string, got {value!r}")
-        if (self.data is None) != (self.schema is None):
-            raise AdvtrainError("a table needs both data (the .csv/.parquet file) and schema")
+        if self.schema is not None and self.data is None:
+            raise AdvtrainError("a schema needs its table: data (the .csv/.parquet file)")
+        if self.image_size is not None:
+            from ..data.image_folder import check_image_size, parse_image_size
+
+            size = self.image_size
+            if self.data is None or self.schema is not None:
+                raise AdvtrainError("image_size goes with image data (data without a schema)")
+            if isinstance(size, str):
+                size = parse_image_size(size)
+            elif not isinstance(size, (list, tuple)):
+                raise AdvtrainError(f"image_size must be [H, W] or 'HxW', got {size!r}")
+            object.__setattr__(self, "image_size", check_image_size(size))
 
     @property
     def eps_warmup_epochs(self) -> int:
