@@ -351,6 +351,19 @@ def test_train_then_evaluate_a_run_on_an_image_folder(tmp_path, capsys):
     rc, stdout, err = cli(capsys, "evaluate", out, "--suite", "quick", "--n", "8", "--eps", "0.5")
     assert rc == 0, err
     assert "robust accuracy 0.00%" in stdout and "n=5," in stdout  # the folder's 5 test images
+    # streamed from the folder, with its state kept: the second run replays it to the same report
+    again = ("evaluate", out, "--suite", "quick", "--eps", "0.5", "--resume", tmp_path / "state")
+    reports = []
+    for name in ("first.json", "again.json"):
+        rc, _, err = cli(capsys, *again, "--json", tmp_path / name)
+        assert rc == 0, err
+        report = __import__("json").loads((tmp_path / name).read_text())
+        for key in ("seconds", "seconds_by_stage"):
+            del report["settings"][key]
+        reports.append(report)
+    assert reports[0] == reports[1] and any((tmp_path / "state" / "units").iterdir())
+    rc, _, err = cli(capsys, *again, "--eps", "0.4")
+    assert rc == 2 and "other settings" in err and err.count("\n") == 1
     adv = tmp_path / "adv.npz"
     attack = ("attack", out, "--attack", "fgsm", "--n", "4", "--out", adv, "--no-png")
     rc, _, err = cli(capsys, *attack)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import torch
@@ -76,6 +76,14 @@ if TYPE_CHECKING:
     "is reported clean and attacked (default 0.01).",
 )
 @click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False),
+    help="Keep the evaluation's state in this directory as it goes; run the same command "
+    "again after an interruption and it goes on from there (same report as an uninterrupted "
+    "run). Other settings than the saved ones are refused.",
+)
+@click.option(
     "--nproc",
     type=click.IntRange(min=1),
     default=1,
@@ -109,6 +117,7 @@ def evaluate(
     html_path: str | None,
     attack_classes: str | None,
     fpr: float | None,
+    resume_dir: str | None,
     nproc: int,
 ) -> None:
     """Robustness of a trained run (RUN_DIR) or of a model file with weights.
@@ -144,7 +153,13 @@ def evaluate(
     threat = loaded.threat_model(norm, eps)
     if getattr(model, "black_box", False) and suite == "pgd":
         raise AdvtrainError("--suite pgd needs gradients; a tree ensemble is evaluated black-box")
-    x, y = data.test.x[:limit], data.test.y[:limit]
+    streamed = _streamed_test_points(data.test.x, limit, suite)
+    if streamed is not None:
+        x, y = streamed, data.test.y[: len(streamed)]
+    else:
+        x, y = data.test.x[:limit], data.test.y[:limit]
+    if resume_dir is not None and (suite == "pgd" or getattr(model, "black_box", False)):
+        raise AdvtrainError("--resume goes with the quick, standard and thorough suites")
     model = model.to(target_device)
     if suite == "pgd":
         _evaluate_pgd(
@@ -175,8 +190,7 @@ def evaluate(
     else:
         report = run_evaluation(
             model,
-            x,
-            y,
+            *((x,) if streamed is not None else (x, y)),
             threat=threat,
             suite=suite,
             seed=seed,
@@ -185,6 +199,7 @@ def evaluate(
             positive_class=data.info.positive_class,
             attack_classes=parse_classes(attack_classes, data.info.classes),
             fpr=0.01 if fpr is None else fpr,
+            resume=resume_dir,
         )
     report.settings["dataset"] = dataset
     _say_report(say, report, threat.norm)
@@ -194,6 +209,17 @@ def evaluate(
         report.to_html(html_path)
         say(f"report: {html_path}")
     leave_process_group()
+
+
+def _streamed_test_points(x: Any, limit: int | None, suite: str) -> Any:
+    """Images read on demand (:class:`advtrain.data.LazyInputs`) stay so for the suites, which
+    read them a chunk at a time: the first ``limit`` of them as a view; None for inputs held in
+    memory (and for ``--suite pgd``, which takes a tensor)."""
+    from ..data import LazyInputs
+
+    if not isinstance(x, LazyInputs) or suite == "pgd":
+        return None
+    return x.subset(slice(0, limit)) if limit is not None else x
 
 
 def _evaluate_black_box(

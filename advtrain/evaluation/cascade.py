@@ -577,7 +577,7 @@ class Cascade:
         on = success.to(x_adv.device)
         kept, from_clean = x_adv[on], x[success.to(x.device)]
         self.x_adv[chosen.to(self.device)] = kept
-        self.adv_pred[chosen] = pred[success.to(pred.device)]
+        self.adv_pred[chosen] = pred[success.to(pred.device)].to(self.adv_pred.device)
         self.standing[chosen] = False
         norms = lp_norm(kept - from_clean, self.threat.norm).cpu()
         self.norm[chosen] = norms

@@ -395,7 +395,8 @@ def _report(
     )
     shown = _example_rows(state, correct, settings.examples)
     stages["report"] = time.perf_counter() - mark
-    forwards = 0 if ctx.counter is None else ctx.counter.points
+    # every rank's passes (each also probes the model: a few more than one process spends)
+    forwards = sum(ctx.shards.all_gather(0 if ctx.counter is None else ctx.counter.points))
     return Report(
         clean_accuracy=clean_acc,
         robust_accuracy=robust_acc,
