@@ -36,8 +36,9 @@ from ..errors import AdvtrainError
 from ..threat import ThreatModel
 from ..util import check_positive_int
 from . import metrics
-from .cascade import Cascade, Step, feasibility, per_sample_records, step_loss
+from .cascade import Cascade, Step, step_loss
 from .context import argmax, check_classes
+from .records import feasibility, per_sample_records
 from .report import Report, robustness_score
 from .shards import Shards
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from ..attacks.counting import CountedModel
 from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
 from .journal import Journal, Unit
-from .points import Points, TensorPoints
+from .points import KeptRows, TensorPoints
 from .shards import Shards, chunk_seed, seeded, step_seed
 
 #: The suites of :func:`advtrain.evaluate`.
@@ -591,96 +591,3 @@ class Cascade:
         for i in chosen.tolist():
             self.broken_by[i] = name
         return int(success.sum())
-
-
-class KeptRows:
-    """Adversarial examples of broken points, by index, without a dense copy of the inputs.
-
-    With ``limit`` None every example written is kept; otherwise only those of the ``limit``
-    lowest indices (a point's example is written once, when it breaks, so these are the
-    examples of the ``limit`` broken points of lowest index). Reading a row not kept gives the
-    clean point (a point still standing is its own worst case)."""
-
-    def __init__(self, x: Points, limit: int | None) -> None:
-        self.x, self.limit = x, limit
-        self.rows: dict[int, Tensor] = {}
-
-    def kept(self, index: list[int]) -> list[int]:
-        """The entries of ``index`` whose examples are kept."""
-        return [i for i in index if i in self.rows]
-
-    def __setitem__(self, index: Tensor, values: Tensor) -> None:
-        for i, row in zip(index.tolist(), values):
-            self.rows[int(i)] = row.detach().clone()  # a clone: never a view of the whole batch
-        if self.limit is not None and len(self.rows) > self.limit:
-            for i in sorted(self.rows)[self.limit :]:
-                del self.rows[i]
-
-    def __getitem__(self, index: Tensor) -> Tensor:
-        rows = index.cpu().tolist()
-        missing = [i for i in rows if i not in self.rows]
-        read = (
-            dict(zip(missing, self.x[torch.tensor(missing, dtype=torch.int64)])) if missing else {}
-        )
-        parts = [self.rows[i] if i in self.rows else read[i] for i in rows]
-        if not parts:
-            return self.x[torch.zeros(0, dtype=torch.int64)] if len(self.x) else torch.zeros(0)
-        return torch.stack([p.to(self.x.device) for p in parts])
-
-
-def feasibility(
-    threat: ThreatModel, cascades: Sequence[Cascade], borrowed: str | None = None
-) -> dict[str, Any] | None:
-    """The report's ``feasibility`` entry: the adversarial points the cascades counted as they
-    broke (those of the step ``borrowed``, taken from another cascade, once), how many satisfy
-    ``threat.constraints``, the outputs refused (in all and per step), and the constraint set;
-    None without constraints and refusals."""
-    constraints = threat.constraints
-    refused: dict[str, int] = {}
-    for cascade in cascades:
-        for name, count in cascade.refused.items():
-            refused[name] = refused.get(name, 0) + count
-    if constraints is None and not refused:
-        return None
-    count, feasible_count = 0, 0
-    for cascade in cascades:
-        for name, (counted, ok) in cascade.feasible.items():
-            if name != borrowed:
-                count, feasible_count = count + counted, feasible_count + ok
-    feasible = feasible_count if count and constraints is not None else None
-    return {
-        "adversarial_points": count,
-        "feasible": feasible,
-        "feasible_share": None if feasible is None or not count else feasible / count,
-        "refused": sum(refused.values()),
-        "refused_by_step": refused,
-        "constraints": None if constraints is None else constraints.describe(),
-    }
-
-
-def per_sample_records(
-    state: Cascade,
-    labels: Tensor,
-    clean_pred: Tensor,
-    adv_pred: Tensor,
-    min_norms: Tensor | None,
-    attackable: Tensor | None,
-) -> list[dict[str, Any]]:
-    """The report's ``per_sample`` rows: label, predictions, what broke the point and how far
-    it moved, its minimum-norm margin (None where none was measured), and, when only some
-    classes were attacked (``attackable`` given), whether it was."""
-    return [
-        {
-            "index": i,
-            "label": int(labels[i]),
-            "clean_pred": int(clean_pred[i]),
-            "adv_pred": int(adv_pred[i]),
-            "broken_by": state.broken_by[i],
-            "perturbation_norm": float(state.norm[i])
-            if state.broken_by[i] not in (None, "clean")
-            else None,
-            "min_norm": None if min_norms is None else float(min_norms[i]),
-            **({} if attackable is None else {"attacked": bool(attackable[i])}),
-        }
-        for i in range(len(labels))
-    ]

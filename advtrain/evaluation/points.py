@@ -124,3 +124,38 @@ def dataset_labels(source: Any) -> Tensor:
             "a dataset to evaluate must give (x, y) items with an integer label y"
         ) from None
     return torch.tensor(values, dtype=torch.int64)
+
+
+class KeptRows:
+    """Adversarial examples of broken points, by index, without a dense copy of the inputs.
+
+    With ``limit`` None every example written is kept; otherwise only those of the ``limit``
+    lowest indices (a point's example is written once, when it breaks, so these are the
+    examples of the ``limit`` broken points of lowest index). Reading a row not kept gives the
+    clean point (a point still standing is its own worst case)."""
+
+    def __init__(self, x: Points, limit: int | None) -> None:
+        self.x, self.limit = x, limit
+        self.rows: dict[int, Tensor] = {}
+
+    def kept(self, index: list[int]) -> list[int]:
+        """The entries of ``index`` whose examples are kept."""
+        return [i for i in index if i in self.rows]
+
+    def __setitem__(self, index: Tensor, values: Tensor) -> None:
+        for i, row in zip(index.tolist(), values):
+            self.rows[int(i)] = row.detach().clone()  # a clone: never a view of the whole batch
+        if self.limit is not None and len(self.rows) > self.limit:
+            for i in sorted(self.rows)[self.limit :]:
+                del self.rows[i]
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        rows = index.cpu().tolist()
+        missing = [i for i in rows if i not in self.rows]
+        read = (
+            dict(zip(missing, self.x[torch.tensor(missing, dtype=torch.int64)])) if missing else {}
+        )
+        parts = [self.rows[i] if i in self.rows else read[i] for i in rows]
+        if not parts:
+            return self.x[torch.zeros(0, dtype=torch.int64)] if len(self.x) else torch.zeros(0)
+        return torch.stack([p.to(self.x.device) for p in parts])
