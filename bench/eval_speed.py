@@ -250,7 +250,7 @@ def run_ours(
         for escalation in report.escalations:
             print(
                 f"  escalation ({escalation.reason}): {escalation.action}: "
-                f"{escalation.before:.2%} -> {escalation.after:.2%}"
+                f"{escalation.robust_before:.2%} -> {escalation.robust_after:.2%}"
             )
         print_stages("seconds by stage (timed from outside)", measured, ours, counter)
         reported = report.settings.get("seconds_by_stage")

@@ -8,6 +8,9 @@
 #     bash bench/gpu_check.sh
 # A dry run of every step on this machine's CPU, with tiny sizes (checks the script itself):
 #     bash bench/gpu_check.sh --cpu
+# Some steps only (a rerun): their names after the options, e.g.
+#     bash bench/gpu_check.sh eval-speed-resnet compile
+# Logs and summary.txt go to $OUT (the device tool's folder that comes back), else /tmp/gpu_check.
 #
 # bench/.cache/device/ holds: site/torchattacks (the peer library, pure Python; the device image has
 # no copy), shared/data/mnist and shared/models/fast-adversarial-mnist (the ../shared beside the
@@ -44,23 +47,31 @@ if [ "${1:-}" = "--cpu" ]; then
     SMALL=1
     SCALE=${SCALE_CPU:-6}
     BUDGET=${BUDGET:-3600}
+    shift
 fi
+ONLY=" $* "  # step names to run (a rerun of some); none: every step
 export PYTHONPATH="$PWD:$PWD/$CACHE/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 [ -d "$CACHE/shared" ] && export ADVTRAIN_SHARED="$PWD/$CACHE/shared"
-OUTDIR=${OUT:-/tmp/gpu_check}
+OUTDIR=${OUT:-/tmp/gpu_check}  # two files come back: gpu_check.log (every step) and summary.txt
+LOGS=$(mktemp -d)
+trap 'rm -rf "$LOGS"' EXIT
 mkdir -p "$OUTDIR"
 SUMMARY="$OUTDIR/summary.txt"
 : >"$SUMMARY"
+: >"$OUTDIR/gpu_check.log"
 
 # The whole run stays under BUDGET seconds: each step's limit is cut to what is left, and a
 # step with less than 20 s left is skipped.
-BUDGET=${BUDGET:-470}
+BUDGET=${BUDGET:-480}
 
 # step NAME SECONDS COMMAND...: run it under a timeout, log it, one PASS/FAIL line
 step() {
     local name=$1 limit=$2
     shift 2
+    if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then
+        return
+    fi
     local left=$((BUDGET - SECONDS))
     if [ $left -lt 20 ]; then
         echo "SKIP $name (the ${BUDGET} s budget is spent)" | tee -a "$SUMMARY"
@@ -68,11 +79,12 @@ step() {
     fi
     limit=$((limit * SCALE))
     [ "$limit" -gt "$left" ] && limit=$left
-    local log="$OUTDIR/$name.log" start=$SECONDS
+    local log="$LOGS/$name.log" start=$SECONDS
     echo "=== $name (limit ${limit} s)"
     timeout --signal=KILL "$limit" "$@" >"$log" 2>&1
     local rc=$?
     cat "$log"
+    { echo "=== $name"; cat "$log"; } >>"$OUTDIR/gpu_check.log"
     local verdict
     if grep -q '^SKIP ' "$log"; then
         verdict="SKIP"
@@ -99,6 +111,7 @@ check channels-last 45
 check ddp-nccl 45
 check sync-bn 30
 check no-sync 60
+check compile 75
 if [ $SMALL = 1 ]; then
     step throughput 60 "$PY" bench/throughput.py --device "$DEVICE" --batch 4 --batches 1 \
         --warmup 1 --methods standard fgsm-rs
@@ -107,11 +120,10 @@ if [ $SMALL = 1 ]; then
     step eval-speed-mnist 120 "$PY" bench/eval_speed.py --device "$DEVICE" --n 10
 else
     step throughput 45 "$PY" bench/throughput.py --device cuda
-    step eval-speed-resnet 200 "$PY" bench/eval_speed.py --device cuda \
+    step eval-speed-resnet 240 "$PY" bench/eval_speed.py --device cuda \
         --model preact-resnet18 --train 10000 --n 500
-    step eval-speed-mnist 90 "$PY" bench/eval_speed.py --device cuda
+    step eval-speed-mnist 60 "$PY" bench/eval_speed.py --device cuda
 fi
-check compile 90
 
 echo "=== summary"
 cat "$SUMMARY"
