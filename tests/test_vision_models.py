@@ -313,3 +313,46 @@ def test_cli_evaluates_torchvision_weights_from_elsewhere(capsys, tmp_path):
     )
     assert rc == 0, err
     assert "n=8" in out
+
+
+def tiny_npz(path) -> None:
+    """30 RGB 32×32 images as uint8 pixels, two classes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    np.savez(path, x=x, y=np.arange(30) % 2)
+
+
+@pytest.mark.vision
+def test_cli_evaluates_an_imagenet_normalised_torchvision_model_on_an_npz(capsys, tmp_path):
+    tv = need("torchvision")
+    tiny_npz(tmp_path / "tiny.npz")
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(tv.models.resnet18(num_classes=3).state_dict(), weights)
+    rc, out, err = cli(
+        capsys,
+        *("evaluate", "--model", "torchvision:resnet18", "--weights", weights),
+        *("--num-classes", "3", "--normalize", "imagenet", "--data", tmp_path / "tiny.npz"),
+        *("--suite", "pgd", "--steps", "2", "--n", "4"),
+    )
+    assert rc == 0, err
+    assert "n=4" in out
+
+
+@pytest.mark.vision
+def test_cli_trains_a_timm_model_and_evaluates_the_run(capsys, tmp_path):
+    need("timm")
+    tiny_npz(tmp_path / "tiny.npz")
+    run_dir = tmp_path / "run"
+    rc, _, err = cli(
+        capsys,
+        *("train", "--model", "timm:test_resnet", "--normalize", "cifar10"),
+        *("--data", tmp_path / "tiny.npz", "--out", run_dir, "--method", "standard"),
+        *("--epochs", "1", "--eval-steps", "1", "--quiet"),
+    )
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "evaluate", run_dir, "--suite", "pgd", "--steps", "2")
+    assert rc == 0, err
+    assert "robust accuracy" in out
