@@ -99,7 +99,7 @@ def test_two_processes_resume_mid_epoch_to_the_same_weights(tmp_path, method):
 
 
 def test_two_process_evaluation_merges_to_the_one_process_report(tmp_path):
-    """Three chunks of 20 points over 2 ranks (rank 0 takes two); eps 0.05 leaves survivors, so
+    """Three chunks of 12 points over 2 ranks (rank 0 takes two); eps 0.05 leaves survivors, so
     every step of the quick cascade (Square's thousand queries included), the diagnostics and the
     margins (FAB-T after the cascade) have work to merge."""
     run = tmp_path / "run"
@@ -108,9 +108,9 @@ def test_two_process_evaluation_merges_to_the_one_process_report(tmp_path):
         "evaluate",
         run,
         "--n",
-        "60",
+        "36",
         "--batch-size",
-        "20",
+        "12",
         "--eps",
         "0.05",
         "--suite",

@@ -225,7 +225,7 @@ def test_dataloader_and_seed_reproducibility(digits_model, points, honest_report
     ],
 )
 def test_masking_defences_are_exposed(digits_model, points, defence, expected, masks):
-    x, y = points
+    x, y = points[0][:40], points[1][:40]
     model = defence(digits_model)
     clean = float((predict(model, x) == y).float().mean())
     naive = _naive_pgd_accuracy(model, x, y)

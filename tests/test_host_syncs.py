@@ -123,7 +123,7 @@ def test_standard_evaluation_on_the_accelerator_schedule(digits_model, digits):
     schedule finds (Square's random draws differ, so within a point or two)."""
     import advtrain
 
-    x, y = digits.test.x[:40], digits.test.y[:40]
+    x, y = digits.test.x[:24], digits.test.y[:24]
     reports = {}
     for every in (1, 20):
         with compact_every(every):
