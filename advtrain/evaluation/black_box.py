@@ -240,16 +240,7 @@ def _report(
             "clean": float(metrics.entropy(logits_clean).mean()) if n else float("nan"),
             "adversarial": float(metrics.entropy(logits_adv).mean()) if n else float("nan"),
         },
-        defensive_margin={
-            "clean_true_probability": float(
-                metrics.true_class_probability(logits_clean, yc).mean()
-            ),
-            "adversarial_true_probability": float(
-                metrics.true_class_probability(logits_adv, yc).mean()
-            ),
-            "clean_logit_margin": float(metrics.logit_margin(logits_clean, yc).mean()),
-            "adversarial_logit_margin": float(metrics.logit_margin(logits_adv, yc).mean()),
-        },
+        defensive_margin=metrics.defensive_margins(logits_clean, logits_adv, yc),
         classification={
             "clean": metrics.classification_metrics(yc, clean_pred, run["n_classes"]),
             "adversarial": metrics.classification_metrics(yc, pred_adv, run["n_classes"]),

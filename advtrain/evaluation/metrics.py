@@ -56,6 +56,21 @@ def logit_margin(logits: Tensor, y: Tensor) -> Tensor:
     return (true - others).float()
 
 
+def defensive_margins(clean: Tensor, adversarial: Tensor, y: Tensor) -> dict[str, float]:
+    """The report's ``defensive_margin``: mean true-class probability and logit margin of the
+    logits ``clean`` and ``adversarial`` (NaN with no point)."""
+
+    def mean(values: Tensor) -> float:
+        return float(values.mean()) if len(values) else float("nan")
+
+    return {
+        "clean_true_probability": mean(true_class_probability(clean, y)),
+        "adversarial_true_probability": mean(true_class_probability(adversarial, y)),
+        "clean_logit_margin": mean(logit_margin(clean, y)),
+        "adversarial_logit_margin": mean(logit_margin(adversarial, y)),
+    }
+
+
 def classification_metrics(y: Tensor, pred: Tensor, n_classes: int) -> dict[str, object]:
     """Per-class precision, recall, F1 and support, and their macro average."""
     from sklearn.metrics import precision_recall_fscore_support
