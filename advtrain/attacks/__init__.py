@@ -1,6 +1,6 @@
 """Attacks, one per file, all called as ``attack(model, x, y, *, target=None) -> x_adv``."""
 
-from .adaptive import BPDA, EOT, is_randomized, majority_vote
+from .adaptive import BPDA, EOT, draws_per_call, is_randomized, majority_vote
 from .apgd import APGD, APGDDLR, APGDT
 from .base import Attack, MinNormAttack, MinNormResult, Outcome, frozen
 from .cw import CarliniWagnerL2
@@ -40,6 +40,7 @@ __all__ = [
     "Transfer",
     "WindowQueries",
     "attack_options",
+    "draws_per_call",
     "frozen",
     "is_randomized",
     "majority_vote",

@@ -260,19 +260,29 @@ def looks_like_probabilities(outputs: Tensor, atol: float = 1e-3) -> bool:
 
 
 @torch.no_grad()
-def majority_vote(model: nn.Module, x: Tensor, samples: int = 32, batch_size: int = 1000) -> Tensor:
+def majority_vote(
+    model: nn.Module,
+    x: Tensor,
+    samples: int = 32,
+    batch_size: int = 1000,
+    *,
+    separate_calls: bool = False,
+) -> Tensor:
     """Labels of a randomised model: the majority over ``samples`` stochastic forward passes.
 
     A tie between classes is broken by the highest mean probability. The model runs in eval mode
     (restored afterwards), at most ``batch_size`` rows (inputs times copies) per forward call.
+    ``separate_calls``: one copy of the inputs per forward call, for a model that draws its
+    randomness once per call (:func:`draws_per_call`), whose copies inside one call would all
+    share one draw.
     """
     _check_module("model", model)
     _check_batch(x)
     check_positive_int("samples", samples)
     check_positive_int("batch_size", batch_size)
     device = model_device(model, default=x.device)
-    rows = max(batch_size // samples, 1)  # inputs per block
-    copies = max(min(batch_size // rows, samples), 1)  # copies per forward call
+    rows = max(batch_size // samples, 1) if not separate_calls else batch_size  # inputs per block
+    copies = 1 if separate_calls else max(min(batch_size // rows, samples), 1)  # per call
     labels = []
     with frozen(model):
         for i in range(0, len(x), rows):
@@ -316,6 +326,26 @@ def is_randomized(model: nn.Module, x: Tensor, trials: int = 4, rtol: float = 1e
             if float((model(x) - first).abs().amax()) > tolerance:
                 return True
     return False
+
+
+def draws_per_call(model: nn.Module, x: Tensor, rtol: float = 1e-4) -> bool:
+    """Whether a randomised model draws its randomness once per forward call rather than per
+    input row (a random resize-and-pad drawn once per call, as in Xie et al. 2018's code).
+
+    Runs the model once on ``x`` twice over in one batch: the two copies agree (beyond float
+    noise, ``rtol`` as in :func:`is_randomized`) when every row of a call shares one draw. Then
+    EOT and the majority vote must sample across calls (``EOT(chunk=1)``,
+    ``majority_vote(separate_calls=True)``): copies inside one call would all see one draw.
+    Meaningful for a model :func:`is_randomized` calls random; a deterministic one agrees too.
+    """
+    _check_module("model", model)
+    _check_batch(x)
+    x = x.to(model_device(model, default=x.device))
+    with frozen(model):
+        out = model(torch.cat([x, x]))
+    first, second = out[: len(x)], out[len(x) :]
+    tolerance = rtol * (1.0 + float(first.abs().amax())) if first.numel() else 0.0
+    return bool(float((first - second).abs().amax()) <= tolerance) if first.numel() else False
 
 
 # ---------------------------------------------------------------------- helpers

@@ -33,6 +33,7 @@ from ..attacks import EOT
 from ..attacks.adaptive import (
     LogProbabilities,
     StraightThrough,
+    draws_per_call,
     is_randomized,
     looks_like_probabilities,
     majority_vote,
@@ -101,6 +102,10 @@ class EvalContext:
     randomized: bool
     #: The model returns probabilities: attacked (and measured) through log(p).
     probabilities: bool
+    #: A randomised model that draws once per forward call
+    #: (:func:`~advtrain.attacks.draws_per_call`): EOT and the vote then sample across calls,
+    #: one copy of the batch per call.
+    per_call: bool
     #: The model as attacks see it (log(p), EOT): gradients are taken of this.
     attack_model: nn.Module
     #: ``attack_model`` with straight-through gradients for step functions (BPDA).
@@ -141,9 +146,11 @@ class EvalContext:
                 f"the model must return logits (N, C), got shape {tuple(probe_out.shape)}"
             )
         probabilities = looks_like_probabilities(probe_out)
+        with seeded(settings.seed, x.device):
+            per_call = draws_per_call(model, probe) if randomized else False
         attack_model: nn.Module = LogProbabilities(model) if probabilities else model
         if randomized:
-            attack_model = EOT(attack_model, samples=settings.eot_samples)
+            attack_model = EOT(attack_model, samples=settings.eot_samples, chunk=_chunk(per_call))
         return cls(
             model=model,
             x=x,
@@ -153,6 +160,7 @@ class EvalContext:
             n_classes=n_classes or int(probe_out.shape[1]),
             randomized=randomized,
             probabilities=probabilities,
+            per_call=per_call,
             attack_model=attack_model,
             repaired_model=StraightThrough(attack_model),
             shards=Shards.current(n, settings.batch_size),
@@ -182,7 +190,9 @@ class EvalContext:
         base: nn.Module = LogProbabilities(self.model) if self.probabilities else self.model
         shifted = ShiftedLogit(base, positive, threshold)
         attack_model: nn.Module = (
-            EOT(shifted, samples=self.settings.eot_samples) if self.randomized else shifted
+            EOT(shifted, samples=self.settings.eot_samples, chunk=_chunk(self.per_call))
+            if self.randomized
+            else shifted
         )
         return replace(
             self,
@@ -214,7 +224,13 @@ class EvalContext:
         """The labels that count: the model's argmax, or a majority vote of a randomised model."""
         if self.randomized:
             batch = self.settings.batch_size * 4
-            return majority_vote(self.model, points, samples=self.settings.votes, batch_size=batch)
+            return majority_vote(
+                self.model,
+                points,
+                samples=self.settings.votes,
+                batch_size=batch,
+                separate_calls=self.per_call,
+            )
         return self.argmax(points)
 
     def argmax(self, points: Tensor) -> Tensor:
@@ -253,6 +269,11 @@ class ShiftedLogit(nn.Module):
         shift = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
         shift[self.positive] = self.threshold
         return logits - shift
+
+
+def _chunk(per_call: bool) -> int | None:
+    """EOT's copies per forward call: one for a model that draws once per call, else all."""
+    return 1 if per_call else None
 
 
 def cascade_for(

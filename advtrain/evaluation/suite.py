@@ -410,16 +410,7 @@ def _report(
             "clean": float(metrics.entropy(logits_clean).mean()),
             "adversarial": float(metrics.entropy(logits_adv).mean()),
         },
-        defensive_margin={
-            "clean_true_probability": float(
-                metrics.true_class_probability(logits_clean, yc).mean()
-            ),
-            "adversarial_true_probability": float(
-                metrics.true_class_probability(logits_adv, yc).mean()
-            ),
-            "clean_logit_margin": float(metrics.logit_margin(logits_clean, yc).mean()),
-            "adversarial_logit_margin": float(metrics.logit_margin(logits_adv, yc).mean()),
-        },
+        defensive_margin=metrics.defensive_margins(logits_clean, logits_adv, yc),
         classification=classification,
         positive_class=settings.positive_class,
         per_sample=per_sample,
@@ -432,6 +423,7 @@ def _report(
             "seed": settings.seed,
             "device": ctx.device,
             "randomized": ctx.randomized,
+            "randomness_per_call": ctx.per_call,
             "probabilities": ctx.probabilities,
             "processes": state.shards.world,
             "batch_size": settings.batch_size,
