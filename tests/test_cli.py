@@ -468,7 +468,7 @@ def test_evaluate_suite_writes_json_and_html(capsys, run_dir, tmp_path):
         "evaluate",
         run_dir,
         "--n",
-        "30",
+        "16",
         "--suite",
         "quick",
         "--json",
@@ -478,7 +478,7 @@ def test_evaluate_suite_writes_json_and_html(capsys, run_dir, tmp_path):
     )
     assert rc == 0, err
     figures = json.loads((tmp_path / "r.json").read_text())
-    assert figures["settings"]["n"] == 30 and figures["settings"]["suite"] == "quick"
+    assert figures["settings"]["n"] == 16 and figures["settings"]["suite"] == "quick"
     assert figures["settings"]["dataset"] == "digits" and figures["settings"]["eps"] == 0.2
     # the quick suite's cascade, in order; a check that fires on this barely trained model may
     # add escalation steps between them, each recorded as an escalation
