@@ -21,6 +21,7 @@ import advtrain
 from advtrain.errors import AdvtrainError
 from advtrain.evaluation.cascade import Cascade, Step, suite_attacks
 from advtrain.evaluation.inputs import logits_only
+from advtrain.evaluation.journal import Journal
 from advtrain.evaluation.points import TensorPoints
 from advtrain.evaluation.progress import terminal_progress
 from advtrain.evaluation.shards import Shards
@@ -286,3 +287,27 @@ def test_progress_bar_on_request_and_quiet_off_a_terminal(capfd: pytest.CaptureF
     assert "pgd-2" in shown and "standing" in shown and "2/2" in shown
     with terminal_progress(None) as bar:  # standard error is no terminal under pytest
         assert bar is None
+
+
+def test_a_step_run_twice_on_one_cascade_is_journaled_as_two_units(tmp_path: Path) -> None:
+    model = _model(3)
+    x, y = _data(8, 3, model)
+    threat = advtrain.ThreatModel(norm="linf", eps=0.05)  # leaves survivors for the second run
+    step = Step("pgd-2", advtrain.PGD(threat, steps=2, seed=0))
+
+    def run(journal: Journal) -> Cascade:
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        state = Cascade(
+            x, y, threat, lambda p: model(p).argmax(1), pred == y, pred.clone(), journal=journal
+        )
+        state.run(step, model)
+        state.run(step.seeded(1), model)  # an escalation repeating a step's name
+        return state
+
+    saving = Journal(tmp_path, {"settings": 1})
+    first = run(saving)
+    journal = Journal(tmp_path, {"settings": 1})
+    again = run(journal)
+    assert saving.written == 2 and journal.replayed == 2 and journal.written == 0
+    assert torch.equal(again.standing, first.standing) and again.broken_by == first.broken_by

@@ -280,6 +280,7 @@ class Cascade:
     adv_logits: Tensor | None = field(default=None, init=False)
     seconds: dict[str, float] = field(default_factory=dict)
     feasible: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _runs: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.x, Tensor):
@@ -384,13 +385,16 @@ class Cascade:
         With a journal, a chunk's saved outcome is replayed instead (:mod:`.journal`)."""
         total, progress = 0, self.progress
         mine = self.shards.mine()
+        # the same step name may run twice on one cascade (an escalation repeating a step of
+        # the cascade): each run is its own unit, numbered in the order the runs come
+        runs = self._runs[name] = self._runs.get(name, 0) + 1
         for done, (chunk, rows) in enumerate(mine):
             if progress is not None:
                 progress(name, done, len(mine), int(self.indices().numel()))
             index = chosen[rows].nonzero().squeeze(1) + rows.start
             if not len(index):
                 continue
-            key = f"{self.scope}|{name}|{chunk}"
+            key = f"{self.scope}|{name}|{runs}|{chunk}"
             unit = None if self.journal is None else self.journal.get(key)
             if unit is not None:
                 total += self._replay(index, unit)
