@@ -311,3 +311,13 @@ def test_a_step_run_twice_on_one_cascade_is_journaled_as_two_units(tmp_path: Pat
     again = run(journal)
     assert saving.written == 2 and journal.replayed == 2 and journal.written == 0
     assert torch.equal(again.standing, first.standing) and again.broken_by == first.broken_by
+
+
+def test_a_streamed_set_the_model_gets_all_wrong_still_reports() -> None:
+    model = _model(3)
+    x, _ = _data(6, 3, model)
+    with torch.no_grad():
+        wrong = (model(x).argmax(1) + 1) % 3
+    report = advtrain.evaluate(model, TensorDataset(x, wrong), eps=0.1, progress=False)
+    assert report.clean_accuracy == 0 == report.robust_accuracy
+    assert report.examples["x_adv"].shape == (0, 3, 8, 8)

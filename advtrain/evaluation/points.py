@@ -98,13 +98,12 @@ class StreamedPoints(Points):
         rows = torch.arange(self._n)[index] if isinstance(index, slice) else index.cpu()
         if rows.dtype == torch.bool:
             rows = rows.nonzero().squeeze(1)
+        if not len(rows):  # no rows: an empty batch of the samples' shape (read off the first)
+            return self[torch.zeros(1, dtype=torch.int64)][:0]
         if self.batched:
             x = self.source[rows]
         else:
-            items = [self.source[int(i)][0] for i in rows.tolist()]
-            x = torch.stack([torch.as_tensor(item) for item in items]) if items else None
-        if x is None:
-            raise AdvtrainError("no rows were asked of the dataset")
+            x = torch.stack([torch.as_tensor(self.source[int(i)][0]) for i in rows.tolist()])
         x = x.to(self.device, torch.float32)
         if self.check is not None:
             self.check(x)
@@ -157,5 +156,5 @@ class KeptRows:
         )
         parts = [self.rows[i] if i in self.rows else read[i] for i in rows]
         if not parts:
-            return self.x[torch.zeros(0, dtype=torch.int64)] if len(self.x) else torch.zeros(0)
+            return self.x[torch.zeros(0, dtype=torch.int64)]
         return torch.stack([p.to(self.x.device) for p in parts])
