@@ -36,13 +36,12 @@ from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
 from .journal import Journal, Unit
 from .points import KeptRows, TensorPoints
+from .progress import Progress
 from .shards import Shards, chunk_seed, seeded, step_seed
 
 #: The suites of :func:`advtrain.evaluate`.
 SUITES = ("quick", "standard", "thorough")
 Judge = Callable[[Tensor], Tensor]
-#: ``progress(step, chunks done, chunks, points standing)``, called as a cascade goes.
-Progress = Callable[[str, int, int, int], None]
 #: The per-sample tensors of a :class:`Cascade` that attacks change (besides ``broken_by``,
 #: ``adv_logits`` and ``x_adv``).
 _SCALAR_FIELDS = ("standing", "adv_pred", "norm", "margin", "measured")

@@ -41,9 +41,10 @@ from ..attacks.adaptive import (
 from ..attacks.counting import CountedModel
 from ..errors import AdvtrainError
 from ..threat import ThreatModel
-from .cascade import Cascade, Progress
+from .cascade import Cascade
 from .journal import Journal
 from .points import Points
+from .progress import Progress
 from .shards import Shards, seeded, step_seed
 
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+#: ``progress(step, chunks done, chunks, points standing)``, called as a cascade goes.
 Progress = Callable[[str, int, int, int], None]
 
 
