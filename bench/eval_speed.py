@@ -143,7 +143,7 @@ def stage_timer(counter: PassCounter) -> Iterator[dict[str, float]]:
     escalation step, the robust margins (``Cascade.measure``), the report; ``other`` is the
     rest (clean predictions, model checks). ``counter`` counts the model passes of the same
     stages. Restores the functions on exit."""
-    from advtrain.evaluation import cascade, suite
+    from advtrain.evaluation import cascade, run_checks, suite
 
     seconds: dict[str, float] = {}
     inside = counter.stages
@@ -169,7 +169,7 @@ def stage_timer(counter: PassCounter) -> Iterator[dict[str, float]]:
         return f"escalation: {name}" if "escalations" in inside else name
 
     patches = [
-        (suite, "_diagnostics", timed(lambda *a, **k: "diagnostics", suite._diagnostics)),
+        (run_checks, "_diagnostics", timed(lambda *a, **k: "diagnostics", run_checks._diagnostics)),
         (suite, "escalate", timed(lambda *a, **k: "escalations", suite.escalate)),
         (suite, "_report", timed(lambda *a, **k: "report", suite._report)),
         (cascade.Cascade, "run", timed(run_label, cascade.Cascade.run)),

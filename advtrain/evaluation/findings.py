@@ -29,6 +29,9 @@ class CheckName(str, Enum):
     EPS_GROWTH = "success does not grow with eps"
     BLACK_BOX = "black-box stronger than white-box"
     LOSS_IMPROVING = "loss still improving"
+    SILENT_SUCCESS = "silent success"
+    TRANSFER = "transfer stronger than white-box"
+    SELF_TEST = "binarization self-test"
 
     def __str__(self) -> str:  # the report's string, in f-strings too
         return self.value
@@ -43,6 +46,7 @@ MASKING_CHECKS = frozenset(
         CheckName.UNBOUNDED,
         CheckName.EPS_GROWTH,
         CheckName.BLACK_BOX,
+        CheckName.TRANSFER,
     }
 )
 

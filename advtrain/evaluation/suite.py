@@ -36,10 +36,9 @@ attacked chunk by chunk (:mod:`.shards`), so a run repeats exactly, in one proce
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,7 +49,6 @@ from ..attacks.base import frozen, model_device
 from ..attacks.counting import CountedModel
 from ..errors import AdvtrainError
 from ..threat import Norm, ThreatModel
-from . import diagnostics as checks
 from . import metrics
 from .cascade import (
     DLR_SKIPPED,
@@ -65,12 +63,11 @@ from .context import EvalContext, SuiteSettings, cascade_for, check_classes
 from .escalation import escalate
 from .findings import VERDICT, Check, CheckName, Escalation
 from .inputs import as_points, check_labels, logits_only, resume_journal
-from .journal import Unit
 from .operating_point import FROM_ARGMAX, evaluate_operating_point
 from .progress import terminal_progress
 from .records import feasibility, per_sample_records
 from .report import Report, model_card, robustness_score
-from .shards import seeded
+from .run_checks import CascadeRun, journaled_diagnostics
 
 #: The name the robust-margin measurement after the escalations is seeded by.
 MARGINS = "robust margins"
@@ -208,17 +205,6 @@ def evaluate(
         return _evaluate(ctx)
 
 
-@dataclass
-class CascadeRun:
-    """What the cascade's run tells the checks: the points the first (iterative) attack broke,
-    the points standing before Square, and how many of them Square broke."""
-
-    first_broken: Tensor
-    white_box_survivors: int = 0
-    square_broke: int = 0
-    ran_square: bool = False
-
-
 def _evaluate(ctx: EvalContext) -> Report:
     """The cascade, the checks, the escalations they call for, and the margins: the report."""
     stages: dict[str, float] = {}
@@ -251,7 +237,7 @@ def _evaluate(ctx: EvalContext) -> Report:
     mark = time.perf_counter()
     found: list[Check] = []
     if ctx.shards.rank == 0:
-        found = _journaled_diagnostics(ctx, state, correct, steps[0], run)
+        found = journaled_diagnostics(ctx, state, correct, steps[0], run)
     found = ctx.shards.from_rank_zero(found)
     stages["diagnostics"] = time.perf_counter() - mark
     escalations += escalate(ctx, state, found)
@@ -453,38 +439,6 @@ def _report(
     )
 
 
-def _journaled_diagnostics(
-    ctx: EvalContext, state: Cascade, correct: Tensor, first: Step, run: CascadeRun
-) -> list[Check]:
-    """The checks of :func:`_diagnostics`, saved in the journal (and replayed from it)."""
-    journal, before = ctx.journal, (0, 0) if ctx.counter is None else ctx.counter.counts()
-    unit = None if journal is None else journal.get("diagnostics")
-    if unit is not None:
-        if ctx.counter is not None:
-            ctx.counter.points += int(unit.facts["forwards"][0])
-            ctx.counter.calls += int(unit.facts["forwards"][1])
-        return [Check(**check) for check in unit.facts["checks"]]
-    with seeded(ctx.seed, ctx.x.device):
-        found = _diagnostics(ctx, state, correct, first, run)
-    if journal is not None:
-        after = (0, 0) if ctx.counter is None else ctx.counter.counts()
-        checks = [json.loads(json.dumps(asdict(c), default=_plain)) for c in found]
-        facts = {"checks": checks, "forwards": [a - b for a, b in zip(after, before)]}
-        journal.put("diagnostics", Unit(facts=facts))
-        # the run goes on with the checks as they will be replayed, so both runs agree
-        found = [Check(**check) for check in checks]
-    return found
-
-
-def _plain(value: Any) -> Any:
-    """JSON for what a check's evidence may hold besides plain values."""
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
 def _adversarial_logits(state: Cascade, clean: Tensor) -> Tensor:
     """Each point's logits at its worst case: those kept as it broke, else the clean ones."""
     if state.adv_logits is None:
@@ -493,63 +447,7 @@ def _adversarial_logits(state: Cascade, clean: Tensor) -> Tensor:
     return torch.where(broken.unsqueeze(1), state.adv_logits, clean)
 
 
-def _diagnostics(
-    ctx: EvalContext, state: Cascade, correct: Tensor, first: Step, run: CascadeRun
-) -> list[Check]:
-    """The gradient-masking checks, on up to ``diagnostics_points`` correctly classified points,
-    each attack seeded from its check's name."""
-    subset = _subset(correct & ctx.attackable, ctx.settings.diagnostics_points, ctx.seed)
-    xs, ys = state.x[subset], state.y[subset]
-    model, judge, threat = ctx.attack_model, ctx.judge, ctx.threat
-    found = [
-        checks.randomness(ctx.randomized, ctx.settings.eot_samples, ctx.settings.votes),
-        checks.probability_outputs(ctx.probabilities),
-    ]
-    if not len(subset):
-        return found
-    masked, saturated = checks.gradients(ctx.model if ctx.randomized else model, xs, ys)
-    found += [
-        masked,
-        saturated,
-        checks.single_step(
-            model,
-            judge,
-            threat,
-            xs,
-            ys,
-            run.first_broken[subset],
-            first.name,
-            ctx.seed_for(CheckName.SINGLE_STEP),
-        ),
-        checks.unbounded(model, judge, threat, xs, ys, ctx.seed_for(CheckName.UNBOUNDED)),
-        checks.eps_growth(model, judge, threat, xs, ys, ctx.seed_for(CheckName.EPS_GROWTH)),
-    ]
-    if run.ran_square:
-        found.append(checks.black_box(run.white_box_survivors, run.square_broke))
-    found.append(
-        checks.incomplete(
-            model,
-            judge,
-            threat,
-            xs,
-            ys,
-            (~state.standing)[subset],
-            ctx.seed_for(CheckName.LOSS_IMPROVING),
-        )
-    )
-    return found
-
-
 # ---------------------------------------------------------------------- helpers
-def _subset(correct: Tensor, size: int, seed: int) -> Tensor:
-    """Up to ``size`` correctly classified points, drawn with ``seed``, in index order."""
-    index = correct.nonzero().squeeze(1)
-    if len(index) > size:
-        generator = torch.Generator().manual_seed(seed)
-        index = index[torch.randperm(len(index), generator=generator)[:size]].sort().values
-    return index
-
-
 def _example_rows(state: Cascade, correct: Tensor, count: int) -> Tensor:
     """Indices of examples for the report's grid: broken points first, then survivors."""
     broken = (correct & ~state.standing).nonzero().squeeze(1)
