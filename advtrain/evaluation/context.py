@@ -71,6 +71,11 @@ class SuiteSettings:
             every point); the others keep their clean prediction in every attacked figure.
         fpr: with ``positive_class``, the false-positive rate of the operating point whose recall
             is reported clean and attacked (None: no operating point).
+        self_test: run the binarization self-test (:mod:`.self_test`); None: with the thorough
+            suite only, where a model whose features cannot be read is reported, not an error.
+        self_test_points: most test points of the self-test.
+        self_test_features: the module name of the model's readout layer, whose input are the
+            features the self-test reads (None: the last ``nn.Linear`` called).
     """
 
     suite: str = "standard"
@@ -84,6 +89,14 @@ class SuiteSettings:
     examples: int = 8
     attack_classes: tuple[int, ...] | None = None
     fpr: float | None = 0.01
+    self_test: bool | None = None
+    self_test_points: int = 32
+    self_test_features: str | None = None
+
+    @property
+    def runs_self_test(self) -> bool:
+        """Whether the evaluation runs the self-test (asked for, or the thorough suite's)."""
+        return self.suite == "thorough" if self.self_test is None else self.self_test
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from ..attacks.base import frozen, model_device
 from ..attacks.counting import CountedModel
 from ..errors import AdvtrainError
 from ..threat import Norm, ThreatModel
+from ..util import check_positive_int
 from . import metrics
 from .cascade import (
     DLR_SKIPPED,
@@ -68,6 +69,7 @@ from .progress import terminal_progress
 from .records import feasibility, per_sample_records
 from .report import Report, model_card, robustness_score
 from .run_checks import CascadeRun, journaled_diagnostics
+from .self_test_run import suite_self_test
 
 #: The name the robust-margin measurement after the escalations is seeded by.
 MARGINS = "robust margins"
@@ -99,6 +101,9 @@ def evaluate(
     fpr: float | None = 0.01,
     resume: str | Path | None = None,
     progress: bool | None = None,
+    self_test: bool | None = None,
+    self_test_points: int = 32,
+    self_test_features: str | None = None,
 ) -> Report:
     """Evaluate ``model`` (returning logits) on ``x, y``, or on a dataset read a chunk at a time.
 
@@ -143,6 +148,16 @@ def evaluate(
             Other settings than the saved ones are an error that names them.
         progress: a progress bar (attack, chunk, points standing) on the terminal; default:
             when standard error is a terminal.
+        self_test: run the binarization self-test of Zimmermann et al. (2022)
+            (:mod:`.self_test`): around ``self_test_points`` correctly classified points an
+            adversarial example is planted inside the eps-ball by replacing the model's readout
+            with a binary one, and the suite's own attacks and escalations must find it; a pass
+            rate under 0.95 is a verdict and makes the robust accuracy unreliable. Default: with
+            the thorough suite (where a model whose features cannot be read gets a "not run"
+            line instead of an error).
+        self_test_points: most test points of the self-test (default 32).
+        self_test_features: the module name of the model's readout layer (its input are the
+            features): default, the last ``nn.Linear`` the model calls.
 
     Raises:
         AdvtrainError: bad settings, or inputs that do not fit: a model whose output is not
@@ -176,6 +191,9 @@ def evaluate(
         positive_class=positive_class,
         examples=examples,
         fpr=None if fpr is None else float(fpr),
+        self_test=self_test,
+        self_test_points=check_positive_int("self_test_points", self_test_points),
+        self_test_features=self_test_features,
     )
     with frozen(model), terminal_progress(progress) as bar:
         counted = CountedModel(model).eval()
@@ -241,6 +259,19 @@ def _evaluate(ctx: EvalContext) -> Report:
     found = ctx.shards.from_rank_zero(found)
     stages["diagnostics"] = time.perf_counter() - mark
     escalations += escalate(ctx, state, found)
+    if ctx.settings.runs_self_test:
+        mark = time.perf_counter()
+        found.append(
+            suite_self_test(
+                ctx,
+                correct,
+                found,
+                ctx.settings.self_test_points,
+                ctx.settings.self_test_features,
+                required=bool(ctx.settings.self_test),
+            )
+        )
+        stages["self-test"] = time.perf_counter() - mark
 
     # robust margins of the points no minimum-norm attack has measured yet
     if ctx.threat.norm in ("linf", "l2"):
