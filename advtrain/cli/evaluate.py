@@ -10,6 +10,7 @@ import click
 import torch
 
 from ..errors import AdvtrainError
+from ..evaluation.findings import CheckName
 from .loading import load_model_and_data, model_options, parse_classes, table_options
 from .processes import echo, leave_process_group, speaker, torchrun
 
@@ -84,6 +85,19 @@ if TYPE_CHECKING:
     "run). Other settings than the saved ones are refused.",
 )
 @click.option(
+    "--self-test/--no-self-test",
+    default=None,
+    help="Run the binarization self-test (Zimmermann et al. 2022): an adversarial example is "
+    "planted inside the eps-ball of a few points and the suite's attacks must find it "
+    "(default: with --suite thorough only).",
+)
+@click.option(
+    "--self-test-features",
+    metavar="MODULE",
+    help="The self-test reads the features at the input of this module, the model's readout "
+    "layer (a torch.nn.Linear; default: the last one the model calls).",
+)
+@click.option(
     "--nproc",
     type=click.IntRange(min=1),
     default=1,
@@ -118,6 +132,8 @@ def evaluate(
     attack_classes: str | None,
     fpr: float | None,
     resume_dir: str | None,
+    self_test: bool | None,
+    self_test_features: str | None,
     nproc: int,
 ) -> None:
     """Robustness of a trained run (RUN_DIR) or of a model file with weights.
@@ -200,6 +216,8 @@ def evaluate(
             attack_classes=parse_classes(attack_classes, data.info.classes),
             fpr=0.01 if fpr is None else fpr,
             resume=resume_dir,
+            self_test=self_test,
+            self_test_features=self_test_features,
         )
     report.settings["dataset"] = dataset
     _say_report(say, report, threat.norm)
@@ -308,6 +326,9 @@ def _say_report(say: Callable[[str], None], report: Report, norm: str) -> None:
     )
     for check in report.triggered:
         say(f"  {check.severity} - {check.name}: {check.detail}")
+    for check in report.diagnostics:
+        if check.name == CheckName.SELF_TEST.value and not check.triggered:
+            say(f"  {check.name}: {check.detail}")
     for step in report.escalations:
         say(
             f"  escalated ({step.reason}): {step.action}; robust accuracy "

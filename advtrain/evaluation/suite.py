@@ -69,6 +69,7 @@ from .progress import terminal_progress
 from .records import feasibility, per_sample_records
 from .report import Report, model_card, robustness_score
 from .run_checks import CascadeRun, journaled_diagnostics
+from .self_test import readout_layer
 from .self_test_run import suite_self_test
 
 #: The name the robust-margin measurement after the escalations is seeded by.
@@ -213,6 +214,8 @@ def evaluate(
         if attack_classes is not None:
             checked = check_classes("attack_classes", attack_classes, ctx.n_classes)
             ctx = replace(ctx, settings=replace(settings, attack_classes=checked))
+        if self_test:  # asked for: a model whose features cannot be read fails before any work
+            readout_layer(ctx.model, points[:1], self_test_features)
         journal = None if resume is None else resume_journal(resume, ctx, model)
         ctx = replace(
             ctx,
