@@ -377,6 +377,11 @@ class SelfTestResult:
             detail += f"; every attack ({', '.join(self.steps)}) missed it at points {shown}"
         if fired:
             detail += ": the attacks fail where an adversarial example exists"
+        elif self.random_hits:
+            detail += (
+                f"; random points at distance eps also reach the planted region at "
+                f"{len(self.random_hits)} of them (the paper's random baseline)"
+            )
         return Check(CheckName.SELF_TEST, fired, detail, VERDICT, evidence)
 
 
