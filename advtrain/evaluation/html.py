@@ -352,9 +352,11 @@ def _diagnostics(d: dict[str, Any]) -> str:
             f"{state}</span></td><td>{_e(c.get('detail'))}{evidence}</td></tr>"
         )
     return (
-        "<h2>Gradient-masking diagnostics</h2><p class='note'>A <b>verdict</b> fires only "
-        "when the evaluation is provably incomplete; a <b>warning</b> can fire on an honest "
-        "model and calls for a closer look.</p>"
+        "<h2>Gradient-masking diagnostics and attack self-test</h2><p class='note'>A "
+        "<b>verdict</b> fires only when the evaluation is provably incomplete; a <b>warning</b> "
+        "can fire on an honest model and calls for a closer look. The binarization self-test "
+        "(when run) plants an adversarial example inside the eps-ball and checks that the "
+        "attacks find it.</p>"
         + _table(("check", "severity", "verdict", "detail"), rows)
         + _feasibility(d)
     )
