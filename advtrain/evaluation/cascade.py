@@ -19,6 +19,7 @@ of AutoAttack, unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -29,12 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import APGD, APGDT, FAB, FABT, PGD, Attack, HopSkipJump, Square
+from ..attacks import APGD, APGDT, EOT, FAB, FABT, PGD, Attack, HopSkipJump, Square
 from ..attacks.base import MinNormAttack
 from ..attacks.counting import CountedModel
 from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
-from .journal import Journal, Unit
+from .cascade_units import SCALAR_FIELDS, replay, row_state, unit_of
+from .iterate_watch import IterateWatch
+from .journal import Journal
 from .points import KeptRows, TensorPoints
 from .progress import Progress
 from .shards import Shards, chunk_seed, seeded, step_seed
@@ -42,9 +45,6 @@ from .shards import Shards, chunk_seed, seeded, step_seed
 #: The suites of :func:`advtrain.evaluate`.
 SUITES = ("quick", "standard", "thorough")
 Judge = Callable[[Tensor], Tensor]
-#: The per-sample tensors of a :class:`Cascade` that attacks change (besides ``broken_by``,
-#: ``adv_logits`` and ``x_adv``).
-_SCALAR_FIELDS = ("standing", "adv_pred", "norm", "margin", "measured")
 #: Why the DLR losses are left out for two classes, as the report says it.
 DLR_SKIPPED = (
     "DLR skipped: 2 classes (its denominator is the gap between the only two logits, so the loss "
@@ -246,6 +246,14 @@ class Cascade:
 
     With a ``journal`` (:mod:`.journal`), each step's work on each chunk is saved as it ends,
     under ``scope``, and replayed instead of run when the evaluation resumes.
+
+    With ``watch_iterates`` (the default), every forward call of each attack is watched for
+    adversarial iterates of the chunk's points (:class:`.iterate_watch.IterateWatch`; silent
+    success, Pintor et al. 2022): a point an attack visited inside the threat model and
+    misclassified, but did not return, is recorded as broken by that step with the visited point
+    (judged again by ``judge``) and listed in ``silent`` (step name -> point indices). Not for a
+    randomised model attacked through EOT: its majority-vote judge cannot be checked from single
+    passes.
     """
 
     x: Any  # Tensor | Points: made Points in __post_init__
@@ -279,6 +287,8 @@ class Cascade:
     adv_logits: Tensor | None = field(default=None, init=False)
     seconds: dict[str, float] = field(default_factory=dict)
     feasible: dict[str, tuple[int, int]] = field(default_factory=dict)
+    watch_iterates: bool = True
+    silent: dict[str, list[int]] = field(default_factory=dict)
     _runs: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -339,16 +349,20 @@ class Cascade:
         if among is not None:
             chosen &= torch.isin(torch.arange(len(self.x)), among.cpu())
         before = self._snapshot()
-        prior = self.refused.pop(name, 0)
+        prior, prior_silent = self.refused.pop(name, 0), self.silent.pop(name, [])
         broken = self._each_chunk(
             name,
             chosen,
             step.attack,
             lambda attack, index: self._attack(step, attack, attack_model, index, name),
         )
-        broken, refused = self._exchange(before, broken, self.refused.pop(name, 0))
+        broken, refused, silent = self._exchange(
+            before, broken, self.refused.pop(name, 0), self.silent.pop(name, [])
+        )
         if prior + refused:
             self.refused[name] = prior + refused
+        if prior_silent + silent:
+            self.silent[name] = prior_silent + silent
         self.per_attack[name] = self.robust_accuracy
         self.losses[name] = step_loss(step.attack)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
@@ -369,7 +383,7 @@ class Cascade:
             attack,
             lambda chunk_attack, index: self._margins(chunk_attack, attack_model, index),
         )
-        self._exchange(before, 0, 0)
+        self._exchange(before, 0, 0, [])
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def _each_chunk(
@@ -396,15 +410,15 @@ class Cascade:
             key = f"{self.scope}|{name}|{runs}|{chunk}"
             unit = None if self.journal is None else self.journal.get(key)
             if unit is not None:
-                total += self._replay(index, unit)
+                total += replay(self, index, unit)
                 continue
-            before = self._row_state(index)
+            before = row_state(self, index, name)
             counted = self._counted()
             with seeded(chunk_seed(attack.seed or 0, chunk), self.device):
                 result = work(self.shards.for_chunk(attack, chunk), index)
             total += result
             if self.journal is not None:
-                unit = self._unit(index, before, result, name)
+                unit = unit_of(self, index, before, result, name)
                 unit.facts["forwards"] = [a - b for a, b in zip(self._counted(), counted)]
                 self.journal.put(key, unit)
         if progress is not None:
@@ -425,6 +439,21 @@ class Cascade:
     ) -> int:
         """One attack on the points ``index`` (of one chunk); returns how many it broke."""
         x, y = self.x[index], self.y[index]
+        watch = self._watch(attack_model, x, y)
+        with contextlib.nullcontext() if watch is None else watch.hooked():
+            broken = self._attack_once(step, attack, attack_model, index, name, x, y)
+        return broken + (0 if watch is None else self._recover(watch, index, x, name))
+
+    def _attack_once(
+        self,
+        step: Step,
+        attack: Attack,
+        attack_model: nn.Module,
+        index: Tensor,
+        name: str,
+        x: Tensor,
+        y: Tensor,
+    ) -> int:
         if step.min_norm and isinstance(attack, MinNormAttack):  # Step checks it is one
             result = attack.min_norm(attack_model, x, y)
             found = result.success & (result.norm <= self.threat.eps * (1 + 1e-6) + 1e-7)
@@ -440,79 +469,34 @@ class Cascade:
             x_adv = attack(attack_model, x, y)
         return self.record(index, x_adv, name, clean=x) if len(index) else 0
 
+    def _watch(self, attack_model: nn.Module, x: Tensor, y: Tensor) -> IterateWatch | None:
+        """The watch of an attack's iterates on the points ``x``, where they are watched."""
+        if not self.watch_iterates or isinstance(attack_model, EOT) or not self.threat.bounded:
+            return None
+        return IterateWatch(attack_model, x, y, self.threat)
+
+    def _recover(self, watch: IterateWatch, index: Tensor, x: Tensor, name: str) -> int:
+        """Record the points ``watch`` saw broken that still stand (silent successes of ``name``,
+        listed in ``silent``); returns how many the judge confirmed."""
+        positions, rows = watch.broken()
+        if not len(positions):
+            return 0
+        still = self.standing[index[positions]].cpu()
+        if not bool(still.any()):
+            return 0
+        chosen, at = index[positions[still]], positions[still].to(x.device)
+        broken = self.record(chosen, rows[still.to(rows.device)].to(x.device), name, clean=x[at])
+        newly = chosen[~self.standing[chosen].cpu()]
+        if len(newly):
+            self.silent.setdefault(name, []).extend(newly.tolist())
+        return broken
+
     # ------------------------------------------------------------------ resume
-    def _row_state(self, index: Tensor) -> dict[str, Any]:
-        """What a unit may change of the rows ``index``: to tell the newly broken ones after."""
-        return {
-            "broken": [self.broken_by[i] for i in index.tolist()],
-            "refused": dict(self.refused),
-            "feasible": dict(self.feasible),
-        }
-
-    def _unit(self, index: Tensor, before: dict[str, Any], result: int, name: str) -> Unit:
-        """The outcome of a unit of work on the rows ``index``, for the journal."""
-        rows = index.cpu()
-        newly = [i for i, was in zip(rows.tolist(), before["broken"]) if was != self.broken_by[i]]
-        kept = self.x_adv.kept(newly) if isinstance(self.x_adv, KeptRows) else newly
-        tensors: dict[str, Tensor] = {
-            "index": rows,
-            **{f: getattr(self, f)[rows.to(getattr(self, f).device)] for f in _SCALAR_FIELDS},
-        }
-        if kept:
-            kept_index = torch.tensor(kept, dtype=torch.int64)
-            tensors["kept_index"] = kept_index
-            tensors["kept_rows"] = self.x_adv[kept_index.to(self.device)]
-        if self.adv_logits is not None:
-            tensors["adv_logits"] = self.adv_logits[rows]
-        return Unit(
-            tensors,
-            {
-                "result": result,
-                "broken_by": [self.broken_by[i] for i in rows.tolist()],
-                "refused": self.refused.get(name, 0) - before["refused"].get(name, 0),
-                "feasible": [
-                    a - b
-                    for a, b in zip(
-                        self.feasible.get(name, (0, 0)), before["feasible"].get(name, (0, 0))
-                    )
-                ],
-            },
-        )
-
-    def _replay(self, index: Tensor, unit: Unit) -> int:
-        """Apply a saved unit's outcome to the rows ``index``; returns its result."""
-        rows = unit.tensors["index"]
-        if not torch.equal(rows, index.cpu()):
-            raise AdvtrainError(
-                "the resume state does not match this evaluation (a chunk's points differ)"
-            )
-        for f in _SCALAR_FIELDS:
-            target = getattr(self, f)
-            target[rows.to(target.device)] = unit.tensors[f].to(target.device, target.dtype)
-        for i, by in zip(rows.tolist(), unit.facts["broken_by"]):
-            self.broken_by[i] = by
-        if "adv_logits" in unit.tensors:
-            self._logits_rows(rows, unit.tensors["adv_logits"])
-        if "kept_index" in unit.tensors:
-            kept = unit.tensors["kept_index"]
-            self.x_adv[kept.to(self.device)] = unit.tensors["kept_rows"].to(self.device)
-        if self.counter is not None:
-            self.counter.points += int(unit.facts["forwards"][0])
-            self.counter.calls += int(unit.facts["forwards"][1])
-        name = unit.facts["key"].split("|")[1]
-        if unit.facts["refused"]:
-            self.refused[name] = self.refused.get(name, 0) + int(unit.facts["refused"])
-        counted, feasible = unit.facts["feasible"]
-        if counted:
-            was = self.feasible.get(name, (0, 0))
-            self.feasible[name] = (was[0] + counted, was[1] + feasible)
-        return int(unit.facts["result"])
-
     def _counted(self) -> tuple[int, int]:
         """The forward passes counted so far (inputs, calls)."""
         return (0, 0) if self.counter is None else (self.counter.points, self.counter.calls)
 
-    def _logits_rows(self, index: Tensor, logits: Tensor) -> None:
+    def logits_rows(self, index: Tensor, logits: Tensor) -> None:
         """``adv_logits[index] = logits``, allocating ``adv_logits`` at the first write."""
         if self.adv_logits is None:
             self.adv_logits = torch.zeros(len(self.x), logits.shape[1])
@@ -523,12 +507,13 @@ class Cascade:
         return (self.standing.clone(), self.measured.clone()) if self.shards.shared else None
 
     def _exchange(
-        self, before: tuple[Tensor, Tensor] | None, broken: int, refused: int
-    ) -> tuple[int, int]:
+        self, before: tuple[Tensor, Tensor] | None, broken: int, refused: int, silent: list[int]
+    ) -> tuple[int, int, list[int]]:
         """Under several ranks: send the rows this rank changed since ``before``, take the
-        others'; returns the numbers broken and refused over all ranks."""
+        others'; returns the numbers broken and refused, and the silent successes, over all
+        ranks."""
         if before is None:
-            return broken, refused
+            return broken, refused, silent
         changed = (self.standing != before[0]) | (self.measured != before[1])
         index = (changed & self.shards.owned()).nonzero().squeeze(1)
         newly = [i for i in index.tolist() if bool(before[0][i]) and not bool(self.standing[i])]
@@ -538,29 +523,29 @@ class Cascade:
             "index": index,
             "broken": broken,
             "refused": refused,
+            "silent": silent,
             "feasible": dict(self.feasible),
             "broken_by": [self.broken_by[i] for i in index.tolist()],
             "kept_index": kept_index,
             "kept_rows": self.x_adv[kept_index.to(self.device)].cpu() if kept else None,
             "adv_logits": None if self.adv_logits is None else self.adv_logits[index],
-            **{
-                f: getattr(self, f)[index.to(getattr(self, f).device)].cpu() for f in _SCALAR_FIELDS
-            },
+            **{f: getattr(self, f)[index.to(getattr(self, f).device)].cpu() for f in SCALAR_FIELDS},
         }
-        total, refused_total = 0, 0
+        total, refused_total, silent_all = 0, 0, []
         for sent in self.shards.all_gather(rows):
             total += sent["broken"]
             refused_total += sent["refused"]
-            for f in _SCALAR_FIELDS:
+            silent_all += sent["silent"]
+            for f in SCALAR_FIELDS:
                 tensor = getattr(self, f)
                 tensor[sent["index"].to(tensor.device)] = sent[f].to(tensor.device)
             for i, by in zip(sent["index"].tolist(), sent["broken_by"]):
                 self.broken_by[i] = by
             if sent["adv_logits"] is not None and len(sent["index"]):
-                self._logits_rows(sent["index"], sent["adv_logits"])
+                self.logits_rows(sent["index"], sent["adv_logits"])
             if sent["kept_rows"] is not None:
                 self.x_adv[sent["kept_index"].to(self.device)] = sent["kept_rows"].to(self.device)
-        return total, refused_total
+        return total, refused_total, sorted(silent_all)
 
     def record(self, index: Tensor, x_adv: Tensor, name: str, clean: Tensor | None = None) -> int:
         """Judge adversarial candidates for the standing points ``index`` (whose clean points
@@ -586,7 +571,7 @@ class Cascade:
         self.norm[chosen] = norms
         self.margin[chosen] = torch.minimum(self.margin[chosen], norms)
         if self.score is not None:
-            self._logits_rows(chosen.cpu(), self.score(kept))
+            self.logits_rows(chosen.cpu(), self.score(kept))
         if self.threat.constraints is not None:
             was = self.feasible.get(name, (0, 0))
             ok = int(self.threat.constraints.feasible(kept, from_clean).sum())
