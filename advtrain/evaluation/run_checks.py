@@ -13,14 +13,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..attacks import EOT
 from . import diagnostics as checks
 from .cascade import Cascade, Step
 from .context import EvalContext
 from .findings import Check, CheckName
 from .journal import Unit
 from .shards import seeded
+from .surrogate_check import surrogate_transfer
 
 
 @dataclass
@@ -99,6 +101,19 @@ def _diagnostics(
     ]
     if run.ran_square:
         found.append(checks.black_box(run.white_box_survivors, run.square_broke))
+    # the surrogate learns from single passes: EOT's average would cost eot_samples passes each
+    asked = model.model if isinstance(model, EOT) and isinstance(model.model, nn.Module) else model
+    found.append(
+        surrogate_transfer(
+            asked,
+            judge,
+            threat,
+            xs,
+            ys,
+            state.standing[subset],
+            ctx.seed_for(CheckName.TRANSFER),
+        )
+    )
     found.append(
         checks.incomplete(
             model,
