@@ -64,6 +64,7 @@ from .context import EvalContext, SuiteSettings, cascade_for, check_classes
 from .escalation import escalate
 from .findings import VERDICT, Check, CheckName, Escalation
 from .inputs import as_points, check_labels, logits_only, resume_journal
+from .iterate_watch import silent_success
 from .operating_point import FROM_ARGMAX, evaluate_operating_point
 from .progress import terminal_progress
 from .records import feasibility, per_sample_records
@@ -262,6 +263,8 @@ def _evaluate(ctx: EvalContext) -> Report:
     found = ctx.shards.from_rank_zero(found)
     stages["diagnostics"] = time.perf_counter() - mark
     escalations += escalate(ctx, state, found)
+    # every attack's iterates were watched (but a randomised model's: a vote is not one pass)
+    found.append(silent_success(state.silent, watched=not ctx.randomized))
     if ctx.settings.runs_self_test:
         mark = time.perf_counter()
         found.append(
