@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from advtrain.attacks import APGD, PGD, Attack
 from advtrain.attacks.base import Outcome
 from advtrain.device_sync import compact_every
+from advtrain.evaluation import iterate_watch
 from advtrain.evaluation.cascade import Cascade, Step
 from advtrain.evaluation.context import argmax
 from advtrain.evaluation.findings import WARNING, CheckName
@@ -119,9 +120,11 @@ def _anchors(norm: str) -> tuple[nn.Module, Tensor, Tensor, ThreatModel]:
     return model, x, y, ThreatModel(norm=norm, eps=eps)
 
 
+@pytest.mark.parametrize("buffer", [1, iterate_watch.BUFFER])  # matched per call, or together
 @pytest.mark.parametrize("every", [1, 20])
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
-def test_rows_are_matched_by_value_on_a_shuffled_subset(norm, every):
+def test_rows_are_matched_by_value_on_a_shuffled_subset(norm, every, buffer, monkeypatch):
+    monkeypatch.setattr(iterate_watch, "BUFFER", buffer)
     model, x, y, threat = _anchors(norm)
     generator = torch.Generator().manual_seed(2)
     order = torch.randperm(12, generator=generator)[:8]  # anchors 4 never appear
@@ -165,7 +168,8 @@ def test_outputs_it_cannot_judge_are_not_watched():
     assert images.unwatched == 1 and images.watched == 0
 
 
-def test_the_watch_adds_no_read_back_on_the_accelerator_schedule():
+def test_the_watch_adds_no_read_back_on_the_accelerator_schedule(monkeypatch):
+    monkeypatch.setattr(iterate_watch, "BUFFER", 1)  # every call matched at once
     model, x, y, threat = _anchors("linf")
     y = model(x).argmax(1)
     attack = lambda steps: APGD(threat.replace(eps=1e-4), steps=steps, seed=0)  # noqa: E731
