@@ -27,7 +27,9 @@ at most 256) on the pairs the coarse level lets through. The pairs that pass bot
 exactly by :meth:`~advtrain.threat.ThreatModel.contains` (ball, box, mask and the table's
 constraints), and a row that passes is judged for that anchor.
 
-On the CPU every pair that passes the prefilter is checked. Elsewhere
+The rows of the calls are copied (attacks change their iterates in place) and matched together,
+:data:`BUFFER` values at a time and when :meth:`IterateWatch.broken` is asked, so that a call
+costs a copy and an argmax. On the CPU every pair that passes the prefilter is checked. Elsewhere
 (:func:`~advtrain.device_sync.compaction_interval`) the watch reads nothing back to the host: each
 row is checked against at most ``candidates`` anchors (the nearest in fine features among its
 :data:`WIDE` nearest in coarse features), and the rows with more anchors passing a level than
