@@ -313,6 +313,8 @@ def cascade_for(
         scope=scope,
         progress=ctx.progress,
         counter=ctx.counter,
+        # single passes of a randomised model say nothing of its vote: its iterates go unwatched
+        watch_iterates=not ctx.randomized,
     )
 
 

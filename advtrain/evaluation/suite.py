@@ -340,7 +340,7 @@ def _losses(ctx: EvalContext, cascades: Sequence[Cascade]) -> dict[str, Any]:
 def _naive(ctx: EvalContext, clean_pred: Tensor) -> Cascade:
     """What a naive evaluation would have said of a model that needed wrapping: the cascade's
     first attack on the model as it is, judged by its own argmax."""
-    naive = replace(cascade_for(ctx, "naive", clean_pred), judge=ctx.argmax)
+    naive = replace(cascade_for(ctx, "naive", clean_pred), judge=ctx.argmax, watch_iterates=False)
     naive.run(gradient_step(ctx.threat, batch_size=ctx.batch_size).seeded(ctx.seed), ctx.model)
     return naive
 
