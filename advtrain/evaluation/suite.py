@@ -9,12 +9,18 @@ The order of work:
    once, there, and serve every later stage.
 2. Run the suite's cascade (:mod:`.cascade`, AutoAttack's recipe, Croce & Hein 2020) on the
    correctly classified points.
-3. Run the gradient-masking diagnostics (:mod:`.diagnostics`) on a small subset.
+3. Run the gradient-masking diagnostics (:mod:`.diagnostics`, and transfer from a distilled
+   surrogate, :mod:`.surrogate_check`) on a small subset (:mod:`.run_checks`). Every attack's
+   forward calls are watched for silent successes (:mod:`.iterate_watch`): an adversarial point
+   visited but not returned is recovered and named.
 4. When a check fires, escalate on its own, by the table of rules of :mod:`.escalation`:
    straight-through gradients for step functions (BPDA without knowing the defence, Athalye et
    al. 2018), margin and DLR losses, more iterations and restarts, more queries for Square, and
    a label-only attack (HopSkipJump) when the gradients vanish. Each escalation is reported
    with the robust accuracy before and after.
+   With ``self_test`` (the thorough suite's default), the binarization self-test
+   (:mod:`.self_test`) checks that those same attacks find an adversarial example planted
+   inside the eps-ball.
 5. Measure: robust margins (minimum-norm attack), the accuracy-versus-eps curve and the
    adversarial radius, entropy, defensive margins, precision/recall/F1 clean and attacked.
 6. With ``positive_class``: the positive class's recall, precision, PR-AUC and ROC-AUC clean
