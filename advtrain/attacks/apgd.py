@@ -25,12 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..losses import attack_objective, check_loss, is_adversarial, other_classes
+from ..losses import attack_objective, check_loss, is_adversarial
 from ..threat import ThreatModel, lp_norm
 from ..util import check_positive_int
 from .base import Attack, Outcome, compaction_interval, rerun_unbroken
 from .gradient import input_gradient
 from .registry import register
+from .targeting import check_target_order, ranked_targets
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -231,6 +232,10 @@ class APGDT(APGD):
     k follows the number of classes instead of AutoAttack's fixed 9). Any misclassification
     counts as success: APGD-T is an untargeted attack that uses targets to find directions.
     With ``target`` given, it is plain targeted APGD-DLR towards those labels.
+
+    ``target_order``: ``"logits"`` (the default, AutoAttack's) ranks the other classes by logit;
+    ``"malt"`` by MALT's linearised distance to their boundary (Melamed et al., NeurIPS 2024;
+    :mod:`~advtrain.attacks.targeting`), nearest first.
     """
 
     def __init__(
@@ -238,6 +243,7 @@ class APGDT(APGD):
         threat: ThreatModel | None = None,
         *,
         n_targets: int | None = None,
+        target_order: str = "logits",
         steps: int = STEPS,
         loss: str = "dlr",
         rho: float = RHO,
@@ -247,10 +253,14 @@ class APGDT(APGD):
         super().__init__(threat, steps=steps, loss=loss, rho=rho, momentum=momentum, **options)
         if n_targets is not None:
             check_positive_int("n_targets", n_targets)
-        self.n_targets = n_targets
+        self.n_targets, self.target_order = n_targets, check_target_order(target_order)
 
     def _hyperparameters(self) -> dict[str, object]:
-        return {**super()._hyperparameters(), "n_targets": self.n_targets}
+        return {
+            **super()._hyperparameters(),
+            "n_targets": self.n_targets,
+            "target_order": self.target_order,
+        }
 
     def run(
         self,
@@ -262,15 +272,11 @@ class APGDT(APGD):
     ) -> Outcome:
         if target is not None:
             return super().run(model, x, y, target, generator)
-        with torch.no_grad():
-            logits = model(x)
-        n_classes = logits.shape[1]
-        count = min(self.n_targets or n_classes - 1, n_classes - 1)
-        ranked = other_classes(logits, y, count)  # the most likely classes other than y
+        ranked = ranked_targets(model, x, y, self.n_targets, self.target_order, self.threat.norm)
         return rerun_unbroken(
             len(x),
             x.device,
-            count,
+            ranked.shape[1],
             lambda k, index, _: self.descend(
                 model, x[index], y[index], ranked[index, k], generator, success_target=None
             ),

@@ -57,6 +57,7 @@ from .base import MinNormAttack, Outcome, put_rows, rerun_unbroken, rows_of
 from .deepfool import boundary_gradients, dual_norm
 from .fast_grad import suspended
 from .registry import register
+from .targeting import check_target_order, ranked_targets
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -421,6 +422,10 @@ class FABT(FAB):
     norm found; any misclassification counts as success. With a finite eps a point is not attacked
     towards further classes once it has an adversarial example within eps. With ``target`` given,
     it is targeted FAB towards those classes.
+
+    ``target_order``: ``"logits"`` (the default, AutoAttack's) ranks the other classes by logit;
+    ``"malt"`` by MALT's linearised distance to their boundary (Melamed et al., NeurIPS 2024;
+    :mod:`~advtrain.attacks.targeting`), nearest first.
     """
 
     def __init__(
@@ -428,6 +433,7 @@ class FABT(FAB):
         threat: ThreatModel | None = None,
         *,
         n_targets: int | None = None,
+        target_order: str = "logits",
         steps: int = STEPS,
         alpha_max: float = ALPHA_MAX,
         eta: float = ETA,
@@ -446,10 +452,14 @@ class FABT(FAB):
         )
         if n_targets is not None:
             check_positive_int("n_targets", n_targets)
-        self.n_targets = n_targets
+        self.n_targets, self.target_order = n_targets, check_target_order(target_order)
 
     def _hyperparameters(self) -> dict[str, object]:
-        return {**super()._hyperparameters(), "n_targets": self.n_targets}
+        return {
+            **super()._hyperparameters(),
+            "n_targets": self.n_targets,
+            "target_order": self.target_order,
+        }
 
     def _minimize_from(
         self,
@@ -462,13 +472,10 @@ class FABT(FAB):
     ) -> Tensor:
         if target is not None or len(x) == 0:
             return super()._minimize_from(model, x, y, target, generator, radius)
-        with torch.no_grad():
-            logits = model(x)
-        n_classes = logits.shape[1]
-        count = min(self.n_targets or n_classes - 1, n_classes - 1)
+        ranked = ranked_targets(model, x, y, self.n_targets, self.target_order, self.threat.norm)
+        count = ranked.shape[1]
         if count < 1:
             return x.clone()
-        ranked = other_classes(logits, y, count)
         best_x = x.clone()
         best_norm = torch.full((len(x),), float("inf"), device=x.device, dtype=x.dtype)
         for rank in range(count):
