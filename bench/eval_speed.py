@@ -1,29 +1,44 @@
-"""Our standard evaluation suite against torchattacks' AutoAttack with the paper's 100 iterations.
+"""Our standard evaluation suite against AutoAttack: the official one, or torchattacks' stand-in.
 
-Two models:
+Models (``--model``, one name, a comma-separated list, or ``both``):
 
-- the default, a released fast-adversarial MNIST checkpoint (``--model pgd_madry.pth``, a file
-  of ``../shared/models/fast-adversarial-mnist``): the first ``--n`` (default 1000) MNIST test
-  images, linf eps 0.3, 10 classes;
-- ``--model preact-resnet18``: advtrain's own PreAct ResNet-18 trained with FGSM-RS at 8/255 for
+- the released fast-adversarial MNIST checkpoints (``fgsm.pth``, ``pgd_madry.pth``, files of
+  ``../shared/models/fast-adversarial-mnist``; ``both`` runs the two): the first ``--n``
+  (default 1000) MNIST test images, linf eps 0.3, 10 classes; the default is ``pgd_madry.pth``;
+- ``preact-resnet18``: advtrain's own PreAct ResNet-18 trained with FGSM-RS at 8/255 for
   4 epochs on coloured 32×32 MNIST digits 0–4 (``bench/rgb_digits.py``; trained once, on
   ``--train`` images, and cached under ``bench/.cache/``): the first ``--n`` (default 500)
   coloured test images, linf eps 8/255, 5 classes.
 
-Same model, same images, one run each, measured in one process. torchattacks' ``AutoAttack``
-class builds its APGD, APGD-T and FAB with torchattacks' default of 10 iterations, so the
-stand-in is assembled here from the same four attacks with AutoAttack's standard settings
-(Croce & Hein 2020): APGD-CE and APGD-T (``n_classes - 1`` targets, 9 for 10 classes) with 100
-iterations, FAB-T (``n_classes - 1`` targets, 100 iterations), Square with 5,000 queries, one
-restart each, run as a survivor cascade (torchattacks' ``MultiAttack``).
+Same model, same images, one run each, measured in one process, one model after the other.
 
-Prints robust accuracy (lower is stronger) and seconds for both, and the ratio of times
-(AutoAttack / advtrain: above 2 means advtrain takes at most half the time). Our time includes
-the gradient-masking diagnostics, the escalations they call for and the robust-margin
-measurement that AutoAttack does not do; where it goes is printed per stage (each cascade step,
-the diagnostics, each escalation step, the margins, the report), as is the time of each of
-AutoAttack's four attacks. The stages come from ``report.settings["seconds_by_stage"]`` when the
-report has it, else from timing the evaluation's own functions from outside.
+The AutoAttack side:
+
+- ``--official DIR``: the official AutoAttack (Croce & Hein 2020, github.com/fra31/auto-attack),
+  imported from a local copy of its repository (``DIR`` holds its ``autoattack`` package; it is
+  not a dependency of advtrain), run as its README runs it: ``AutoAttack(model, norm="Linf",
+  eps=eps, version="standard", seed=seed, device=...)`` and
+  ``run_standard_evaluation(x, y, bs=batch_size)``. Its standard version is APGD-CE, APGD-T over
+  9 target classes, FAB-T over 9 target classes (100 iterations each, one restart) and Square
+  with 5,000 queries, on the points still standing after each. With fewer than 10 classes its
+  target counts are set to ``n_classes - 1`` (its code indexes 9 classes otherwise). Nothing in
+  it is changed; its own log lines are printed as it runs.
+- without ``--official``: torchattacks' ``AutoAttack`` class builds its APGD, APGD-T and FAB with
+  torchattacks' default of 10 iterations, so the stand-in is assembled here from the same four
+  attacks with AutoAttack's standard settings: APGD-CE and APGD-T (``n_classes - 1`` targets, 9
+  for 10 classes) with 100 iterations, FAB-T (``n_classes - 1`` targets, 100 iterations), Square
+  with 5,000 queries, one restart each, run as a survivor cascade (torchattacks' ``MultiAttack``).
+
+Prints per model robust accuracy (lower is stronger) and seconds for both, the ratio of times
+(AutoAttack / advtrain: 2 or more means advtrain takes at most half the time), and whether
+advtrain's robust accuracy is no higher than AutoAttack's and its time at most half of
+AutoAttack's; with several models, a summary table at the end. Our time includes the
+gradient-masking diagnostics, the escalations they call for and the robust-margin measurement
+that AutoAttack does not do; where it goes is printed per stage (each cascade step, the
+diagnostics, each escalation step, the margins, the report), as is the time of each of
+AutoAttack's four attacks, with the images each sent through the model. The stages come from
+``report.settings["seconds_by_stage"]`` when the report has it, else from timing the evaluation's
+own functions from outside.
 
 With ``--nproc N`` our suite runs in N processes under torchrun (gloo), each with
 ``threads / N`` threads and chunks of ``n / N`` points, as ``advtrain evaluate --nproc N`` does;
@@ -31,6 +46,9 @@ its time is rank 0's from a barrier after loading to the merged report (process 
 loading, a few seconds, printed apart). AutoAttack runs in this process with ``--threads``.
 ``--device cuda`` runs both on the GPU (one process).
 
+    git --git-dir=/path/to/auto-attack.git archive HEAD | tar -x -C bench/.cache/auto-attack
+    .venv/bin/python bench/eval_speed.py --official bench/.cache/auto-attack --model both \
+        --n 1000 --threads 2
     .venv/bin/python bench/eval_speed.py [--n 1000] [--model pgd_madry.pth] [--threads 2] \
         [--nproc 2]
     .venv/bin/python bench/eval_speed.py --model preact-resnet18 [--n 500] [--train 2500]
@@ -41,11 +59,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +84,8 @@ from advtrain.models import build_model  # noqa: E402
 
 MNIST_EPS = 0.3
 RESNET = "preact-resnet18"
+#: The released fast-adversarial MNIST checkpoints (``--model both``).
+MNIST_MODELS = ("fgsm.pth", "pgd_madry.pth")
 
 
 def autoattack_standard(model, seed: int, eps: float, n_classes: int):
@@ -260,24 +282,33 @@ def run_ours(
     return report.robust_accuracy, ours
 
 
+def _time_calls(
+    owner: Any, attr: str, name: str, seconds: dict[str, float], counter: PassCounter
+) -> None:
+    """Wrap ``owner.attr`` (a bound method) so that its calls add to ``seconds[name]`` and count
+    their model passes under ``name``."""
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        counter.stages.append(name)
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            counter.stages.pop()
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+    setattr(owner, attr, timed)
+
+
 def run_autoattack(model, x, y, eps: float, n_classes: int, seed: int) -> tuple[float, float]:
     """The torchattacks stand-in; prints its figures and the seconds of each attack."""
     attack = autoattack_standard(model, seed, eps, n_classes)
     seconds: dict[str, float] = {}
     counter = PassCounter(model)
     for inner in attack.attacks:
-        forward = inner.forward
-
-        def timed(*args: Any, _forward: Any = forward, _name: str = inner.attack, **kw: Any) -> Any:
-            counter.stages.append(_name)
-            start = time.perf_counter()
-            try:
-                return _forward(*args, **kw)
-            finally:
-                counter.stages.pop()
-                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
-
-        inner.forward = timed
+        _time_calls(inner, "forward", inner.attack, seconds, counter)
     start = time.perf_counter()
     x_adv = attack(x, y)
     theirs = time.perf_counter() - start
@@ -292,7 +323,117 @@ def run_autoattack(model, x, y, eps: float, n_classes: int, seed: int) -> tuple[
     return robust, theirs
 
 
-def _worker_command(args: argparse.Namespace, n: int, batch_size: int, threads: int) -> list[str]:
+def official_autoattack(directory: str) -> type:
+    """The ``AutoAttack`` class of the official AutoAttack's repository copied at ``directory``
+    (imported from there; exits with a message when it is not there)."""
+    root = Path(directory).resolve()
+    if not (root / "autoattack" / "autoattack.py").is_file():
+        sys.exit(
+            f"--official: {root} has no autoattack/autoattack.py; give the folder of a copy of "
+            "github.com/fra31/auto-attack"
+        )
+    sys.path.insert(0, str(root))
+    module = importlib.import_module("autoattack")
+    found = Path(module.__file__ or "").resolve()
+    if root not in found.parents:
+        sys.exit(f"--official: 'autoattack' was imported from {found}, not from {root}")
+    return module.AutoAttack
+
+
+def run_official(
+    autoattack: type, model, x, y, eps: float, n_classes: int, seed: int, batch_size: int
+) -> tuple[float, float]:
+    """The official AutoAttack, standard version; prints its log, its figures and the seconds
+    of each of its attacks; returns robust accuracy and time."""
+    attack = autoattack(
+        model, norm="Linf", eps=eps, version="standard", seed=seed, device=str(x.device)
+    )
+    if n_classes < 10:  # its standard version indexes 9 other classes
+        attack.apgd_targeted.n_target_classes = attack.fab.n_target_classes = n_classes - 1
+    seconds: dict[str, float] = {}
+    counter = PassCounter(model)
+    for name, inner in (
+        ("apgd-ce", attack.apgd),
+        ("apgd-t", attack.apgd_targeted),
+        ("fab-t", attack.fab),
+        ("square", attack.square),
+    ):
+        _time_calls(inner, "perturb", name, seconds, counter)
+    start = time.perf_counter()
+    _, y_adv = attack.run_standard_evaluation(x, y, bs=batch_size, return_labels=True)
+    theirs = time.perf_counter() - start
+    counter.close()
+    robust = float((y_adv.to(y.device) == y).float().mean())
+    print(
+        f"official AutoAttack (standard): robust accuracy {robust:.2%}, {theirs:.1f} s",
+        flush=True,
+    )
+    print_stages("seconds by attack", seconds, theirs, counter)
+    return robust, theirs
+
+
+@dataclass
+class Comparison:
+    """One model's figures: robust accuracy and seconds of ours and of AutoAttack."""
+
+    model: str
+    n: int
+    robust_ours: float
+    ours: float
+    robust_theirs: float = float("nan")
+    theirs: float = float("nan")
+
+    @property
+    def ratio(self) -> float:
+        return self.theirs / self.ours
+
+    @property
+    def no_higher(self) -> bool:
+        """Our robust accuracy no higher than AutoAttack's (compared in points)."""
+        return round(self.robust_ours * self.n) <= round(self.robust_theirs * self.n)
+
+    @property
+    def half_time(self) -> bool:
+        return 2 * self.ours <= self.theirs
+
+    def verdict(self, name: str) -> str:
+        yes = lambda holds: "yes" if holds else "NO"  # noqa: E731
+        return (
+            f"{self.model}: robust accuracy advtrain {self.robust_ours:.2%}, {name} "
+            f"{self.robust_theirs:.2%} ({100 * (self.robust_ours - self.robust_theirs):+.2f} "
+            f"points); seconds advtrain {self.ours:.1f}, {name} {self.theirs:.1f}; time ratio "
+            f"{name} / advtrain {self.ratio:.2f}x; advtrain <= {name} robust accuracy: "
+            f"{yes(self.no_higher)}; advtrain <= half {name} time: {yes(self.half_time)}"
+        )
+
+
+def print_summary(rows: list[Comparison], name: str) -> None:
+    print(f"\nsummary (advtrain standard suite against {name}):")
+    print(
+        f"  {'model':<16} {'n':>5} {'robust ours':>12} {'robust AA':>10} {'s ours':>8} "
+        f"{'s AA':>8} {'AA/ours':>8} {'acc <=':>7} {'time <= 1/2':>12}"
+    )
+    for r in rows:
+        print(
+            f"  {r.model:<16} {r.n:>5} {r.robust_ours:>12.2%} {r.robust_theirs:>10.2%} "
+            f"{r.ours:>8.1f} {r.theirs:>8.1f} {r.ratio:>7.2f}x {'yes' if r.no_higher else 'NO':>7} "
+            f"{'yes' if r.half_time else 'NO':>12}"
+        )
+
+
+def model_names(spec: str) -> list[str]:
+    """``--model``: ``both`` (the two released MNIST checkpoints) or a comma-separated list."""
+    if spec == "both":
+        return list(MNIST_MODELS)
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        sys.exit("--model: no model named")
+    return names
+
+
+def _worker_command(
+    args: argparse.Namespace, model: str, n: int, batch_size: int, threads: int
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -305,7 +446,7 @@ def _worker_command(args: argparse.Namespace, n: int, batch_size: int, threads: 
         "--n",
         str(n),
         "--model",
-        args.model,
+        model,
         "--train",
         str(args.train),
         "--seed",
@@ -319,10 +460,82 @@ def _worker_command(args: argparse.Namespace, n: int, batch_size: int, threads: 
     ]
 
 
+def _ours_in_processes(
+    args: argparse.Namespace, model: str, n: int, batch_size: int
+) -> tuple[float, float]:
+    """Our suite under torchrun in ``--nproc`` processes; prints rank 0's output."""
+    threads = args.threads or torch.get_num_threads()
+    start = time.perf_counter()
+    done = subprocess.run(
+        _worker_command(args, model, n, batch_size, threads),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": str(max(threads // args.nproc, 1))},
+    )
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(done.stderr[-3000:])
+    lines = done.stdout.splitlines()
+    print("\n".join(line for line in lines if not line.startswith("RESULT")))
+    result = next(line for line in lines if line.startswith("RESULT")).split()
+    robust, ours = float(result[1]), float(result[2])
+    print(f"  ({wall - ours:.1f} s more for starting {args.nproc} processes and loading)")
+    return robust, ours
+
+
+def compare(
+    args: argparse.Namespace, model_name: str, autoattack: type | None
+) -> Comparison | None:
+    """Ours and AutoAttack on one model; prints both and the verdict."""
+    n = args.n or (500 if model_name == RESNET else 1000)
+    batch_size = args.batch_size or -(-n // args.nproc)
+    model, x, y, eps, n_classes = load(model_name, n, args.train, args.device)
+    device = torch.device(args.device)
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    data = "coloured 32x32 MNIST 0-4" if model_name == RESNET else "MNIST"
+    print(
+        f"\n{model_name}, first {len(x)} {data} test images, linf eps {eps:.4g}, {n_classes} "
+        f"classes, {device}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
+    robust_ours, ours = float("nan"), float("nan")
+    if args.skip_ours:
+        pass
+    elif args.nproc > 1:
+        robust_ours, ours = _ours_in_processes(args, model_name, n, batch_size)
+    else:
+        robust_ours, ours = run_ours(model, x, y, eps, args.seed, batch_size, "", args.profile)
+    if args.skip_autoattack:
+        return None
+    if autoattack is not None:
+        robust, theirs = run_official(
+            autoattack, model, x, y, eps, n_classes, args.seed, args.batch_size or n
+        )
+    else:
+        robust, theirs = run_autoattack(model, x, y, eps, n_classes, args.seed)
+    if args.skip_ours:
+        return None
+    result = Comparison(model_name, len(x), robust_ours, ours, robust, theirs)
+    print(result.verdict("AutoAttack"), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=None, help="default 1000 (MNIST), 500 (ResNet)")
-    parser.add_argument("--model", default="pgd_madry.pth", help=f"an MNIST checkpoint or {RESNET}")
+    parser.add_argument(
+        "--model",
+        default="pgd_madry.pth",
+        help=f"an MNIST checkpoint, {RESNET}, a comma-separated list, or 'both' "
+        f"({', '.join(MNIST_MODELS)})",
+    )
+    parser.add_argument(
+        "--official",
+        default=None,
+        metavar="DIR",
+        help="a copy of the official AutoAttack repository (else torchattacks' stand-in)",
+    )
     parser.add_argument("--train", type=int, default=2500, help=f"{RESNET}: training images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -336,61 +549,30 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="write cProfile stats of our run here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    n = args.n or (500 if args.model == RESNET else 1000)
-    batch_size = args.batch_size or -(-n // args.nproc)
     if args.worker:  # one rank of --nproc, under torchrun
         import torch.distributed as dist
 
+        n = args.n or (500 if args.model == RESNET else 1000)
         dist.init_process_group("gloo")
         torch.set_num_threads(max((args.threads or torch.get_num_threads()) // args.nproc, 1))
         model, x, y, eps, _ = load(args.model, n, args.train)
+        batch_size = args.batch_size or -(-n // args.nproc)
         run_ours(model, x, y, eps, args.seed, batch_size, f" ({args.nproc} processes)")
         dist.destroy_process_group()
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, x, y, eps, n_classes = load(args.model, n, args.train, args.device)
-    device = torch.device(args.device)
-    model, x, y = model.to(device), x.to(device), y.to(device)
-    data = "coloured 32x32 MNIST 0-4" if args.model == RESNET else "MNIST"
-    print(
-        f"{args.model}, first {len(x)} {data} test images, linf eps {eps:.4g}, {n_classes} "
-        f"classes, {device}, {torch.get_num_threads()} threads",
-        flush=True,
+    names = model_names(args.model)
+    autoattack = (
+        None
+        if args.official is None or args.skip_autoattack
+        else (official_autoattack(args.official))
     )
-
-    robust_ours, ours = float("nan"), float("nan")
-    if args.skip_ours:
-        pass
-    elif args.nproc > 1:
-        threads = args.threads or torch.get_num_threads()
-        start = time.perf_counter()
-        done = subprocess.run(
-            _worker_command(args, n, batch_size, threads),
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, "OMP_NUM_THREADS": str(max(threads // args.nproc, 1))},
-        )
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            sys.exit(done.stderr[-3000:])
-        lines = done.stdout.splitlines()
-        print("\n".join(line for line in lines if not line.startswith("RESULT")))
-        result = next(line for line in lines if line.startswith("RESULT")).split()
-        robust_ours, ours = float(result[1]), float(result[2])
-        print(f"  ({wall - ours:.1f} s more for starting {args.nproc} processes and loading)")
-    else:
-        robust_ours, ours = run_ours(model, x, y, eps, args.seed, batch_size, "", args.profile)
-    if args.skip_autoattack:
-        return
-
-    robust, theirs = run_autoattack(model, x, y, eps, n_classes, args.seed)
-    if not args.skip_ours:
-        print(
-            f"time ratio AutoAttack / advtrain: {theirs / ours:.2f}x; robust accuracy "
-            f"advtrain - AutoAttack: {100 * (robust_ours - robust):+.2f} points"
-        )
+    label = "the official AutoAttack" if autoattack is not None else "torchattacks' AutoAttack"
+    print(f"advtrain standard suite against {label}", flush=True)
+    rows = [row for name in names if (row := compare(args, name, autoattack)) is not None]
+    if len(rows) > 1:
+        print_summary(rows, label)
 
 
 if __name__ == "__main__":
