@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 #: The paper's defaults (Croce & Hein 2020).
 STEPS, RHO, MOMENTUM = 100, 0.75, 0.75
+#: With ``settle_below``: the rise of a point's best loss since the previous checkpoint under
+#: which it counts as stalled.
+SETTLE_TOLERANCE = 1e-3
 
 
 def checkpoint_schedule(steps: int) -> tuple[int, int, int]:
@@ -57,6 +60,12 @@ class APGD(Attack):
         loss: ``"ce"``, ``"dlr"`` or ``"cw"``.
         rho: the fraction of loss increases below which the step is halved (default 0.75).
         momentum: weight of the new step against the last move (default 0.75).
+        settle_below: ``None`` (the default, the paper's APGD): every point runs every iteration
+            until it succeeds. A loss level: at each checkpoint, a point whose best loss is below
+            it and rose by less than :data:`SETTLE_TOLERANCE` since the previous checkpoint
+            leaves the run, returned at its best point (for a long run whose only question is
+            which points it breaks: with cross-entropy a misclassified point's loss is at least
+            ``ln 2``, so a point stalled well below that is not about to break).
         restarts, batch_size, seed: see :class:`~advtrain.attacks.base.Attack`.
     """
 
@@ -70,6 +79,7 @@ class APGD(Attack):
         loss: str = "ce",
         rho: float = RHO,
         momentum: float = MOMENTUM,
+        settle_below: float | None = None,
         **options: Unpack[AttackOptions],
     ) -> None:
         super().__init__(threat, **options)
@@ -77,7 +87,10 @@ class APGD(Attack):
         for name, value in (("rho", rho), ("momentum", momentum)):
             if not 0 <= value <= 1:
                 raise AdvtrainError(f"{name} must be between 0 and 1, got {value!r}")
+        if settle_below is not None and not isinstance(settle_below, (int, float)):
+            raise AdvtrainError(f"settle_below must be a number or None, got {settle_below!r}")
         self.steps, self.loss, self.rho, self.momentum = steps, check_loss(loss), rho, momentum
+        self.settle_below = settle_below
 
     def _hyperparameters(self) -> dict[str, object]:
         return {
@@ -86,6 +99,7 @@ class APGD(Attack):
             "loss": self.loss,
             "rho": self.rho,
             "momentum": self.momentum,
+            "settle_below": self.settle_below,
         }
 
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -183,7 +197,12 @@ class APGD(Attack):
             s["rises"] += (loss > s["loss_prev"]).float()
             s["loss_prev"] = loss
             since_check += 1
+            settled = None
             if since_check == interval:
+                if self.settle_below is not None:
+                    settled = (s["loss_best"] < self.settle_below) & (
+                        s["loss_best"] - s["loss_at_check"] < SETTLE_TOLERANCE
+                    )
                 oscillating = s["rises"] <= interval * self.rho
                 stalled = ~s["halved_at_check"] & (s["loss_at_check"] >= s["loss_best"])
                 halve = oscillating | stalled
@@ -193,7 +212,9 @@ class APGD(Attack):
                 s["halved_at_check"], s["loss_at_check"] = halve, s["loss_best"].clone()
                 s["rises"] = torch.zeros_like(s["rises"])
                 interval, since_check = max(interval - decrease, smallest), 0
-            if (i + 1) % every == 0:  # (every step on the CPU)
+            if settled is not None:  # settled points leave at the checkpoint
+                state = _keep(s, ~success & ~settled)
+            elif (i + 1) % every == 0:  # (every step on the CPU)
                 state = _keep(s, ~success)
         return best
 
