@@ -11,7 +11,9 @@ first ``--n`` test images, linf eps 0.3, in one process:
 3. FAB-T (3 targets, logit order, as the suite's) and Square (5,000 queries) once, on the points
    that survived APGD-CE and at least one variant: a variant's final robust accuracy counts the
    points that survived it and these two attacks, which is the standard suite's cascade up to
-   the diagnostics and escalations.
+   the diagnostics and escalations;
+4. FAB-T over 3 targets by logit order and by MALT's, each on every APGD-CE survivor: the
+   points each breaks within eps, seconds.
 
 Prints per model and variant: robust accuracy after APGD-T, final robust accuracy, seconds and
 model passes of APGD-T. Lower accuracy is stronger; a variant is only worth having if its final
@@ -91,6 +93,15 @@ def compare(model_name: str, n: int, variants: list[tuple[str, int]], seed: int)
         print(
             f"  {key[0] + ':' + str(key[1]):<10} {robust:>12.1%} {final:>8.1%} "
             f"{seconds[key]:>8.1f} {backward:>15,} {forward:>11,}",
+            flush=True,
+        )
+    for order in ("logits", "malt"):
+        fab = FABT(threat, n_targets=3, target_order=order, seed=step_seed(seed, "fab-t"))
+        start = time.perf_counter()
+        fab_broken = int(broken(model, fab(model, x[index], y[index]), y[index]).sum())
+        print(
+            f"  fab-t over 3 targets by {order}: breaks {fab_broken} of {len(index)} APGD-CE "
+            f"survivors, {time.perf_counter() - start:.1f} s",
             flush=True,
         )
 
