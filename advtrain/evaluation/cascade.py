@@ -253,7 +253,9 @@ class Cascade:
     misclassified, but did not return, is recorded as broken by that step with the visited point
     (judged again by ``judge``) and listed in ``silent`` (step name -> point indices). Not for a
     randomised model attacked through EOT: its majority-vote judge cannot be checked from single
-    passes.
+    passes. ``watched`` (bool per sample) restricts the watch to some points (the evaluation
+    watches its diagnostics subset: matching every row of every call to every point of a chunk
+    costs as much as the model's own forward pass on small models).
     """
 
     x: Any  # Tensor | Points: made Points in __post_init__
@@ -288,6 +290,8 @@ class Cascade:
     seconds: dict[str, float] = field(default_factory=dict)
     feasible: dict[str, tuple[int, int]] = field(default_factory=dict)
     watch_iterates: bool = True
+    #: bool per sample: the points whose iterates are watched (None: every point).
+    watched: Tensor | None = None
     silent: dict[str, list[int]] = field(default_factory=dict)
     _runs: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
@@ -439,10 +443,19 @@ class Cascade:
     ) -> int:
         """One attack on the points ``index`` (of one chunk); returns how many it broke."""
         x, y = self.x[index], self.y[index]
-        watch = self._watch(attack_model, x, y)
+        keep = None if self.watched is None else self.watched[index.cpu()].to(x.device)
+        watch = None
+        if keep is None:
+            watch = self._watch(attack_model, x, y)
+        elif bool(keep.any()):
+            watch = self._watch(attack_model, x[keep], y[keep])
         with contextlib.nullcontext() if watch is None else watch.hooked():
             broken = self._attack_once(step, attack, attack_model, index, name, x, y)
-        return broken + (0 if watch is None else self._recover(watch, index, x, name))
+        if watch is None:
+            return broken
+        if keep is None:
+            return broken + self._recover(watch, index, x, name)
+        return broken + self._recover(watch, index[keep.to(index.device)], x[keep], name)
 
     def _attack_once(
         self,

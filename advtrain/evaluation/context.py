@@ -217,6 +217,13 @@ class EvalContext:
         )
 
     @property
+    def watches_iterates(self) -> bool:
+        """Whether the cascades watch the attacks' iterates for silent successes: the thorough
+        suite, on a model that is not randomised (matching every forward call's rows to their
+        points costs about as much as a small model's own pass, so the other suites leave it)."""
+        return self.settings.suite == "thorough" and not self.randomized
+
+    @property
     def batch_size(self) -> int:
         return self.settings.batch_size
 
@@ -314,8 +321,17 @@ def cascade_for(
         progress=ctx.progress,
         counter=ctx.counter,
         # single passes of a randomised model say nothing of its vote: its iterates go unwatched
-        watch_iterates=not ctx.randomized,
+        watch_iterates=ctx.watches_iterates,
+        watched=_watched(ctx, correct),
     )
+
+
+def _watched(ctx: EvalContext, correct: Tensor) -> Tensor:
+    """bool per point: the diagnostics subset, whose iterates the cascades watch."""
+    subset = diagnostics_subset(correct & ctx.attackable, ctx.settings.diagnostics_points, ctx.seed)
+    chosen = torch.zeros(len(correct), dtype=torch.bool)
+    chosen[subset] = True
+    return chosen
 
 
 def check_classes(name: str, classes: Sequence[int], n_classes: int) -> tuple[int, ...]:
@@ -348,3 +364,12 @@ def argmax(model: nn.Module, points: Tensor, batch_size: int) -> Tensor:
                 for i in range(0, len(points), batch_size)
             ]
         )
+
+
+def diagnostics_subset(correct: Tensor, size: int, seed: int) -> Tensor:
+    """Up to ``size`` correctly classified points, drawn with ``seed``, in index order."""
+    index = correct.nonzero().squeeze(1)
+    if len(index) > size:
+        generator = torch.Generator().manual_seed(seed)
+        index = index[torch.randperm(len(index), generator=generator)[:size]].sort().values
+    return index

@@ -373,12 +373,15 @@ def _norm(features: Tensor, norm: str) -> Tensor:
     return torch.linalg.vector_norm(features, ord=_P[norm], dim=-1)
 
 
-def silent_success(silent: dict[str, list[int]], watched: bool = True) -> Check:
+def silent_success(
+    silent: dict[str, list[int]], watched: bool = True, why_not: str | None = None
+) -> Check:
     """The silent-success indicator (Pintor et al., NeurIPS 2022) of a cascade's ``silent``
     (step name -> indices of the points whose adversarial iterate the step visited but did not
     return). A warning: those points were recovered and counted as broken, so the robust
     accuracy stays honest, but the attack is faulty. ``watched=False``: the iterates were not
-    watched (a randomised model judged by a majority vote), and the check says so."""
+    watched (a randomised model judged by a majority vote, or ``why_not``), and the check says
+    so."""
     steps = {step: sorted(index) for step, index in silent.items() if index}
     evidence: dict[str, Any] = {
         "watched": watched,
@@ -388,7 +391,7 @@ def silent_success(silent: dict[str, list[int]], watched: bool = True) -> Check:
         },
     }
     if not watched:
-        detail = (
+        detail = why_not or (
             "not checked: a majority-vote judge cannot be checked from single forward passes "
             "(the iterates of a randomised model were not watched)"
         )

@@ -12,13 +12,12 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..attacks import EOT
 from . import diagnostics as checks
 from .cascade import Cascade, Step
-from .context import EvalContext
+from .context import EvalContext, diagnostics_subset
 from .findings import Check, CheckName
 from .journal import Unit
 from .shards import seeded
@@ -73,7 +72,7 @@ def _diagnostics(
 ) -> list[Check]:
     """The gradient-masking checks, on up to ``diagnostics_points`` correctly classified points,
     each attack seeded from its check's name."""
-    subset = _subset(correct & ctx.attackable, ctx.settings.diagnostics_points, ctx.seed)
+    subset = diagnostics_subset(correct & ctx.attackable, ctx.settings.diagnostics_points, ctx.seed)
     xs, ys = state.x[subset], state.y[subset]
     model, judge, threat = ctx.attack_model, ctx.judge, ctx.threat
     found = [
@@ -126,12 +125,3 @@ def _diagnostics(
         )
     )
     return found
-
-
-def _subset(correct: Tensor, size: int, seed: int) -> Tensor:
-    """Up to ``size`` correctly classified points, drawn with ``seed``, in index order."""
-    index = correct.nonzero().squeeze(1)
-    if len(index) > size:
-        generator = torch.Generator().manual_seed(seed)
-        index = index[torch.randperm(len(index), generator=generator)[:size]].sort().values
-    return index
