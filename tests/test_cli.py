@@ -246,26 +246,6 @@ def test_evaluate_run_dir_writes_json(capsys, run_dir, tmp_path):
     assert rc == 0, err
     figures = json.loads(target.read_text())
     assert figures["n"] == 50
-    # the self-test names a readout the model does not have before any attack runs
-    rc, out, err = cli(
-        capsys,
-        "evaluate",
-        "--model-file",
-        f"{tmp_path / 'net.py'}:make",
-        "--weights",
-        tmp_path / "w.safetensors",
-        "--dataset",
-        "digits",
-        "--n",
-        "5",
-        "--suite",
-        "quick",
-        "--self-test",
-        "--self-test-features",
-        "head",
-    )
-    assert rc == 2 and "self-test: the model has no module named 'head'" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert figures["dataset"] == "digits"
     assert "steps=3" in figures["attack"] and "eps=0.2" in figures["attack"]
     assert 0.0 <= figures["robust_accuracy"] <= figures["clean_accuracy"] <= 1.0
@@ -367,6 +347,26 @@ def test_evaluate_user_model_file(capsys, tmp_path):
     assert rc == 0, err
     figures = json.loads(target.read_text())
     assert figures["n"] == 50
+    # the self-test names a readout the model does not have before any attack runs
+    rc, _, err = cli(
+        capsys,
+        "evaluate",
+        "--model-file",
+        f"{tmp_path / 'net.py'}:make",
+        "--weights",
+        tmp_path / "w.safetensors",
+        "--dataset",
+        "digits",
+        "--n",
+        "5",
+        "--suite",
+        "quick",
+        "--self-test",
+        "--self-test-features",
+        "head",
+    )
+    assert rc == 2 and "self-test: the model has no module named 'head'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     # the weights were loaded: an untrained linear layer would sit near 10%
     assert figures["clean_accuracy"] >= 0.85
     assert 0.0 <= figures["robust_accuracy"] <= figures["clean_accuracy"]
