@@ -46,7 +46,8 @@ its time is rank 0's from a barrier after loading to the merged report (process 
 loading, a few seconds, printed apart). AutoAttack runs in this process with ``--threads``.
 ``--device cuda`` runs both on the GPU (one process).
 
-    git --git-dir=/path/to/auto-attack.git archive HEAD | tar -x -C bench/.cache/auto-attack
+    git --git-dir=/path/to/auto-attack.git archive HEAD -- . \
+        ':(exclude)autoattack/examples/model_test.pt' | tar -x -C bench/.cache/auto-attack
     .venv/bin/python bench/eval_speed.py --official bench/.cache/auto-attack --model both \
         --n 1000 --threads 2
     .venv/bin/python bench/eval_speed.py [--n 1000] [--model pgd_madry.pth] [--threads 2] \
