@@ -326,15 +326,18 @@ def test_evaluate_user_model_file(capsys, tmp_path):
     )
 
     target = tmp_path / "user.json"
-    rc, _, err = cli(
-        capsys,
-        "evaluate",
+    user_model = (
         "--model-file",
         f"{tmp_path / 'net.py'}:make",
         "--weights",
         tmp_path / "w.safetensors",
         "--dataset",
         "digits",
+    )
+    rc, _, err = cli(
+        capsys,
+        "evaluate",
+        *user_model,
         "--n",
         "50",
         "--suite",
@@ -351,12 +354,7 @@ def test_evaluate_user_model_file(capsys, tmp_path):
     rc, _, err = cli(
         capsys,
         "evaluate",
-        "--model-file",
-        f"{tmp_path / 'net.py'}:make",
-        "--weights",
-        tmp_path / "w.safetensors",
-        "--dataset",
-        "digits",
+        *user_model,
         "--n",
         "5",
         "--suite",

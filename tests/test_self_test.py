@@ -53,7 +53,7 @@ def test_an_attack_returning_the_clean_point_fails(digits_model, clean_points):
     assert result.pass_rate == 0.0
     check = result.check()
     assert check.triggered and check.severity == VERDICT
-    assert [f["point"] for f in check.evidence["failures"]] == result.points
+    assert check.evidence["failures"] == result.points
     assert "returns-clean" in check.detail and "missed it at points" in check.detail
 
 

@@ -347,11 +347,8 @@ class SelfTestResult:
             "threshold": self.threshold,
             "features": self.layer,
             "steps": self.steps,
-            "failures": [
-                {"point": p, "survived": list(self.steps)}
-                for p, by in zip(self.points, self.found_by)
-                if by is None
-            ],
+            # the points every step (``steps``) missed
+            "failures": [p for p, by in zip(self.points, self.found_by) if by is None],
             "found_by": dict(zip(map(str, self.points), self.found_by)),
             "setup_failed": self.setup_failed,
             "random_boundary_points_hit": self.random_hits,
@@ -365,7 +362,7 @@ class SelfTestResult:
                 WARNING,
                 evidence,
             )
-        failed = [f["point"] for f in evidence["failures"]]
+        failed = evidence["failures"]
         fired = self.pass_rate < self.threshold
         detail = (
             f"the attacks found the adversarial example planted inside the eps-ball at "
