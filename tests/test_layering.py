@@ -13,7 +13,7 @@ The layers, top to bottom (a module may import from its own layer or below, neve
 ==========  ===============================================================================
 5 (entry)   ``advtrain`` (the package's façade ``__init__``), ``__main__``, ``cli``
 4           ``training``, ``evaluation``
-3           ``attacks``
+3           ``attacks``, ``certify``
 2           ``data``, ``models``, ``threat``, ``feasibility``, ``losses``
 1 (floor)   ``util``, ``errors``, ``device_sync``, ``distributed``, ``checkpoint``,
             ``visualize``
@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "training": 4,
     "evaluation": 4,
     "attacks": 3,
+    "certify": 3,
     "data": 2,
     "models": 2,
     "threat": 2,

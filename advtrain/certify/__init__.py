@@ -1,0 +1,8 @@
+"""Certified robustness: proven lower bounds beside the attacks' upper bounds.
+
+- :mod:`.bounds` and :mod:`.crown`: interval bound propagation (Gowal et al. 2018) and CROWN
+  (Zhang et al. 2018) for the networks they apply to; a point is verified when the lower bound of
+  every logit margin ``z_y - z_c`` is positive over the whole threat model.
+- :mod:`.smoothing`: randomized smoothing (Cohen, Rosenfeld & Kolter 2019) for any model; its
+  certificates belong to the smoothed classifier, not to the model itself.
+"""

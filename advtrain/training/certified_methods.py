@@ -1,0 +1,1 @@
+"""Training for verified robustness: IBP (Gowal et al. 2018) and CROWN-IBP (Zhang et al. 2020)."""
