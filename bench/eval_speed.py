@@ -139,24 +139,57 @@ def load(model_name: str, n: int, train: int = 2500, device: str = "auto"):
 class PassCounter:
     """Images through ``model``'s forward, per stage (the innermost of ``stages``), split into
     those with an input gradient to come (forward + backward) and plain forwards: the cost of a
-    stage in model passes, which neither the machine nor its load changes."""
+    stage in model passes, which neither the machine nor its load changes.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    With ``model`` the count is a forward hook on it (for AutoAttack). Without, it is taken from
+    advtrain's own count (:class:`advtrain.attacks.counting.CountedModel`, patched on the class
+    while the counter is open): a hook on the model would turn off Square's window pass
+    (:mod:`advtrain.attacks.window_forward` runs only on models without hooks), and a query it
+    answers counts there as the full pass it stands for."""
+
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
         self.stages: list[str] = []
         self.forward: dict[str, int] = {}
         self.backward: dict[str, int] = {}
-        self._handle = model.register_forward_hook(self._count)
-
-    def _count(self, module: Any, inputs: Any, output: Any) -> None:
-        x = inputs[0] if inputs else None
-        if not isinstance(x, torch.Tensor):
+        self._close: Callable[[], None]
+        if model is not None:
+            handle = model.register_forward_hook(self._hook)
+            self._close = handle.remove
             return
+        from advtrain.attacks.counting import CountedModel
+
+        forward, add = CountedModel.forward, CountedModel.add
+        gradient = [False]
+
+        def counted_forward(module: CountedModel, x: torch.Tensor) -> torch.Tensor:
+            gradient.append(torch.is_grad_enabled() and x.requires_grad)
+            try:
+                return forward(module, x)
+            finally:
+                gradient.pop()
+
+        def counted_add(module: CountedModel, points: int) -> None:
+            self._add(int(points), gradient[-1])
+            add(module, points)
+
+        def restore() -> None:
+            CountedModel.forward, CountedModel.add = forward, add  # type: ignore[method-assign]
+
+        CountedModel.forward, CountedModel.add = counted_forward, counted_add  # type: ignore
+        self._close = restore
+
+    def _hook(self, module: Any, inputs: Any, output: Any) -> None:
+        x = inputs[0] if inputs else None
+        if isinstance(x, torch.Tensor):
+            self._add(len(x), torch.is_grad_enabled() and x.requires_grad)
+
+    def _add(self, points: int, gradient: bool) -> None:
         stage = self.stages[-1] if self.stages else "other"
-        table = self.backward if torch.is_grad_enabled() and x.requires_grad else self.forward
-        table[stage] = table.get(stage, 0) + len(x)
+        table = self.backward if gradient else self.forward
+        table[stage] = table.get(stage, 0) + points
 
     def close(self) -> None:
-        self._handle.remove()
+        self._close()
 
 
 @contextlib.contextmanager
@@ -245,7 +278,7 @@ def run_ours(
         import cProfile
 
         profiler = cProfile.Profile()
-    counter = PassCounter(model)
+    counter = PassCounter()  # advtrain's own count: a hook would turn off the window pass
     with stage_timer(counter) as measured:
         start = time.perf_counter()
         if profiler is not None:
