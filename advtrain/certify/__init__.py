@@ -6,3 +6,28 @@
 - :mod:`.smoothing`: randomized smoothing (Cohen, Rosenfeld & Kolter 2019) for any model; its
   certificates belong to the smoothed classifier, not to the model itself.
 """
+
+# randomized smoothing (smoothing.py, smoothing_report.py)
+from .smoothing import (
+    ABSTAIN,
+    Certificate,
+    Smoothed,
+    SmoothedPrediction,
+    SmoothingSettings,
+    clopper_pearson_lower,
+    max_certifiable_radius,
+)
+from .smoothing_report import CertifiedAccuracy, certified_accuracy, write_certified_accuracy_curve
+
+__all__ = [
+    "ABSTAIN",
+    "Certificate",
+    "CertifiedAccuracy",
+    "Smoothed",
+    "SmoothedPrediction",
+    "SmoothingSettings",
+    "certified_accuracy",
+    "clopper_pearson_lower",
+    "max_certifiable_radius",
+    "write_certified_accuracy_curve",
+]

@@ -81,6 +81,12 @@ from .processes import echo, leave_process_group, speaker, torchrun
     help="A method option, e.g. beta=6 or replays=8 (repeatable; int, float, true/false or text).",
 )
 @click.option(
+    "--sigma",
+    type=float,
+    help="Noise level of --method gaussian (Gaussian augmentation for randomized smoothing; "
+    "default 0.25, in pixel units): the same as --method-option sigma=...",
+)
+@click.option(
     "--adv-ratio",
     type=float,
     help="Weight of the method's loss against clean "
@@ -185,6 +191,7 @@ def train(
     quiet: bool,
     resume: str | None,
     method_option: tuple[str, ...],
+    sigma: float | None,
     nproc: int,
     **options: Any,
 ) -> None:
@@ -199,6 +206,8 @@ def train(
 
     if method_option:
         options["method_options"] = parse_method_options(method_option)
+    if sigma is not None:
+        options["method_options"] = _with_sigma(options.get("method_options") or {}, sigma)
     _check_table_options(options)
     if resume is not None:
         if config_path is not None:
@@ -208,6 +217,8 @@ def train(
         config = load_run_config(resume, **options)
     else:
         config = load_config(config_path, **options)
+    if sigma is not None and config.method != "gaussian":
+        raise AdvtrainError(f"--sigma goes with --method gaussian, not {config.method!r}")
     data = _load_data(config)
     if (
         data.info.kind == "tabular"
@@ -261,6 +272,13 @@ def train(
         )
     say(f"run directory: {config.out}")
     leave_process_group()
+
+
+def _with_sigma(method_options: dict[str, Any], sigma: float) -> dict[str, Any]:
+    """``--sigma`` as the method option it stands for (given once: not also as an option)."""
+    if "sigma" in method_options:
+        raise AdvtrainError("give --sigma or --method-option sigma=..., not both")
+    return {**method_options, "sigma": sigma}
 
 
 def _check_table_options(options: dict[str, Any]) -> None:
