@@ -291,7 +291,7 @@ class Smoothed:
                 noise = torch.randn(
                     clean.shape, generator=generator, device=x.device, dtype=clean.dtype
                 )
-                logits = self.model(clean + self.sigma * noise)
+                logits = self.model(noise.mul_(self.sigma).add_(clean))
                 n_classes = self._classes(logits)
                 if start == 0:
                     counts = torch.zeros(n_points * n_classes, dtype=torch.int64, device=x.device)
