@@ -25,8 +25,9 @@ model: the model itself may be broken well inside that radius.
     ``sigma * Phi^-1(pA_lower)``. With probability at least ``1 - alpha`` a certified point's
     class is ``g(x)`` and ``g`` is constant within the radius.
 
-The paper's defaults are ``n0 = 100``, ``n = 100,000``, ``alpha = 0.001`` (``certify``) and
-``n = 100`` for ``predict`` (their ``predict.py`` uses more). ``n`` bounds the largest radius
+The paper's defaults are ``n0 = 100``, ``n = 100,000``, ``alpha = 0.001`` (the reference
+``certify.py``); ``predict`` defaults to ``n = 100`` for quick runs (the reference ``predict.py``
+defaults to 100,000 at ``alpha = 0.001``). ``n`` bounds the largest radius
 that can be certified: even with every sample on ``c_A``, ``pA_lower = alpha^(1/n)``, so the
 radius is at most ``sigma * Phi^-1(alpha^(1/n))`` (:func:`max_certifiable_radius`).
 
