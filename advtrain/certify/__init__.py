@@ -7,6 +7,16 @@
   certificates belong to the smoothed classifier, not to the model itself.
 """
 
+# bound propagation (network.py, input_set.py, crown.py, bounds.py)
+from .bounds import (
+    BOUND_METHODS,
+    Verification,
+    interval_bounds,
+    margin_lower_bounds,
+    training_margins,
+    verify,
+)
+
 # randomized smoothing (smoothing.py, smoothing_report.py)
 from .smoothing import (
     ABSTAIN,
@@ -21,13 +31,19 @@ from .smoothing_report import CertifiedAccuracy, certified_accuracy, write_certi
 
 __all__ = [
     "ABSTAIN",
+    "BOUND_METHODS",
     "Certificate",
     "CertifiedAccuracy",
     "Smoothed",
     "SmoothedPrediction",
     "SmoothingSettings",
+    "Verification",
     "certified_accuracy",
     "clopper_pearson_lower",
+    "interval_bounds",
+    "margin_lower_bounds",
     "max_certifiable_radius",
+    "training_margins",
+    "verify",
     "write_certified_accuracy_curve",
 ]
