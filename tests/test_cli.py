@@ -365,6 +365,27 @@ def test_evaluate_user_model_file(capsys, tmp_path):
     )
     assert rc == 2 and "self-test: the model has no module named 'head'" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # the sandwich: verified accuracy (CROWN) beside the attacks' robust accuracy
+    certified = tmp_path / "certified.json"
+    rc, out, err = cli(
+        capsys,
+        "evaluate",
+        *user_model,
+        "--n",
+        "20",
+        "--suite",
+        "quick",
+        "--eps",
+        "0.01",
+        "--certify",
+        "crown",
+        "--json",
+        certified,
+    )
+    assert rc == 0, err
+    sandwich = json.loads(certified.read_text())["certified"]
+    assert 0 < sandwich["verified_accuracy"] <= sandwich["robust_accuracy"]
+    assert "certified (crown): verified" in out + err
     # the weights were loaded: an untrained linear layer would sit near 10%
     assert figures["clean_accuracy"] >= 0.85
     assert 0.0 <= figures["robust_accuracy"] <= figures["clean_accuracy"]

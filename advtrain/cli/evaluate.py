@@ -98,6 +98,26 @@ if TYPE_CHECKING:
     "layer (a torch.nn.Linear; default: the last one the model calls).",
 )
 @click.option(
+    "--certify",
+    "certify_method",
+    type=click.Choice(["crown", "crown-ibp", "ibp"]),
+    help="Verify every point by bound propagation (CROWN, CROWN-IBP or IBP) and report verified "
+    "accuracy, a proven lower bound, beside the attacks' robust accuracy, an upper bound.",
+)
+@click.option(
+    "--smoothing-sigma",
+    type=float,
+    help="Also certify the randomized-smoothing classifier built on the model at this Gaussian "
+    "noise level (Cohen et al. 2019; l2 radii; a different classifier, reported apart).",
+)
+@click.option(
+    "--smoothing-samples",
+    type=int,
+    default=100_000,
+    show_default=True,
+    help="Randomized smoothing's estimation samples per point (n; n0 = 100, alpha = 0.001).",
+)
+@click.option(
     "--nproc",
     type=click.IntRange(min=1),
     default=1,
@@ -134,6 +154,9 @@ def evaluate(
     resume_dir: str | None,
     self_test: bool | None,
     self_test_features: str | None,
+    certify_method: str | None,
+    smoothing_sigma: float | None,
+    smoothing_samples: int,
     nproc: int,
 ) -> None:
     """Robustness of a trained run (RUN_DIR) or of a model file with weights.
@@ -218,6 +241,9 @@ def evaluate(
             resume=resume_dir,
             self_test=self_test,
             self_test_features=self_test_features,
+            certify=certify_method or False,
+            smoothing_sigma=smoothing_sigma,
+            smoothing_samples=smoothing_samples,
         )
     report.settings["dataset"] = dataset
     _say_report(say, report, threat.norm)
@@ -335,11 +361,30 @@ def _say_report(say: Callable[[str], None], report: Report, norm: str) -> None:
             f"{step.robust_before:.2%} -> {step.robust_after:.2%}"
         )
     _say_positive(say, report)
+    _say_certificates(say, report)
     if report.robust_margin.get("median") is not None:
         radius = report.adversarial_radius
         say(
             f"  median robust margin {report.robust_margin['median']:.4g} ({norm}); "
             f"adversarial radius {'-' if radius is None else format(radius, '.4g')}"
+        )
+
+
+def _say_certificates(say: Callable[[str], None], report: Report) -> None:
+    """The sandwich's sides, and the smoothed model's certified accuracy, one line each."""
+    if report.certified:
+        counts = report.certified["decided_by"]
+        say(
+            f"  certified ({report.certified['method']}): verified {counts['verified']}, "
+            f"broken by an attack {counts['attack']}, open {counts['open']}, misclassified "
+            f"{counts['misclassified']}; gap {report.certified['gap']:.2%}"
+        )
+    if report.smoothing:
+        figures = report.smoothing["certified_accuracy_l2"]
+        say(
+            f"  smoothed model (sigma {report.smoothing['sigma']:g}, n {report.smoothing['n']}), "
+            "certified accuracy at l2 radius: "
+            + ", ".join(f"{r} {a:.2%}" for r, a in figures.items())
         )
 
 

@@ -76,6 +76,10 @@ class SuiteSettings:
         self_test_points: most test points of the self-test.
         self_test_features: the module name of the model's readout layer, whose input are the
             features the self-test reads (None: the last ``nn.Linear`` called).
+        certify: the bound method that verifies every point for the sandwich (``"ibp"``,
+            ``"crown-ibp"``, ``"crown"``; None: no bound propagation).
+        smoothing_sigma: certify the smoothed model at this noise level too (None: not).
+        smoothing_samples: randomized smoothing's estimation samples per point.
     """
 
     suite: str = "standard"
@@ -92,6 +96,9 @@ class SuiteSettings:
     self_test: bool | None = None
     self_test_points: int = 32
     self_test_features: str | None = None
+    certify: str | None = None
+    smoothing_sigma: float | None = None
+    smoothing_samples: int = 100_000
 
     @property
     def runs_self_test(self) -> bool:

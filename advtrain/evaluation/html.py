@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .findings import VERDICT
+from .html_certified import certified_section as _certified
 from .html_format import DASH, number, percent
 from .html_format import escape as _e
 from .html_format import metric as _metric
@@ -556,6 +557,7 @@ def render_html(report: Renderable) -> str:
         _attacks(d),
         _escalations(d),
         _diagnostics(d),
+        _certified(d),
         _curve(d),
         _margin(d),
         _confidence(d),

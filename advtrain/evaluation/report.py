@@ -89,6 +89,13 @@ class Report:
             counted, how many are ``feasible`` and their ``feasible_share``, the outputs
             ``refused`` as outside the threat model (per step in ``refused_by_step``), and the
             ``constraints`` set used (its ``describe()``). None otherwise.
+        certified: with ``certify``, the sandwich (:mod:`.sandwich`): bound ``method``,
+            ``verified_accuracy`` (proven lower bound), ``robust_accuracy`` (the attacks' upper
+            bound), ``gap`` and ``decided_by`` (points per side: verified, attack, open,
+            misclassified); per point in ``per_sample``: ``certified`` and ``margin_bound``.
+        smoothing: with ``smoothing_sigma``, the certificates of the smoothed model (a different
+            classifier): ``sigma``, ``n0``, ``n``, ``alpha``, ``certified_accuracy_l2`` per
+            radius, ``abstained``; per point ``smoothed_prediction`` and ``smoothed_radius``.
     """
 
     clean_accuracy: float
@@ -114,6 +121,8 @@ class Report:
     positive_metrics: dict[str, Any] | None = None
     feasibility: dict[str, Any] | None = None
     model_card: dict[str, Any] = field(default_factory=dict)
+    certified: dict[str, Any] | None = None
+    smoothing: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ convenience
     @property
@@ -133,8 +142,14 @@ class Report:
         s = self.settings
         verdicts = [c.name for c in self.triggered]
         said = f"; checks fired: {', '.join(verdicts)}" if verdicts else "; no check fired"
+        verified = (
+            ""
+            if self.certified is None
+            else f"verified accuracy {self.certified['verified_accuracy']:.2%} "
+            f"({self.certified['method']}) <= "
+        )
         return (
-            f"clean accuracy {self.clean_accuracy:.2%}  robust accuracy "
+            f"clean accuracy {self.clean_accuracy:.2%}  {verified}robust accuracy "
             f"{self.robust_accuracy:.2%}  ({s.get('suite')} suite, {s.get('norm')} "
             f"eps={s.get('eps'):g}, n={s.get('n')}, {s.get('seconds', 0):.1f}s){said}"
         )
@@ -165,14 +180,16 @@ def model_card(
     passes_per_prediction: int,
     forward_passes: int,
     unreliable: bool,
+    verified_accuracy: float | None = None,
 ) -> dict[str, Any]:
     """The fields RobustBench's model cards carry (Croce et al. 2021, its ``model_info`` files):
     ``clean_acc`` and ``autoattack_acc`` in percent (here the robust accuracy of the suite run,
     AutoAttack's recipe for ``standard``), ``threat_model`` (``Linf``, ``L2``, ``L1``), ``eps``,
     ``number_forward_passes`` (passes per prediction: 1, or the votes of a randomised model),
     ``unreliable`` (a gradient-masking verdict fired) and, beyond RobustBench,
-    ``forward_passes_used``: the inputs the whole evaluation passed through the model."""
-    return {
+    ``forward_passes_used``: the inputs the whole evaluation passed through the model, and with
+    bound propagation ``verified_acc``, the proven lower bound, in percent."""
+    card: dict[str, Any] = {
         "clean_acc": round(100 * clean, 2) if math.isfinite(clean) else None,
         "autoattack_acc": round(100 * robust, 2) if math.isfinite(robust) else None,
         "threat_model": {"linf": "Linf", "l2": "L2", "l1": "L1"}.get(threat.norm, threat.norm),
@@ -181,6 +198,9 @@ def model_card(
         "forward_passes_used": forward_passes,
         "unreliable": unreliable,
     }
+    if verified_accuracy is not None:
+        card["verified_acc"] = round(100 * verified_accuracy, 2)
+    return card
 
 
 def robustness_score(clean: float, robust: float) -> float:
