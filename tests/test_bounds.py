@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from advtrain.attacks import PGD
@@ -14,8 +15,10 @@ from advtrain.certify import (
     training_margins,
     verify,
 )
-from advtrain.certify.network import parse
+from advtrain.certify.network import AddOp, parse
 from advtrain.errors import AdvtrainError
+from advtrain.models import build_model
+from advtrain.models.adapters import Normalize
 from advtrain.threat import ThreatModel
 
 METHODS = ("ibp", "crown-ibp", "crown")
@@ -58,6 +61,20 @@ def mlp(seed: int) -> nn.Sequential:
     ).eval()
 
 
+def stacked_convs(seed: int) -> nn.Sequential:
+    """Normalisation, then two convolutions before the first ReLU (its inputs' IBP box is not
+    exact, so full CROWN tightens it)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        Normalize([0.5], [0.3]),
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 5),
+    ).eval()
+
+
 def points(n: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs in [0, 0.8] (inside every box of :func:`threats`), some on the lower edge."""
     generator = torch.Generator().manual_seed(seed)
@@ -84,7 +101,7 @@ def margins_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return logits.gather(1, y[:, None]) - logits
 
 
-@pytest.mark.parametrize("net", [conv_net, mlp])
+@pytest.mark.parametrize("net", [conv_net, mlp, stacked_convs])
 @pytest.mark.parametrize("name", list(threats()))
 def test_bounds_hold_at_sampled_and_attacked_points(net, name):
     threat, model = threats()[name], net(1)
@@ -196,3 +213,105 @@ def test_bounds_are_exact_for_a_linear_model(norm):
         for method in METHODS:
             bound = margin_lower_bounds(model, x, y, threat, method)
             assert torch.allclose(bound, exact, atol=1e-5)
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv with an identity shortcut: ``x + f(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.bn(self.conv1(x))))
+
+
+class ResidualNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(1, 4, 3, stride=2, padding=1), ResidualBlock()
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(torch.relu(self.stem(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(F.relu(out), 1), 1))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_residual_networks_are_traced_and_bounded_soundly(norm):
+    torch.manual_seed(11)
+    model = ResidualNet().eval()
+    x, y = points()
+    assert torch.allclose(parse(model).forward(x), model(x), atol=1e-6)
+    threat = ThreatModel(norm, 0.05 if norm == "linf" else 0.3)
+    with torch.no_grad():
+        bounds = {method: margin_lower_bounds(model, x, y, threat, method) for method in METHODS}
+    assert bool((bounds["crown"] >= bounds["ibp"]).all())
+    generator = torch.Generator().manual_seed(12)
+    candidates = [threat.random_start(x, generator) for _ in range(32)]
+    candidates.append(PGD(threat, steps=20, seed=0, early_stop=False)(model, x, y))
+    with torch.no_grad():
+        for point in candidates:
+            margins = margins_at(model, point, y)
+            for method, bound in bounds.items():
+                assert bool((margins >= bound - ATOL).all()), method
+
+
+def test_preact_resnet18_is_read_whole():
+    model = build_model("preact-resnet18", in_shape=(3, 8, 8), n_classes=10).eval()
+    x = torch.rand(2, 3, 8, 8)
+    network = parse(model)
+    assert sum(isinstance(op, AddOp) for op in network) == 8  # one per residual block
+    with torch.no_grad():
+        assert torch.allclose(network.forward(x), model(x), atol=1e-5)
+        lower, upper = interval_bounds(model, x, ThreatModel("linf", 0.0))
+    assert torch.allclose(lower, upper, atol=1e-3)
+
+
+class Tanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+class ValueBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (nn.Sequential(nn.Linear(4, 3), Tanh()), r"'tanh' \(tanh\)"),
+        (ValueBranch(), r"ValueBranch cannot be read"),
+    ],
+)
+def test_untraceable_forwards_are_named(model, message):
+    with pytest.raises(AdvtrainError, match=message):
+        interval_bounds(model, torch.rand(2, 4), ThreatModel("linf", 0.1))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_bounds_stay_below_the_minimum_over_a_dense_grid(norm):
+    """Two inputs: the grid's minimum margin is at least the true minimum, which every bound must
+    not exceed (a check tight enough to catch a wrong relaxation line)."""
+    torch.manual_seed(13)
+    model = nn.Sequential(
+        nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    ).eval()
+    x, y = (
+        torch.tensor([[0.3, 0.6], [0.5, 0.5], [0.8, 0.2], [0.1, 0.9]]),
+        torch.tensor([0, 1, 2, 0]),
+    )
+    threat = ThreatModel(norm, 0.2)
+    steps = torch.linspace(-0.2, 0.2, 161)
+    grid = torch.cartesian_prod(steps, steps)
+    if norm == "l2":
+        grid = grid[grid.norm(dim=1) <= 0.2]
+    with torch.no_grad():
+        for method in METHODS:
+            bound = margin_lower_bounds(model, x, y, threat, method)
+            for i in range(len(x)):
+                around = (x[i] + grid).clamp(0, 1)
+                least = margins_at(model, around, y[i].expand(len(around))).min(0).values
+                assert bool((bound[i] <= least + 1e-5).all()), (method, i)

@@ -16,8 +16,10 @@ so they are never looser than ``"ibp"``; for a network trained with IBP, IBP's b
 tighter one. CROWN's cost grows with the units left unstable; IBP costs about two forward passes.
 
 Networks: (nested) ``nn.Sequential`` of ``Linear``, ``Conv2d``, ``ReLU``, ``Flatten``,
-``BatchNorm1d/2d`` and ``Dropout`` in eval mode, ``AvgPool2d``, ``Identity`` and advtrain's
-``Normalize`` (:mod:`advtrain.certify.network`); threat models: ``linf`` and ``l2`` balls inside
+``BatchNorm1d/2d`` and ``Dropout`` in eval mode, ``AvgPool2d``, ``AdaptiveAvgPool2d(1)``,
+``Identity`` and advtrain's ``Normalize`` (:mod:`advtrain.certify.network`), and models with
+their own ``forward`` built from these, ReLU calls and residual additions, read by ``torch.fx``
+(:mod:`advtrain.certify.trace`); threat models: ``linf`` and ``l2`` balls inside
 the input box, with a mask of fixed features (:mod:`advtrain.certify.input_set`). Anything else
 is refused by a one-line error before any work.
 

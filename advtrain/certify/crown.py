@@ -33,7 +33,17 @@ import torch
 from torch import Tensor
 
 from .input_set import InputSet
-from .network import AffineOp, AvgPoolOp, Conv2dOp, FlattenOp, LinearOp, Network, ReLUOp
+from .network import (
+    AddOp,
+    AffineOp,
+    AvgPoolOp,
+    Conv2dOp,
+    FlattenOp,
+    LinearOp,
+    MeanPoolOp,
+    Network,
+    ReLUOp,
+)
 
 __all__ = ["Box", "backward_lower", "interval_trace"]
 
@@ -44,20 +54,24 @@ ROW_BUDGET = 1 << 25
 
 
 def interval_trace(network: Network, inputs: InputSet, tighten: bool = False) -> list[Box]:
-    """The box at the input of every operation, and at the output last (``len(network) + 1``
-    boxes). IBP, except that with an l2 ball the first Linear/Conv2d (after flattening only)
-    also bounds each unit over the ball, ``w x + b +- eps ||w * mask||_2``, keeping the better
-    side of each bound; with ``tighten`` the input of every ReLU is tightened by CROWN (full
-    CROWN's intermediate bounds) unless the box is already each unit's exact range (one
-    feature-mixing layer from the input: CROWN would give the same)."""
+    """The box of every node (node 0 the input, node ``i + 1`` the output of op ``i``). IBP,
+    except that with an l2 ball the first Linear/Conv2d (after flattening only) also bounds each
+    unit over the ball, ``w x + b +- eps ||w * mask||_2``, keeping the better side of each
+    bound; with ``tighten`` every node a ReLU reads is tightened by CROWN (full CROWN's
+    intermediate bounds) unless its box is already each unit's exact range (one feature-mixing
+    layer from the input: CROWN would give the same)."""
     boxes: list[Box] = [(inputs.lower, inputs.upper)]
-    ops = network.ops
     leading = True  # only flattening so far: the l2 ball is still a ball of the same radius
     exact, mixed = True, False  # every unit's box is its exact range; a mixing layer passed
-    for index, op in enumerate(ops):
-        lower, upper = boxes[index]
+    for index, (op, sources) in enumerate(zip(network.ops, network.sources)):
+        lower, upper = boxes[sources[0]]
         if isinstance(op, ReLUOp):
             boxes.append((lower.clamp_min(0), upper.clamp_min(0)))
+            leading = exact = False
+            continue
+        if isinstance(op, AddOp):
+            other_lower, other_upper = boxes[sources[1]]
+            boxes.append((lower + other_lower, upper + other_upper))
             leading = exact = False
             continue
         assert isinstance(op, AffineOp)
@@ -65,12 +79,11 @@ def interval_trace(network: Network, inputs: InputSet, tighten: bool = False) ->
         ball = leading and inputs.norm == "l2" and isinstance(op, (LinearOp, Conv2dOp))
         if ball:
             lower, upper = _ball_bounds(network, index, inputs, lower, upper)
-        if isinstance(op, (LinearOp, Conv2dOp, AvgPoolOp)):
+        if isinstance(op, (LinearOp, Conv2dOp, AvgPoolOp, MeanPoolOp)):
             exact = exact and not mixed and (inputs.norm == "linf" or ball)
             mixed = True
         leading = leading and isinstance(op, FlattenOp)
-        next_relu = index + 1 < len(ops) and isinstance(ops[index + 1], ReLUOp)
-        if tighten and next_relu and not exact:
+        if tighten and not exact and network.feeds_relu(index + 1):
             lower, upper = _tighten(network, index + 1, boxes, inputs, lower, upper)
         boxes.append((lower, upper))
     return boxes
@@ -91,27 +104,27 @@ def _ball_bounds(
 
 
 def _tighten(
-    network: Network, end: int, boxes: list[Box], inputs: InputSet, lower: Tensor, upper: Tensor
+    network: Network, node: int, boxes: list[Box], inputs: InputSet, lower: Tensor, upper: Tensor
 ) -> Box:
-    """``[lower, upper]`` (the input of the ReLU at ``end``) tightened by CROWN, for each sample
-    on the units unstable there.
+    """``[lower, upper]`` (the box of ``node``, which a ReLU reads) tightened by CROWN, for each
+    sample on the units unstable there.
 
-    The rows of those units go back through the affine layers since the previous ReLU once for
-    the batch (over the units unstable in any sample); each sample then takes its own rows on
-    through the rest of the network, in chunks that keep the rows within :data:`ROW_BUDGET`."""
+    The rows of those units go back to the nearest ReLUs once for the batch (over the units
+    unstable in any sample: nothing on the way depends on the sample); each sample then takes
+    its own rows on through the rest of the network, in chunks that keep the rows within
+    :data:`ROW_BUDGET`."""
     flat_lower, flat_upper = lower.flatten(1), upper.flatten(1)
     unstable = (flat_lower < 0) & (flat_upper > 0)
     union = unstable.any(0).nonzero().squeeze(1)
     if union.numel() == 0:
         return lower, upper
-    relu = max((i for i in range(end) if isinstance(network.ops[i], ReLUOp)), default=-1)
     eye = torch.zeros(len(union), flat_lower.shape[1], dtype=lower.dtype, device=lower.device)
     eye[torch.arange(len(union), device=eye.device), union] = 1
-    rows, bias = _walk(
-        network, eye.reshape(1, len(union), *lower.shape[1:]), eye.new_zeros(1, len(union)),
-        boxes, end, relu + 1,
-    )  # fmt: skip
-    if relu < 0:  # affine layers only: the rows are the same for every sample
+    shared = {node: eye.reshape(1, len(union), *lower.shape[1:])}
+    bias = eye.new_zeros(1, len(union))
+    stop = _walk(network, shared, bias, boxes, node - 1, until_relu=True)
+    if stop < 0:  # affine layers only: the rows are the same for every sample
+        rows, bias = shared.pop(0), shared.pop(-1)
         found_lower = inputs.concretize_lower(rows, bias)
         found_upper = -inputs.concretize_lower(-rows, -bias)
         flat_lower = flat_lower.index_copy(
@@ -121,24 +134,26 @@ def _tighten(
             1, union, torch.minimum(flat_upper.index_select(1, union), found_upper)
         )
         return flat_lower.reshape(lower.shape), flat_upper.reshape(upper.shape)
+    bias = shared.pop(-1)
     # each sample's unstable units, as positions in the union (padded with invalid ones)
     in_union = unstable.index_select(1, union)
     counts = in_union.sum(1)
     width = int(counts.max())
     positions = torch.argsort((~in_union).to(torch.int8), dim=1, stable=True)[:, :width]
     valid = torch.arange(width, device=counts.device) < counts.unsqueeze(1)
-    widest = max(math.prod(box[0].shape[1:]) for box in boxes[: relu + 1])
+    widest = max(math.prod(box[0].shape[1:]) for box in boxes[: stop + 1])
     per_chunk = max(1, ROW_BUDGET // (2 * len(flat_lower) * widest))
     for first in range(0, width, per_chunk):
         where, ok = positions[:, first : first + per_chunk], valid[:, first : first + per_chunk]
-        part = rows[0][where] * ok.reshape(*ok.shape, *(1,) * (rows.dim() - 2))
+        pending = {}
+        for at, rows in shared.items():
+            part = rows[0][where] * ok.reshape(*ok.shape, *(1,) * (rows.dim() - 2))
+            pending[at] = torch.cat([part, -part], 1)
         part_bias = bias[0][where] * ok
-        count = where.shape[1]
-        found = backward_lower(
-            network, torch.cat([part, -part], 1), boxes, inputs, relu + 1,
-            bias=torch.cat([part_bias, -part_bias], 1),
-        )  # fmt: skip
-        units = union[where]
+        found = _finish(
+            network, pending, torch.cat([part_bias, -part_bias], 1), boxes, inputs, stop
+        )
+        count, units = where.shape[1], union[where]
         inf = torch.full_like(part_bias, math.inf)
         new_lower = torch.where(ok, found[:, :count], -inf)
         new_upper = torch.where(ok, -found[:, count:], inf)
@@ -160,27 +175,73 @@ def relaxation(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _walk(
-    network: Network, rows: Tensor, bias: Tensor, boxes: list[Box], end: int, start: int
-) -> tuple[Tensor, Tensor]:
-    """Rows over the output of op ``end - 1`` and their constants taken back to the input of op
-    ``start`` (CROWN's lines at the ReLUs, for a lower bound)."""
-    for index in range(end - 1, start - 1, -1):
-        op = network.ops[index]
-        lower, upper = boxes[index]
+    network: Network,
+    pending: dict[int, Tensor],
+    bias: Tensor,
+    boxes: list[Box],
+    last: int,
+    start: int = 0,
+    until_relu: bool = False,
+) -> int:
+    """Take the rows ``pending`` (node -> rows over it) back through ops ``last`` down to
+    ``start`` (CROWN's lines at the ReLUs, for a lower bound), in place; their constants go to
+    ``pending[-1]`` (``bias`` added). With ``until_relu``, stop before the first ReLU met and
+    return its index; otherwise return ``start - 1``."""
+    for index in range(last, start - 1, -1):
+        rows = pending.get(index + 1)
+        if rows is None:
+            continue
+        op, sources = network.ops[index], network.sources[index]
+        if until_relu and isinstance(op, ReLUOp):
+            pending[-1] = bias
+            return index
+        del pending[index + 1]
+        lower, upper = boxes[sources[0]]
         if isinstance(op, ReLUOp):
             lower_slope, upper_slope, intercept = relaxation(lower, upper)
             negative = rows.clamp_max(0)  # these go through the upper line
-            rows = rows * lower_slope.unsqueeze(1) + negative * (
-                upper_slope - lower_slope
-            ).unsqueeze(1)
+            slopes = (upper_slope - lower_slope).unsqueeze(1)
+            rows = rows * lower_slope.unsqueeze(1) + negative * slopes
             bias = bias + (negative.flatten(2) @ intercept.flatten(1).unsqueeze(2)).squeeze(2)
-            continue
-        assert isinstance(op, AffineOp)
-        batch, count, in_shape = rows.shape[0], rows.shape[1], tuple(lower.shape[1:])
-        flat = rows.reshape(batch * count, *rows.shape[2:])
-        bias = bias + op.bias_term(flat).reshape(batch, count)
-        rows = op.transpose(flat, in_shape).reshape(batch, count, *in_shape)
-    return rows, bias
+        elif isinstance(op, AddOp):
+            _add(pending, sources[1], rows)
+        else:
+            assert isinstance(op, AffineOp)
+            batch, count, in_shape = rows.shape[0], rows.shape[1], tuple(lower.shape[1:])
+            flat = rows.reshape(batch * count, *rows.shape[2:])
+            bias = bias + op.bias_term(flat).reshape(batch, count)
+            rows = op.transpose(flat, in_shape).reshape(batch, count, *in_shape)
+        _add(pending, sources[0], rows)
+    pending[-1] = bias
+    return start - 1
+
+
+def _add(pending: dict[int, Tensor], node: int, rows: Tensor) -> None:
+    pending[node] = rows if node not in pending else pending[node] + rows
+
+
+def _finish(
+    network: Network,
+    pending: dict[int, Tensor],
+    bias: Tensor,
+    boxes: list[Box],
+    inputs: InputSet,
+    last: int,
+    start: int = 0,
+) -> Tensor:
+    """The lower bounds of the rows ``pending`` plus ``bias`` after the walk down from op
+    ``last``: minimised over the input set (``start == 0``) or over ``boxes[start]``."""
+    _walk(network, pending, bias, boxes, last, start)
+    bias = pending.pop(-1)
+    rows = pending.pop(start)
+    assert not pending, "rows left on nodes before the start"
+    if start == 0:
+        return inputs.concretize_lower(rows, bias)
+    lower, upper = boxes[start]
+    flat = rows.flatten(2)
+    mid = ((upper + lower) / 2).flatten(1).unsqueeze(2)
+    radius = ((upper - lower) / 2).flatten(1).unsqueeze(2)
+    return (flat @ mid - flat.abs() @ radius).squeeze(2) + bias
 
 
 def backward_lower(
@@ -192,17 +253,10 @@ def backward_lower(
     start: int = 0,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """Lower bounds of ``a . h_end + bias`` (``h_end``: the output of op ``end - 1``; ``a`` is
-    ``(N or 1, S, *shape of h_end)``, ``bias`` 0 or ``(N or 1, S)``) by CROWN's backward pass
-    through ops ``end - 1`` down to ``start``, minimised over the input set (``start == 0``) or
-    over ``boxes[start]``; ``(N, S)``."""
+    """Lower bounds of ``a . h + bias`` (``h``: node ``end``; ``a`` is ``(N or 1, S, *shape of
+    h)``, ``bias`` 0 or ``(N or 1, S)``) by CROWN's backward pass through ops ``end - 1`` down to
+    ``start``, minimised over the input set (``start == 0``) or over ``boxes[start]`` (which must
+    then be the only way back: a chain); ``(N, S)``."""
     if bias is None:
         bias = a.new_zeros(a.shape[0], a.shape[1])
-    rows, bias = _walk(network, a, bias, boxes, end, start)
-    if start == 0:
-        return inputs.concretize_lower(rows, bias)
-    lower, upper = boxes[start]
-    flat = rows.flatten(2)
-    mid = ((upper + lower) / 2).flatten(1).unsqueeze(2)
-    radius = ((upper - lower) / 2).flatten(1).unsqueeze(2)
-    return (flat @ mid - flat.abs() @ radius).squeeze(2) + bias
+    return _finish(network, {end: a}, bias, boxes, inputs, end - 1, start)

@@ -1,9 +1,12 @@
-"""A model read as the chain of operations bound propagation knows.
+"""A model read as the operations bound propagation knows.
 
-:func:`parse` flattens a (nested) ``nn.Sequential`` into :class:`Op` objects: affine operations
-(``Linear``, ``Conv2d``, ``BatchNorm1d/2d`` with running statistics, ``AvgPool2d``, ``Flatten``,
-advtrain's input ``Normalize``) and ``ReLU``; ``Identity`` and ``Dropout`` in eval mode drop out.
-Every affine operation knows four things about itself, which is all IBP and CROWN need:
+:func:`parse` flattens a (nested) ``nn.Sequential`` into a chain of :class:`Op` objects: affine
+operations (``Linear``, ``Conv2d``, ``BatchNorm1d/2d`` with running statistics, ``AvgPool2d``,
+``AdaptiveAvgPool2d(1)``, ``Flatten``, advtrain's input ``Normalize``) and ``ReLU``;
+``Identity`` and ``Dropout`` in eval mode drop out. A model with its own ``forward`` (residual
+blocks, such as advtrain's ``preact-resnet18``) is traced by ``torch.fx``
+(:mod:`advtrain.certify.trace`) into the same operations plus :class:`AddOp`, the sum of two
+nodes. Every affine operation knows four things about itself, which is all IBP and CROWN need:
 
 - ``apply(x)``: the layer itself;
 - ``abs_linear(r)``: its linear part with every weight replaced by its absolute value (the
@@ -31,11 +34,11 @@ from torch import Tensor, nn
 from ..errors import AdvtrainError
 from ..models.adapters import LogitsModel, Normalize
 
-__all__ = ["AffineOp", "Network", "Op", "ReLUOp", "parse"]
+__all__ = ["AddOp", "AffineOp", "Network", "Op", "ReLUOp", "leaf_op", "parse"]
 
 SUPPORTED = (
-    "Sequential, Linear, Conv2d, ReLU, Flatten, BatchNorm1d/2d (eval), AvgPool2d, Identity, "
-    "Dropout (eval), Normalize"
+    "Sequential, Linear, Conv2d, ReLU, Flatten, BatchNorm1d/2d (eval), AvgPool2d, "
+    "AdaptiveAvgPool2d(1), Identity, Dropout (eval), Normalize, residual additions"
 )
 
 
@@ -219,11 +222,42 @@ class FlattenOp(AffineOp):
         return a.new_zeros(a.shape[0])
 
 
+class MeanPoolOp(AffineOp):
+    """The mean over the spatial dimensions, kept as ``(C, 1, 1)`` (``AdaptiveAvgPool2d(1)``)."""
+
+    def apply(self, x: Tensor) -> Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+    def abs_linear(self, radius: Tensor) -> Tensor:
+        return self.apply(radius)
+
+    def transpose(self, a: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        return (a / (in_shape[-1] * in_shape[-2])).expand(a.shape[0], *in_shape)
+
+    def bias_term(self, a: Tensor) -> Tensor:
+        return a.new_zeros(a.shape[0])
+
+
+class AddOp(Op):
+    """The sum of two nodes (a residual connection)."""
+
+
 @dataclass(frozen=True)
 class Network:
-    """A model as a chain of :class:`Op` (see :func:`parse`)."""
+    """A model as operations in an order where every input comes first (see :func:`parse`).
+
+    Node 0 is the model's input and node ``i + 1`` the output of ``ops[i]``; ``sources[i]``
+    names the nodes ``ops[i]`` reads (one, or two for :class:`AddOp`). A chain (a Sequential)
+    has ``sources[i] == (i,)``; the model's output is the last node.
+    """
 
     ops: tuple[Op, ...]
+    sources: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def chain(cls, ops: tuple[Op, ...]) -> Network:
+        """Operations applied one after the other."""
+        return cls(ops, tuple((i,) for i in range(len(ops))))
 
     def __iter__(self) -> Iterator[Op]:
         return iter(self.ops)
@@ -232,17 +266,36 @@ class Network:
         return len(self.ops)
 
     def forward(self, x: Tensor) -> Tensor:
-        """The model's output through the parsed chain (the same as the model's, for checks)."""
-        for op in self.ops:
-            x = x.clamp_min(0) if isinstance(op, ReLUOp) else _affine(op).apply(x)
-        return x
+        """The model's output through the parsed operations (the same as the model's)."""
+        values = [x]
+        for op, sources in zip(self.ops, self.sources):
+            first = values[sources[0]]
+            if isinstance(op, ReLUOp):
+                values.append(first.clamp_min(0))
+            elif isinstance(op, AddOp):
+                values.append(first + values[sources[1]])
+            else:
+                values.append(_affine(op).apply(first))
+        return values[-1]
 
     def tail_start(self) -> int:
-        """The index where the last run of affine operations (after the last ReLU) starts."""
+        """The node where the last chain of affine operations (after the last ReLU or sum)
+        starts: everything from there to the output is one affine map of that node."""
         start = len(self.ops)
-        while start > 0 and isinstance(self.ops[start - 1], AffineOp):
+        while (
+            start > 0
+            and isinstance(self.ops[start - 1], AffineOp)
+            and self.sources[start - 1] == (start - 1,)
+        ):
             start -= 1
         return start
+
+    def feeds_relu(self, node: int) -> bool:
+        """Whether a ReLU reads ``node``."""
+        return any(
+            isinstance(op, ReLUOp) and node in sources
+            for op, sources in zip(self.ops, self.sources)
+        )
 
 
 def _affine(op: Op) -> AffineOp:
@@ -252,12 +305,25 @@ def _affine(op: Op) -> AffineOp:
 
 def parse(model: nn.Module) -> Network:
     """``model`` as a :class:`Network`; a one-line :class:`AdvtrainError` names the first layer
-    that bound propagation does not support (or that is in training mode where that matters)."""
+    that bound propagation does not support (or that is in training mode where that matters).
+
+    A (nested) ``nn.Sequential`` is read as a chain; any other model is traced with
+    ``torch.fx`` (:mod:`advtrain.certify.trace`), which also reads residual additions."""
+    model = _unwrap(model)
     ops: list[Op] = []
-    _collect(_unwrap(model), "", ops)
+    try:
+        _collect(model, "", ops)
+    except NeedsTrace:
+        from .trace import trace_network  # a model with its own forward: its graph decides
+
+        return trace_network(model)
     if not ops:
         raise AdvtrainError("the model has no layers to propagate bounds through")
-    return Network(tuple(ops))
+    return Network.chain(tuple(ops))
+
+
+class NeedsTrace(Exception):
+    """A module with its own ``forward``: the model is read by tracing instead."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -272,43 +338,61 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _collect(module: nn.Module, path: str, ops: list[Op]) -> None:
-    name = path or "<model>"
-    kind = type(module).__name__
-    if isinstance(module, nn.Sequential):
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         for child_name, child in module.named_children():
             _collect(_unwrap(child), f"{path}.{child_name}" if path else child_name, ops)
         return
+    if not _is_torch_layer(module):
+        raise NeedsTrace
+    op = leaf_op(module, path or "<model>")
+    if op is not None:
+        ops.append(op)
+
+
+def _is_torch_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn") or isinstance(module, Normalize)
+
+
+def leaf_op(module: nn.Module, name: str) -> Op | None:
+    """The operation of one layer (``None`` for a layer that passes its input on)."""
+    kind = type(module).__name__
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout)) and module.training:
         raise AdvtrainError(
             f"layer {name!r} ({kind}) is in training mode; bounds need it in eval mode "
             "(call model.eval())"
         )
     if isinstance(module, (nn.Identity, nn.Dropout)):
-        return
+        return None
     if isinstance(module, nn.ReLU):
-        ops.append(ReLUOp(name))
-    elif isinstance(module, nn.Linear):
-        ops.append(LinearOp(name, module))
-    elif isinstance(module, nn.Conv2d):
-        ops.append(Conv2dOp(name, module))
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        ops.append(_batchnorm(name, module))
-    elif isinstance(module, nn.AvgPool2d):
-        ops.append(AvgPoolOp(name, module))
-    elif isinstance(module, nn.Flatten):
+        return ReLUOp(name)
+    if isinstance(module, nn.Linear):
+        return LinearOp(name, module)
+    if isinstance(module, nn.Conv2d):
+        return Conv2dOp(name, module)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return _batchnorm(name, module)
+    if isinstance(module, nn.AvgPool2d):
+        return AvgPoolOp(name, module)
+    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+        return MeanPoolOp(name)
+    if isinstance(module, nn.Flatten):
         if module.start_dim != 1 or module.end_dim != -1:
             raise AdvtrainError(
                 f"layer {name!r} (Flatten) flattens dims {module.start_dim}..{module.end_dim}; "
                 "bound propagation supports Flatten(1, -1) only"
             )
-        ops.append(FlattenOp(name))
-    elif isinstance(module, Normalize):
-        ops.append(ChannelAffineOp(name, 1 / module.std.flatten(), -module.mean.flatten()
-                                   / module.std.flatten()))  # fmt: skip
-    else:
-        raise AdvtrainError(
-            f"layer {name!r} ({kind}) is not supported by bound propagation; supported: {SUPPORTED}"
-        )
+        return FlattenOp(name)
+    if isinstance(module, Normalize):
+        std = module.std.flatten()
+        return ChannelAffineOp(name, 1 / std, -module.mean.flatten() / std)
+    raise unsupported(name, kind)
+
+
+def unsupported(name: str, kind: str) -> AdvtrainError:
+    """The error for a layer bound propagation does not know."""
+    return AdvtrainError(
+        f"layer {name!r} ({kind}) is not supported by bound propagation; supported: {SUPPORTED}"
+    )
 
 
 def _batchnorm(path: str, module: nn.BatchNorm1d | nn.BatchNorm2d) -> ChannelAffineOp:
