@@ -15,7 +15,8 @@ from advtrain.certify import (
     training_margins,
     verify,
 )
-from advtrain.certify.network import AddOp, parse
+from advtrain.certify.network import parse
+from advtrain.certify.operations import AddOp
 from advtrain.errors import AdvtrainError
 from advtrain.models import build_model
 from advtrain.models.adapters import Normalize

@@ -17,9 +17,9 @@ tighter one. CROWN's cost grows with the units left unstable; IBP costs about tw
 
 Networks: (nested) ``nn.Sequential`` of ``Linear``, ``Conv2d``, ``ReLU``, ``Flatten``,
 ``BatchNorm1d/2d`` and ``Dropout`` in eval mode, ``AvgPool2d``, ``AdaptiveAvgPool2d(1)``,
-``Identity`` and advtrain's ``Normalize`` (:mod:`advtrain.certify.network`), and models with
+``Identity`` and advtrain's ``Normalize`` (:mod:`advtrain.certify.operations`), and models with
 their own ``forward`` built from these, ReLU calls and residual additions, read by ``torch.fx``
-(:mod:`advtrain.certify.trace`); threat models: ``linf`` and ``l2`` balls inside
+(:mod:`advtrain.certify.network`); threat models: ``linf`` and ``l2`` balls inside
 the input box, with a mask of fixed features (:mod:`advtrain.certify.input_set`). Anything else
 is refused by a one-line error before any work.
 
@@ -39,7 +39,8 @@ from ..threat import ThreatModel
 from ..util import check_positive_int
 from .crown import Box, backward_lower, interval_trace
 from .input_set import InputSet
-from .network import Network, parse
+from .network import parse
+from .operations import Network
 
 __all__ = [
     "BOUND_METHODS",

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .input_set import InputSet
-from .network import (
+from .operations import (
     AddOp,
     AffineOp,
     AvgPoolOp,
