@@ -27,6 +27,14 @@ def test_options_are_checked():
     make_method("ibp", THREAT, steps=5, step_size=0.01)  # the trainer's attack options pass
 
 
+def test_batchnorm_in_training_mode_is_refused():
+    torch.manual_seed(0)
+    model = build_model("digits-cnn-bn", in_shape=(1, 8, 8), n_classes=10).train()
+    method = make_method("ibp", THREAT)
+    with pytest.raises(AdvtrainError, match=r"layer '1' is a BatchNorm2d"):
+        method.loss(model, torch.rand(4, 1, 8, 8), torch.arange(4))
+
+
 def test_kappa_and_beta_follow_the_eps_ramp():
     ibp, crown = make_method("ibp", THREAT), make_method("crown-ibp", THREAT)
     for method in (ibp, crown):

@@ -46,6 +46,17 @@ def _fraction(name: str, value: float) -> float:
     return checked
 
 
+def _check_no_batch_statistics(model: nn.Module) -> None:
+    """A one-line error for a BatchNorm or Dropout layer in training mode: its output depends on
+    the batch or on chance, which the bounds (running statistics, no dropout) do not cover."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) and module.training:
+            raise AdvtrainError(
+                f"certified training (ibp, crown-ibp) needs a network without BatchNorm or "
+                f"Dropout in training mode; layer {name!r} is a {type(module).__name__}"
+            )
+
+
 class _BoundTraining(Method):
     """The shared loss; subclasses set whether (and how much) CROWN-IBP enters."""
 
@@ -89,6 +100,7 @@ class _BoundTraining(Method):
         kappa, beta = self.kappa, self.beta
         if kappa >= 1:
             return clean, logits
+        _check_no_batch_statistics(model)
         ibp, crown = training_margins(model, x, y, self.threat, crown=beta > 0)
         margins = ibp if crown is None else beta * crown + (1 - beta) * ibp
         robust = F.cross_entropy(-margins, y)
