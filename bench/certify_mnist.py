@@ -87,10 +87,35 @@ class Row:
     note: str = ""
 
 
-#: Functions ``(model, x, y, threat, args) -> rows`` run after the bounds, in order: the place
-#: for the cascade's robust accuracy (``advtrain.evaluate``) and the smoothing rows.
+def sandwich_rows(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, args: argparse.Namespace
+) -> list[Row]:
+    """The sandwich on the first ``--cascade`` test images: ``advtrain.evaluate`` with the
+    standard suite and ``certify="crown"`` (verified and attacked side by side; a point both
+    verified and broken would stop it with an error)."""
+    if args.cascade <= 0:
+        return []
+    n = min(args.cascade, len(x))
+    start = time.perf_counter()
+    report = advtrain.evaluate(
+        model, x[:n], y[:n], threat=threat, suite="standard", certify="crown", seed=args.seed
+    )
+    seconds = time.perf_counter() - start
+    sides = report.certified["decided_by"] if report.certified else {}
+    note = (
+        f"first {n}: verified {sides.get('verified')}, broken {sides.get('attack')}, open "
+        f"{sides.get('open')}, misclassified {sides.get('misclassified')}"
+    )
+    verified = report.certified["verified_accuracy"] if report.certified else float("nan")
+    return [
+        Row(f"verified, crown, first {n}", verified, float("nan"), "(in the evaluation)"),
+        Row(f"robust, standard suite, first {n}", report.robust_accuracy, seconds, note),
+    ]
+
+
+#: Functions ``(model, x, y, threat, args) -> rows`` run after the bounds, in order.
 EXTRA_ROWS: list[Callable[[nn.Module, Tensor, Tensor, ThreatModel, argparse.Namespace], list[Row]]]
-EXTRA_ROWS = []
+EXTRA_ROWS = [sandwich_rows]
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,6 +134,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=10000, help="test images to verify")
     parser.add_argument("--bounds", default="ibp,crown-ibp,crown", help="bound methods")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cascade",
+        type=int,
+        default=1000,
+        help="evaluate the first N test images with the standard suite and certify='crown' "
+        "(the sandwich; 0: skip)",
+    )
+    parser.add_argument(
+        "--smoothing",
+        default=None,
+        metavar="ARGS",
+        help="also run bench/smoothing_mnist.py with these arguments (e.g. '--every 20 --n "
+        "100000 --epochs 40')",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true")
     return parser.parse_args()
@@ -216,13 +255,21 @@ def main() -> None:
     )
     print(f"{'':28}{'accuracy':>10}{'seconds':>10}")
     for row in rows:
-        print(f"{row.what:28}{row.accuracy:>10.2%}{row.seconds:>10.1f}  {row.note}")
+        seconds = "" if row.seconds != row.seconds else f"{row.seconds:.1f}"  # nan: not timed
+        print(f"{row.what:28}{row.accuracy:>10.2%}{seconds:>10}  {row.note}")
     print(f"{'Wong & Kolter 2018, verified':28}{WONG_KOLTER_VERIFIED:>10.2%}{'':>10}  (paper)")
     verified = [row.accuracy for row in rows if row.what.startswith("verified")]
     if verified:
         best = max(verified)
         verdict = "matches or beats" if best >= WONG_KOLTER_VERIFIED else "falls short of"
         print(f"best verified {best:.2%} {verdict} Wong & Kolter's {WONG_KOLTER_VERIFIED:.2%}")
+    if args.smoothing is not None:
+        import shlex
+
+        import smoothing_mnist
+
+        print("\nrandomized smoothing (bench/smoothing_mnist.py " + args.smoothing + "):")
+        smoothing_mnist.run(smoothing_mnist.parse_args(shlex.split(args.smoothing)))
 
 
 if __name__ == "__main__":
