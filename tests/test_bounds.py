@@ -283,7 +283,7 @@ class ValueBranch(nn.Module):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (nn.Sequential(nn.Linear(4, 3), Tanh()), r"'tanh' \(tanh\)"),
+        (nn.Sequential(nn.Linear(4, 3), Tanh()), r"'tanh' \(tanh inside module '1' \(Tanh\)\)"),
         (ValueBranch(), r"ValueBranch cannot be read"),
     ],
 )

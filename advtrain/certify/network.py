@@ -147,6 +147,11 @@ def _node_op(
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         if size in (1, (1, 1), [1, 1]):
             return MeanPoolOp(name), (_source(tensors[0], where, name),)
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:  # a call inside a module's own forward: name the innermost module too
+        path, kind = list(stack.values())[-1]
+        kind_name = getattr(kind, "__name__", str(kind))
+        label = f"{label} inside module {path!r} ({kind_name})"
     raise unsupported(name, label)
 
 
