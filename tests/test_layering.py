@@ -11,8 +11,8 @@ are how a module names the type of its caller (``attacks.registry`` holds ``Atta
 The layers, top to bottom (a module may import from its own layer or below, never above):
 
 ==========  ===============================================================================
-5 (entry)   ``advtrain`` (the package's façade ``__init__``), ``__main__``, ``cli``
-4           ``training``, ``evaluation``
+5 (entry)   ``advtrain`` (the package's façade ``__init__``), ``__main__``, ``cli``, ``serving``
+4           ``training``, ``evaluation``, ``poisoning``, ``detection``, ``tuning``
 3           ``attacks``, ``certify``
 2           ``data``, ``models``, ``threat``, ``feasibility``, ``losses``
 1 (floor)   ``util``, ``errors``, ``device_sync``, ``distributed``, ``checkpoint``,
@@ -42,8 +42,12 @@ LAYERS: dict[str, int] = {
     ROOT: 5,
     "__main__": 5,
     "cli": 5,
+    "serving": 5,
     "training": 4,
     "evaluation": 4,
+    "poisoning": 4,
+    "detection": 4,
+    "tuning": 4,
     "attacks": 3,
     "certify": 3,
     "data": 2,

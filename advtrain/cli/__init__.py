@@ -18,7 +18,7 @@ import sys
 import click
 
 from ..errors import AdvtrainError
-from . import attack, evaluate, train
+from . import attack, evaluate, poisoning, serve, train, tuning
 
 __all__ = ["EXIT_BAD_INPUT", "cli", "main", "run"]
 
@@ -36,6 +36,12 @@ def cli() -> None:
 cli.add_command(train.train)
 cli.add_command(evaluate.evaluate)
 cli.add_command(attack.attack)
+cli.add_command(poisoning.backdoor)
+cli.add_command(poisoning.scan)
+cli.add_command(serve.serve)
+cli.add_command(serve.monitor)
+cli.add_command(tuning.sweep)
+cli.add_command(tuning.check)
 
 
 def run(argv: list[str] | None = None) -> int:
