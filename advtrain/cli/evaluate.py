@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -11,7 +12,13 @@ import torch
 
 from ..errors import AdvtrainError
 from ..evaluation.findings import CheckName
-from .loading import load_model_and_data, model_options, parse_classes, table_options
+from .loading import (
+    check_output_paths,
+    load_model_and_data,
+    model_options,
+    parse_classes,
+    table_options,
+)
 from .processes import echo, leave_process_group, speaker, torchrun
 
 if TYPE_CHECKING:
@@ -118,6 +125,29 @@ if TYPE_CHECKING:
     help="Randomized smoothing's estimation samples per point (n; n0 = 100, alpha = 0.001).",
 )
 @click.option(
+    "--detector",
+    "detector_path",
+    type=click.Path(dir_okay=False),
+    help="Also measure this adversarial-input detector (a .safetensors file with its JSON "
+    "sidecar): TPR at 1%/5% FPR and AUROC on the suite's examples and under an adaptive attack on "
+    "classifier + detector, and the pair's robust accuracy. With --fit-detector: where to save it "
+    "(default RUN_DIR/detector-KIND.safetensors).",
+)
+@click.option(
+    "--fit-detector",
+    "fit_kind",
+    type=click.Choice(["mahalanobis", "squeezing", "binary"]),
+    help="Fit this detector on the training split (its threshold on the validation split at "
+    "--detector-fpr), save it, and measure it as --detector does.",
+)
+@click.option(
+    "--detector-fpr",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="The clean false-positive rate --fit-detector sets the threshold at.",
+)
+@click.option(
     "--nproc",
     type=click.IntRange(min=1),
     default=1,
@@ -157,6 +187,9 @@ def evaluate(
     certify_method: str | None,
     smoothing_sigma: float | None,
     smoothing_samples: int,
+    detector_path: str | None,
+    fit_kind: str | None,
+    detector_fpr: float,
     nproc: int,
 ) -> None:
     """Robustness of a trained run (RUN_DIR) or of a model file with weights.
@@ -200,6 +233,11 @@ def evaluate(
     if resume_dir is not None and (suite == "pgd" or getattr(model, "black_box", False)):
         raise AdvtrainError("--resume goes with the quick, standard and thorough suites")
     model = model.to(target_device)
+    detector = _detector(
+        fit_kind, detector_path, detector_fpr, run_dir, model, data, x, threat, seed, suite, nproc
+    )
+    if detector is not None:
+        say(f"detector: {detector.describe()}")
     if suite == "pgd":
         _evaluate_pgd(
             model,
@@ -244,10 +282,23 @@ def evaluate(
             certify=certify_method or False,
             smoothing_sigma=smoothing_sigma,
             smoothing_samples=smoothing_samples,
+            examples=8 if detector is None else len(x),  # a detector's figures need them all
         )
     report.settings["dataset"] = dataset
     _say_report(say, report, threat.norm)
-    if json_path and rank == 0:
+    figures = None
+    if detector is not None:
+        from ..detection import evaluate_detector
+
+        figures = evaluate_detector(
+            model, detector, x, y, threat, report=report, seed=seed, batch_size=batch_size
+        )
+        say(figures.summary())
+    if json_path and rank == 0 and figures is not None:
+        from ..util import atomic_write_json
+
+        atomic_write_json(json_path, {**report.to_dict(), "detector": figures.to_dict()})
+    elif json_path and rank == 0:
         report.to_json(json_path)
     if html_path and rank == 0:
         report.to_html(html_path)
@@ -448,3 +499,52 @@ def _evaluate_pgd(
         atomic_write_json(
             json_path, {**result.to_dict(), "attack": repr(attack), "dataset": dataset}
         )
+
+
+def _detector(
+    fit_kind: str | None,
+    path: str | None,
+    fpr: float,
+    run_dir: str | None,
+    model: nn.Module,
+    data: Dataset,
+    x: Any,
+    threat: ThreatModel,
+    seed: int,
+    suite: str,
+    nproc: int,
+) -> Any:
+    """``--fit-detector`` (fitted by the library, saved) or ``--detector`` (loaded), or None."""
+    if fit_kind is None and path is None:
+        return None
+    from ..distributed import env_world_size
+
+    if suite == "pgd" or nproc > 1 or env_world_size() > 1:
+        raise AdvtrainError(
+            "--detector goes with the quick, standard and thorough suites, in one process"
+        )
+    if not isinstance(x, torch.Tensor) or not isinstance(data.train.x, torch.Tensor):
+        raise AdvtrainError("--detector needs test and training inputs held in memory")
+    from ..detection import fit_detector, load_detector, save_detector
+
+    if fit_kind is None:
+        assert path is not None
+        return load_detector(path, model, probe=x[:2])
+    if path is None:
+        if run_dir is None:
+            raise AdvtrainError("--fit-detector without RUN_DIR needs --detector PATH to save it")
+        path = str(Path(run_dir) / f"detector-{fit_kind}.safetensors")
+    check_output_paths({"--detector": Path(path)})
+    detector = fit_detector(
+        fit_kind,
+        model,
+        data.train.x,
+        data.train.y,
+        data.val.x[:],
+        threat=threat,
+        fpr=fpr,
+        seed=seed,
+    )
+    save_detector(detector, path)
+    echo(f"detector saved: {path}")
+    return detector
