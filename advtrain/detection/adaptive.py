@@ -155,21 +155,25 @@ class DetectorAwarePGD(Attack):
         )
 
     def _descend(self, x: Tensor, y: Tensor, start: Tensor) -> Outcome:
-        """The steps from ``start``; each point keeps its first success, else its best
-        objective (the clean input counts when it already fools the pair)."""
-        every = torch.arange(len(x), device=x.device)
+        """The steps from ``start``; each point keeps its first success (and leaves the batch
+        there), else its best objective; the clean input counts when it already fools the pair."""
         with torch.no_grad():
             objective, success = self._objective(x, y)
         best = Outcome(x.clone(), success, objective.masked_fill(~success, float("-inf")).detach())
-        x_adv = start
+        active = (~success).nonzero().squeeze(1)
+        x_adv = start[active]
         for step in range(self.steps + 1):
+            if len(active) == 0:
+                break
             last = step == self.steps
             x_adv = x_adv.detach().requires_grad_(not last)
             with torch.set_grad_enabled(not last):
-                objective, success = self._objective(x_adv, y)
-            best.merge(Outcome(x_adv.detach(), success, objective.detach()), every)
-            if last or bool(best.success.all()):
+                objective, success = self._objective(x_adv, y[active])
+            best.merge(Outcome(x_adv.detach(), success, objective.detach()), active)
+            if last:
                 break
             grad = input_gradient(objective.sum(), x_adv)
-            x_adv = ascent_step(self.threat, x_adv, grad, x, self.step_size)
+            x_next = ascent_step(self.threat, x_adv, grad, x[active], self.step_size)
+            keep = ~success
+            active, x_adv = active[keep], x_next[keep]
         return best

@@ -63,17 +63,21 @@ class BinaryDetector(Detector):
         epochs: int = 20,
         attack_steps: int = 10,
         batch_size: int = 1000,
+        x_adv: Tensor | None = None,
         **_: Any,
     ) -> Detector:
-        """Train the head on ``x`` (clean, label 0) and PGD examples of ``x`` (label 1)."""
+        """Train the head on ``x`` (clean, label 0) and PGD examples of ``x`` (label 1; or the
+        given ``x_adv``, one per row of ``x``, e.g. to train a peer on the same examples)."""
         if threat is None:
             raise AdvtrainError("the binary detector needs the threat model its examples come from")
         check_positive_int("epochs", epochs)
         device = next(iter(self.classifier.parameters()), torch.zeros(0)).device
         if self.readout is None:
             self.readout = readout_name(self.classifier, x[:1].to(device))
-        attack = PGD(threat, steps=attack_steps, early_stop=False, seed=seed, batch_size=batch_size)
-        x_adv = attack(self.classifier, x, y)
+        if x_adv is None:
+            x_adv = self.examples(x, y, threat, seed, attack_steps, batch_size)
+        elif x_adv.shape != x.shape:
+            raise AdvtrainError("x_adv must hold one adversarial example per training input")
         clean, adversarial = self._features(x, batch_size), self._features(x_adv, batch_size)
         if self.dim != clean.shape[1] or not len(self.head):
             self.dim = clean.shape[1]
@@ -83,6 +87,20 @@ class BinaryDetector(Detector):
         labels = torch.cat([torch.zeros(len(clean)), torch.ones(len(adversarial))]).to(device)
         self._train_head(features, labels, seed, epochs)
         return self
+
+    def examples(
+        self,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        seed: int = 0,
+        steps: int = 10,
+        batch_size: int = 1000,
+    ) -> Tensor:
+        """The adversarial training examples: PGD (``steps``, random start, every point
+        perturbed, the last iterate) against the classifier."""
+        attack = PGD(threat, steps=steps, early_stop=False, seed=seed, batch_size=batch_size)
+        return attack(self.classifier, x, y)
 
     def _features(self, x: Tensor, batch_size: int) -> Tensor:
         assert self.readout is not None
