@@ -1,0 +1,70 @@
+"""Poisoned training data: backdoor attacks, their detection, and the attack x defence matrix.
+
+>>> from advtrain.poisoning import badnets, run_matrix
+>>> attack = badnets(data.info, rate=0.01, target=0)
+>>> poisoned = attack.poison(data.train)          # poisoned.indices: the rows changed
+>>> matrix = run_matrix(data, "mnist-small", "badnets,blended", "none,spectral,ac,strip")
+
+Attacks (:mod:`.backdoors`): BadNets, Blended, clean-label, a table feature trigger. Defences:
+spectral signatures and activation clustering on the training rows (:mod:`.defences`, with
+the penultimate layer's features from :mod:`.features`), STRIP at inference (:mod:`.strip`).
+Neural Cleanse (Wang et al. 2019) is not implemented.
+"""
+
+from .backdoors import (
+    BACKDOORS,
+    Backdoor,
+    Poisoned,
+    badnets,
+    blended,
+    clean_label,
+    feature_trigger,
+    make_backdoor,
+    triggered,
+)
+from .defences import (
+    Detection,
+    Suspects,
+    activation_clustering,
+    detection,
+    remove,
+    spectral_signatures,
+)
+from .features import head_layer, penultimate_features
+from .matrix import DEFENCES, Cell, Matrix, MatrixSettings, run_matrix
+from .scan import ScanResult, scan
+from .strip import Strip, fit_strip
+from .triggers import BlendTrigger, FeatureTrigger, PatchTrigger, Trigger
+
+__all__ = [
+    "BACKDOORS",
+    "DEFENCES",
+    "Backdoor",
+    "BlendTrigger",
+    "Cell",
+    "Detection",
+    "FeatureTrigger",
+    "Matrix",
+    "MatrixSettings",
+    "PatchTrigger",
+    "Poisoned",
+    "ScanResult",
+    "Strip",
+    "Suspects",
+    "Trigger",
+    "activation_clustering",
+    "badnets",
+    "blended",
+    "clean_label",
+    "detection",
+    "feature_trigger",
+    "fit_strip",
+    "head_layer",
+    "make_backdoor",
+    "penultimate_features",
+    "remove",
+    "run_matrix",
+    "scan",
+    "spectral_signatures",
+    "triggered",
+]
