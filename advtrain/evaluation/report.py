@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import AdvtrainError
 from ..util import atomic_write_json, atomic_write_text
 from .findings import VERDICT, WARNING, Check, CheckName, Escalation
 from .html import render_html
 
 __all__ = [
+    "REPORT_FORMAT_VERSION",
     "VERDICT",
     "WARNING",
     "Check",
@@ -30,8 +32,14 @@ __all__ = [
     "ClassMetrics",
     "Escalation",
     "Report",
+    "report_format_version",
     "robustness_score",
 ]
+
+#: The layout version of a report's JSON file (its ``format_version``). 1: the reports written
+#: before the field existed, which have none; 2: the same fields with ``format_version``. A
+#: reader takes every version up to this one.
+REPORT_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -158,7 +166,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """Every figure as plain JSON-ready values (``inf`` written as ``null``)."""
         data = {k: v for k, v in asdict(self).items() if k != "examples"}
-        return _jsonable(data)
+        return {"format_version": REPORT_FORMAT_VERSION, **_jsonable(data)}
 
     def to_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` to ``path`` atomically; returns the path."""
@@ -170,6 +178,19 @@ class Report:
         atomically; returns the path."""
         atomic_write_text(path, render_html(self))
         return Path(path)
+
+
+def report_format_version(data: dict[str, Any]) -> int:
+    """The layout version of a report read from JSON: its ``format_version``, 1 without one
+    (written before the field existed); a one-line error for a version this reader does not
+    know (newer than :data:`REPORT_FORMAT_VERSION`, or not a positive integer)."""
+    version = data.get("format_version", 1)
+    if type(version) is not int or not 1 <= version <= REPORT_FORMAT_VERSION:
+        raise AdvtrainError(
+            f"report format_version {version!r} is not one this advtrain reads "
+            f"(1 to {REPORT_FORMAT_VERSION}); upgrade advtrain"
+        )
+    return version
 
 
 def model_card(
