@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from advtrain.checkpoint import save_checkpoint
 from advtrain.cli import run
+from advtrain.data import load_dataset
+from advtrain.poisoning.matrix import MatrixModels, MatrixSettings
 from advtrain.poisoning.matrix_html import COLUMNS, format_value
 
 from .test_report_html import _chromium, find_browser
@@ -107,12 +110,16 @@ def test_chromium_renders_the_matrix(matrix_dir, tmp_path):
 
 
 def test_scan_lists_suspects_ranked(tmp_path):
+    """A run directory written as ``advtrain train`` writes one (weights with their sidecar,
+    config.json), around a model trained for a few epochs."""
     run_dir = tmp_path / "run"
-    rc, _, err = call(
-        "train", "--dataset", "digits", "--method", "standard", "--epochs", "1",
-        "--eval-steps", "1", "--out", run_dir, "--quiet",
-    )  # fmt: skip
-    assert rc == 0, err
+    run_dir.mkdir()
+    data = load_dataset("digits")
+    settings = MatrixSettings(epochs=3, batch_size=64, lr=3e-3)
+    model = MatrixModels(data, "digits-cnn", settings, None, print).train(data.train, "run")
+    meta = {"model": "digits-cnn", "norm": "linf", "eps": 0.2}
+    save_checkpoint(run_dir / "model.safetensors", model.state_dict(), meta)
+    (run_dir / "config.json").write_text(json.dumps({"dataset": "digits", "seed": 0}))
     target = tmp_path / "suspects.json"
     rc, out, err = call(
         "scan", "--model", run_dir, "--rate", "0.02", "--top", "5", "--json", target

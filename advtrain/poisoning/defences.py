@@ -124,8 +124,7 @@ def spectral_signatures(
         if len(rows) < 2:
             continue
         centred = f[rows] - f[rows].mean(axis=0, keepdims=True)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        raw = (centred @ vt[0]) ** 2
+        raw = (centred @ _top_right_singular_vectors(centred, 1)[:, 0]) ** 2
         scores[rows] = raw / max(float(raw.mean()), 1e-12)
         k = min(budget, len(rows) // 2)
         if k > 0:
@@ -169,6 +168,13 @@ def activation_clustering(
     return _ranked("ac", scores, chosen)
 
 
+def _top_right_singular_vectors(centred: np.ndarray, k: int) -> np.ndarray:
+    """The top ``k`` right singular vectors of ``centred`` as columns, ``(d, k)`` (by torch,
+    which keeps to its own thread count; NumPy's BLAS threads can stall on shared cores)."""
+    _, _, vh = torch.linalg.svd(torch.from_numpy(centred), full_matrices=False)
+    return vh[:k].T.numpy()
+
+
 def two_means(
     points: np.ndarray, seed: int = 0, restarts: int = 10, steps: int = 100
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -208,13 +214,17 @@ def _reduce(features: np.ndarray, dims: int, reduce: str, seed: int) -> np.ndarr
     from sklearn.exceptions import ConvergenceWarning
 
     centred = features - features.mean(axis=0, keepdims=True)
-    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    u_t, s_t, _ = torch.linalg.svd(torch.from_numpy(centred), full_matrices=False)
+    u, s = u_t.numpy(), s_t.numpy()
     rank = int((s > 1e-6 * max(float(s[0]), 1e-30)).sum()) if len(s) else 0
     k = max(1, min(dims, rank))
     low = u[:, :k] * s[:k]
     if reduce == "pca" or k < 2:
         return low
-    with warnings.catch_warnings():
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: on a class's small matrix, more threads only wait for each other
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         warnings.simplefilter("ignore", ConvergenceWarning)
         ica = FastICA(n_components=k, whiten="unit-variance", random_state=seed, max_iter=200)
         sources = ica.fit_transform(low)
