@@ -100,7 +100,7 @@ class MahalanobisDetector(Detector):
         if self.means.numel() == 0:
             raise AdvtrainError("the mahalanobis detector is not fitted")
         diff = features[:, None, :] - self.means[None].to(features.dtype)
-        return torch.einsum("ncd,de,nce->nc", diff, self.precision.to(features.dtype), diff)
+        return ((diff @ self.precision.to(features.dtype)) * diff).sum(dim=2)
 
     def logits_and_score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.readout is None:
