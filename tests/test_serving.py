@@ -381,3 +381,16 @@ def test_serve_refuses_a_corrupt_detector(trained, tmp_path, capsys):
     capsys.readouterr()
     assert run(["serve", str(run_dir), "--detector", str(broken)]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_detector_with_the_pgd_suite(trained, tmp_path, capsys):
+    """``advtrain evaluate --detector`` goes with the suites (their examples are the detector's
+    non-adaptive positives); a detector to save into a missing directory fails before any work."""
+    run_dir, *_, path = trained
+    capsys.readouterr()
+    assert run(["evaluate", str(run_dir), "--suite", "pgd", "--detector", str(path)]) == 2
+    assert "quick, standard and thorough" in capsys.readouterr().err
+    target = tmp_path / "missing" / "d.safetensors"
+    args = ["evaluate", str(run_dir), "--fit-detector", "mahalanobis", "--detector", str(target)]
+    assert run(args) == 2
+    assert "does not exist" in capsys.readouterr().err
