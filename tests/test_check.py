@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,8 @@ def test_a_run_directory_is_re_evaluated_as_the_baseline_was(
     assert written["verdict"]["holds"]
     with pytest.raises(AdvtrainError, match="dataset 'digits' here, 'mnist'"):
         evaluate_like(run_dir, report(settings={**quick, "dataset": "mnist"}))
+
+
+def test_check_needs_no_optuna(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    assert check(tmp_path, report()) == 0

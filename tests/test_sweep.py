@@ -120,6 +120,10 @@ def test_a_sweep_on_digits_in_sqlite_and_its_front_on_the_test_split(tmp_path: P
 def test_two_workers_share_one_sqlite_file(tmp_path: Path) -> None:
     path = write_space(tmp_path, SPACE.format(epochs=1))
     out = tmp_path / "shared"
+    # two enqueued trials for two workers starting together: on SQLite, Optuna's own queue
+    # handed one of them to both unless each transaction takes the lock when it begins
+    queued = [{"lr": 0.003, "method": "pgd"}, {"lr": 0.005, "method": "pgd"}]
+    run_sweep(load_space(path), out, trials=0, evaluate=False, enqueue=queued)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "advtrain", "sweep", str(path), "--out", str(out)]
     command += ["--trials", "1", "--no-evaluate", "--quiet", "--sampler", "random"]
@@ -139,6 +143,7 @@ def test_two_workers_share_one_sqlite_file(tmp_path: Path) -> None:
     study = optuna.load_study(study_name="advtrain-sweep", storage=f"sqlite:///{out}/sweep.db")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and len(states) == 2
+    assert sorted(t.params["lr"] for t in study.trials) == [0.003, 0.005]
     run_dirs = {t.user_attrs["run_dir"] for t in study.trials}
     assert len(run_dirs) == 2 and all((Path(d) / "model.safetensors").is_file() for d in run_dirs)
 

@@ -93,9 +93,7 @@ def sweep(
     from ..tuning.study import require_optuna
 
     require_optuna()
-    space = load_space(
-        space_path, objectives=objectives, min_clean=min_clean, eval_eps=eval_eps
-    )
+    space = load_space(space_path, objectives=objectives, min_clean=min_clean, eval_eps=eval_eps)
     result = run_sweep(
         space,
         out,

@@ -77,13 +77,16 @@ def open_storage(url: str) -> Any:
         try:
             with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's words
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=HEARTBEAT_S,
                     grace_period=GRACE_S,
                     **_retry_callback(optuna),
                 )
+            if url.startswith("sqlite"):
+                _immediate_transactions(storage.engine)
+            return storage
         except ImportError as exc:  # a driver (psycopg2, pymysql) that is not installed
             raise AdvtrainError(f"storage {shown_url(url)}: {one_line(exc, 160)}") from None
         except Exception as exc:  # sqlalchemy's OperationalError: tables created concurrently
@@ -96,6 +99,31 @@ def open_storage(url: str) -> Any:
             last = exc
             time.sleep(OPEN_BACKOFF_S * (1 + attempt) * (0.5 + random.random()))
     raise AdvtrainError(f"cannot open storage {shown_url(url)}: {one_line(last, 160)}")
+
+
+def _immediate_transactions(engine: Any) -> None:
+    """Make every SQLite transaction of ``engine`` take the write lock when it begins.
+
+    Python's sqlite3 driver begins a transaction only at the first write, so Optuna's "read the
+    trial, then mark it running" (``SELECT ... FOR UPDATE`` elsewhere; SQLite has no row locks)
+    is not atomic there: two workers starting together can both pop the same enqueued trial and
+    train it twice into one run directory (seen with two and four workers). SQLAlchemy's recipe
+    for pysqlite (its SQLite dialect documentation, "Serializable isolation / Savepoints /
+    Transactional DDL"): let the driver issue no BEGIN itself and emit ``BEGIN IMMEDIATE`` at
+    the start of each transaction. Workers then take turns on the file (each waits up to
+    :data:`SQLITE_TIMEOUT_S`), which costs nothing beside a trial.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_begin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while the storage was created lack the first hook
 
 
 def _retry_callback(optuna: ModuleType) -> dict[str, Any]:

@@ -114,6 +114,7 @@ def run_sweep(
     suite: str = "standard",
     test_limit: int | None = None,
     device: str | None = None,
+    enqueue: list[dict[str, Any]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Run ``trials`` trials of ``space`` in the study ``study`` (this worker's share), then
@@ -137,6 +138,9 @@ def run_sweep(
         suite: the evaluation suite for that (``quick``, ``standard``, ``thorough``).
         test_limit: evaluate on the first ``test_limit`` test points only.
         device: overrides every trial's device (and the evaluation's).
+        enqueue: settings (searched keys to values) to try first, e.g. a hand-picked default
+            to compare the front with (Optuna's ``enqueue_trial``; skipped when the study
+            already holds a trial with the same settings).
         log: called with one line per trial and per evaluation.
     """
     optuna = optuna_study.require_optuna()
@@ -172,6 +176,9 @@ def run_sweep(
         pruner_obj,
         _stored_space(space),
     )
+
+    for values in enqueue or []:
+        the_study.enqueue_trial(values, skip_if_exists=True)
 
     def objective(trial: Any) -> float | tuple[float, float]:
         try:
