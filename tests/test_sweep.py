@@ -150,12 +150,16 @@ def test_two_workers_share_one_sqlite_file(tmp_path: Path) -> None:
 
 def test_the_pruner_stops_a_trial_after_its_first_epoch(tmp_path: Path) -> None:
     text = TINY.format(epochs=3) + "[space]\nlr = { low = 1e-3, high = 2e-3 }\n"
-    space = load_space(write_space(tmp_path, text), objectives="robust")
+    space = load_space(write_space(tmp_path, text), objectives="robust", min_clean=0.999)
     # robust accuracy after one epoch of digits is far below 0.99: this pruner must stop it
     pruner = optuna.pruners.ThresholdPruner(lower=0.99)
     result = run_sweep(space, tmp_path / "s", trials=1, pruner=pruner, seed=0, evaluate=False)
     trial = result.trials[0]
     assert trial.state == "PRUNED" and trial.pruned_at == 1
+    assert not trial.feasible  # clean accuracy after one epoch is below 0.999
+    if hasattr(optuna.trial.Trial, "set_constraint"):  # Optuna's own record of the constraint
+        stored = optuna.load_study(study_name="advtrain-sweep", storage=result.storage).trials
+        assert stored[0].constraints["min_clean"] == pytest.approx(0.999 - trial.val_clean)
     run_dir = Path(str(trial.run_dir))
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -11,9 +11,11 @@ AutoAttack's recipe; each report is written beside its run as ``report.json``, w
 (the most robust on the test split with clean accuracy >= ``min_clean``, or without a
 constraint the best harmonic mean of the two).
 
-With two objectives the constraint goes to Optuna's ``constraints_func`` (TPE and NSGA-II rank
-infeasible trials last); with one (robust accuracy) the same ``constraints_func`` steers the
-sampler, and the pick among trials respects it too.
+The constraint ``clean >= min_clean`` is Optuna's own, not a penalty on the objective: each
+trial sets ``min_clean - clean`` with ``Trial.set_constraint`` (Optuna 5; before it, the
+sampler's ``constraints_func`` reads the same value), and TPE and NSGA-II rank infeasible trials
+after feasible ones, with two objectives or one; the front and the pick take feasible trials
+only (every trial when none is feasible, which the result's note says).
 """
 
 from __future__ import annotations
@@ -154,7 +156,12 @@ def run_sweep(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     url = storage or optuna_study.default_storage(sweep_dir)
     multi = len(space.objectives) > 1
-    constraints = None if space.min_clean is None else _constraint(space.min_clean)
+    # the clean-accuracy constraint: set by each trial where Optuna has Trial.set_constraint
+    # (5.0 on), else Optuna's older constraints_func reading the trial's clean figure
+    own_constraint = hasattr(optuna.trial.Trial, "set_constraint")
+    constraints = (
+        None if space.min_clean is None or own_constraint else _constraint(space.min_clean)
+    )
     sampler_obj = sampler
     if sampler is None or isinstance(sampler, str):
         sampler_obj = optuna_study.make_sampler(

@@ -161,6 +161,8 @@ def train_trial(
     kept = kept_record(result)
     clean, robust = float(kept.val_clean_accuracy), robust_at.of(kept, trainer.model)
     trial.set_user_attr(VAL_CLEAN, clean)
+    if space.min_clean is not None and hasattr(trial, "set_constraint"):  # Optuna >= 5
+        trial.set_constraint("min_clean", space.min_clean - clean)  # <= 0: feasible
     trial.set_user_attr(VAL_ROBUST, robust)
     trial.set_user_attr("epochs_run", len(result.history))
     if watch is not None and watch.pruned_at is not None:
