@@ -63,6 +63,13 @@ class Detector(nn.Module, ABC):
         read the classifier's features override it to take both from one pass."""
         return self.classifier(x), self.score(x)
 
+    def attack_surrogates(self) -> list[nn.Module]:
+        """Classifiers whose adversarial examples are good starts for an adaptive attack on the
+        pair (Tramèr et al. 2020: design the attack for the defence); none by default. A detector
+        that compares the classifier on transformed copies of the input returns the classifier
+        on each copy and on all of them at once."""
+        return []
+
     def scores(self, x: Tensor, batch_size: int = 1000) -> Tensor:
         """Scores of ``x`` without gradients, in batches on the classifier's device (CPU out)."""
         device = model_device(self.classifier, default=x.device)

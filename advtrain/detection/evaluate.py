@@ -16,8 +16,11 @@ inefficient) robust at ``eps / 2`` with the same robust accuracy, so a detection
   on every point, aiming under the lower of the detector's own threshold and the threshold at
   5% FPR on the clean test points (so one run serves every figure); its positives are the
   correctly classified points whose example the classifier gets wrong;
-- the adaptive attack runs twice, from a random start and from the suite's examples, each point
-  keeping the better run (Tramèr et al. 2020: start an adaptive attack where a strong one ended);
+- the adaptive attack runs from a random start, from the suite's examples and, for a detector
+  with attack surrogates (feature squeezing: the classifier on each squeezed copy, and on the
+  input and its copies at once), from PGD's examples against each; each point keeps the best run
+  (Tramèr et al. 2020: start an adaptive attack where a strong one ended, and design it for the
+  defence);
 - for each: the TPR at 1% and 5% FPR (thresholds on the clean test scores), the AUROC of clean
   against adversarial scores, and the pair's robust accuracy at the detector's own threshold: a
   point is defended when the classifier gets it right or the detector flags it; the headline
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..attacks import PGD
 from ..attacks.base import frozen, model_device
 from ..errors import AdvtrainError
 from ..threat import ThreatModel
@@ -180,6 +184,9 @@ def evaluate_detector(
     )
     found = attack.outcome(model, x, y)
     found.merge(attack.refine(model, x, y, x_suite.to(x.device)), torch.arange(len(x)))
+    for surrogate in detector.attack_surrogates():  # PGD on each, then the pair's descent
+        starts = PGD(threat, steps=steps, seed=seed, batch_size=batch_size)(surrogate, x, y)
+        found.merge(attack.refine(model, x, y, starts), torch.arange(len(x)))
     x_adaptive = found.x_adv
     if not bool(threat.contains(x_adaptive, x).all()):
         raise AdvtrainError(

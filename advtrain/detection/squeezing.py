@@ -96,6 +96,14 @@ class FeatureSqueezingDetector(Detector):
             copies.append(median_filter(x, self.median))
         return copies
 
+    def attack_surrogates(self) -> list[nn.Module]:
+        """The classifier on each squeezed copy, and on the input and its copies at once (the
+        mean of their log-probabilities): examples that fool a squeezed branch are where the
+        branches can be made to agree on a wrong class."""
+        copies = int(self.bits > 0) + int(self.median > 0)
+        branches: list[nn.Module] = [SqueezedBranch(self, i) for i in range(copies)]
+        return [*branches, SqueezedEnsemble(self)]
+
     def logits_and_score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         copies = self.squeezed(x)
         logits = self.classifier(torch.cat([x, *copies]))
@@ -105,3 +113,34 @@ class FeatureSqueezingDetector(Detector):
 
     def score(self, x: Tensor) -> Tensor:
         return self.logits_and_score(x)[1]
+
+
+class SqueezedEnsemble(nn.Module):
+    """The mean log-probabilities of the classifier on ``x`` and on its squeezed copies."""
+
+    def __init__(self, detector: FeatureSqueezingDetector) -> None:
+        super().__init__()
+        self.classifier = detector.classifier
+        object.__setattr__(self, "detector", detector)
+
+    detector: FeatureSqueezingDetector
+
+    def forward(self, x: Tensor) -> Tensor:
+        copies = [x, *self.detector.squeezed(x)]
+        logits = self.classifier(torch.cat(copies))
+        return logits.log_softmax(dim=1).reshape(len(copies), len(x), -1).mean(dim=0)
+
+
+class SqueezedBranch(nn.Module):
+    """The classifier on the ``index``-th squeezed copy of ``x``."""
+
+    def __init__(self, detector: FeatureSqueezingDetector, index: int) -> None:
+        super().__init__()
+        self.classifier = detector.classifier
+        self.index = index
+        object.__setattr__(self, "detector", detector)
+
+    detector: FeatureSqueezingDetector
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.detector.squeezed(x)[self.index])
