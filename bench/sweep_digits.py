@@ -5,10 +5,13 @@ The default is enqueued as the study's first trial, so it is trained and measure
 pipeline as every other trial. ``--workers`` processes (one thread each) share the study through
 the SQLite file in the sweep directory, as workers on several machines would through an RDB URL;
 each starts no new trial after ``--timeout`` seconds (Optuna's ``optimize(timeout=...)``) and the
-study stops at ``--trials`` finished trials (``MaxTrialsCallback``). Then the validation front,
-and the default, are measured on the test split with the standard suite at eps 0.2 (the
-README's figures are the same suite on the same 360 test points), and the script says whether a
-configuration of the front dominates the default, or by how much the closest falls short.
+study stops at ``--trials`` finished trials (``MaxTrialsCallback``). The constraint clean >= 0.97
+steers the sampler; the front compared with the default is taken over every finished trial (the
+validation split is 180 images, where one image is 0.56 points: the default itself reads 96.7%
+there). That front, and the default, are measured on the test split with the standard suite at
+eps 0.2 (the README's figures are the same suite on the same 360 test points), and the script
+says whether a configuration of the front dominates the default, or by how much the closest
+falls short. ``--evaluate-only`` does that last part again on the study as it stands.
 
     .venv/bin/python bench/sweep_digits.py                     # ~30 trials, 2 workers, about 25 min
     .venv/bin/python bench/sweep_digits.py --trials 4 --timeout 60 --suite quick   # a smoke run
@@ -17,6 +20,7 @@ configuration of the front dominates the default, or by how much the closest fal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,10 +30,13 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import torch
 
 from advtrain.tuning import load_space, run_sweep
 from advtrain.tuning.evaluate_front import evaluate_trial
+from advtrain.tuning.study import DEFAULT_STUDY, default_storage
+from advtrain.tuning.sweep import evaluate_front, summarise
 
 #: The README's hand-picked default, measured with the standard suite on digits' test split.
 README_DEFAULT = {"clean": 0.978, "robust": 0.622}
@@ -72,6 +79,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=960.0, help="no new trial after (s)")
     parser.add_argument("--suite", default="standard")
     parser.add_argument("--fresh", action="store_true", help="delete an earlier sweep first")
+    parser.add_argument("--evaluate-only", action="store_true", help="no new trial")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -85,18 +93,14 @@ def main() -> None:
     load_before = os.getloadavg()
     # the study, with the default enqueued as its first trial
     run_sweep(space, out, trials=0, evaluate=False, enqueue=[DEFAULT])
-    per_worker = math.ceil(args.trials / args.workers)
-    command = [sys.executable, "-m", "advtrain", "sweep", str(space_path), "--out", str(out)]
-    command += ["--trials", str(per_worker), "--max-trials", str(args.trials)]
-    command += ["--timeout", str(args.timeout), "--no-evaluate", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    workers = [
-        subprocess.Popen([*command, "--seed", str(seed)], env=env) for seed in range(args.workers)
-    ]
-    codes = [worker.wait() for worker in workers]
+    codes = [] if args.evaluate_only else run_workers(args, space_path, out)
     trained = time.perf_counter() - started
     load_trials = os.getloadavg()
-    result = run_sweep(space, out, trials=0, suite=args.suite, log=print)
+    # the front over every finished trial (the constraint only steered the sampler)
+    study = optuna.load_study(study_name=DEFAULT_STUDY, storage=default_storage(out))
+    open_space = dataclasses.replace(space, min_clean=None)
+    result = summarise(study, open_space, default_storage(out), out)
+    evaluate_front(result, open_space, suite=args.suite, test_limit=None, device=None, log=print)
     default_trial = min(result.trials, key=lambda t: t.number)
     if default_trial.test is None and default_trial.run_dir:
         default_trial.test = evaluate_trial(
@@ -106,6 +110,14 @@ def main() -> None:
     result.to_json(out / "sweep.json")
     result.to_html(out / "sweep.html")
     summary = verdict(result, default_trial)
+    finished = [t for t in study.trials if t.datetime_complete is not None]
+    if finished:
+        first = min(t.datetime_start for t in finished if t.datetime_start is not None)
+        last = max(t.datetime_complete for t in finished if t.datetime_complete is not None)
+        summary["trial_phase_wall_s"] = round((last - first).total_seconds(), 1)
+        summary["trial_seconds_sum"] = round(
+            sum(t.duration.total_seconds() for t in finished if t.duration is not None), 1
+        )
     summary.update(
         workers=args.workers,
         worker_exit_codes=codes,
@@ -121,13 +133,26 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
 
 
+def run_workers(args: argparse.Namespace, space_path: Path, out: Path) -> list[int]:
+    """``--workers`` processes of ``advtrain sweep`` on the study, one thread each."""
+    per_worker = math.ceil(args.trials / args.workers)
+    command = [sys.executable, "-m", "advtrain", "sweep", str(space_path), "--out", str(out)]
+    command += ["--trials", str(per_worker), "--max-trials", str(args.trials)]
+    command += ["--timeout", str(args.timeout), "--no-evaluate", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    workers = [
+        subprocess.Popen([*command, "--seed", str(seed)], env=env) for seed in range(args.workers)
+    ]
+    return [worker.wait() for worker in workers]
+
+
 def verdict(result, default_trial) -> dict:  # type: ignore[no-untyped-def]
     """The front's test figures against the default's (measured here) and the README's."""
     base = default_trial.test or {}
     rows = []
     for number in result.front:
         trial = result.trial(number)
-        if trial.test is None:
+        if trial.test is None or number == default_trial.number:  # the default itself
             continue
         rows.append(
             {
