@@ -172,3 +172,26 @@ def test_the_adaptive_attack_refuses_another_classifier(fitted, digits, threat):
     attack = DetectorAwarePGD(threat, detector=fitted["mahalanobis"], steps=2)
     with pytest.raises(AdvtrainError, match="watches"):
         attack(other, digits.test.x[:2], digits.test.y[:2])
+
+
+def test_concurrent_threads_score_their_own_inputs(fitted, digits):
+    """The feature hook keeps the calling thread's pass: a served model scores concurrent
+    requests of different sizes apart."""
+    import threading
+
+    detector = fitted["mahalanobis"]
+    batches = [digits.test.x[i : i + 1 + i % 5] for i in range(0, 80, 5)]
+    expected = [detector.scores(b) for b in batches]
+    got: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            got[i] = detector.scores(batches[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, scores in enumerate(expected):
+        assert torch.equal(got[i], scores)

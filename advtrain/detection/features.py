@@ -3,11 +3,15 @@
 Lee et al. (2018) fit their Gaussians on a network's hidden features, the last hidden layer
 first; Metzen et al. (2017) attach their detector to a hidden layer. Both read the features here
 through a forward pre-hook on the readout layer, in the same pass that gives the logits, with
-the gradient to the input kept (an adaptive attack differentiates through them).
+the gradient to the input kept (an adaptive attack differentiates through them). The hook keeps
+only the calling thread's pass, so a served model scores concurrent requests apart.
 """
 
 from __future__ import annotations
 
+import threading
+
+import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
@@ -28,8 +32,6 @@ def readout_name(model: nn.Module, probe: Tensor) -> str:
         if id(m) in linear
     ]
     try:
-        import torch
-
         with torch.no_grad():
             model(probe)
     finally:
@@ -46,7 +48,13 @@ def logits_and_features(model: nn.Module, readout: str, x: Tensor) -> tuple[Tens
     if readout not in modules:
         raise AdvtrainError(f"the model has no module {readout!r} to read its features at")
     seen: list[Tensor] = []
-    handle = modules[readout].register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
+    caller = threading.get_ident()  # a hook sees every thread's passes: keep this thread's only
+
+    def keep(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        if threading.get_ident() == caller:
+            seen.append(inputs[0])
+
+    handle = modules[readout].register_forward_pre_hook(keep)
     try:
         logits = model(x)
     finally:
