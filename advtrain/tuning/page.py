@@ -70,6 +70,9 @@ def front_png(result: SweepResult) -> bytes | None:
                 c="#d62728",
                 label=f"front on the test split ({result.suite} suite)",
             )
+            for t in tested:
+                if t.test:
+                    axes.annotate(str(t.number), (t.test["clean"], t.test["robust"]), fontsize=8)
         for t in front:
             axes.annotate(str(t.number), (t.val_clean or 0.0, t.val_robust or 0.0), fontsize=8)
         if result.min_clean is not None:
