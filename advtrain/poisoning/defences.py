@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 from torch import Tensor
 
 from ..data import Split
@@ -124,7 +125,7 @@ def spectral_signatures(
         if len(rows) < 2:
             continue
         centred = f[rows] - f[rows].mean(axis=0, keepdims=True)
-        raw = (centred @ _top_right_singular_vectors(centred, 1)[:, 0]) ** 2
+        raw = (centred @ _principal_axes(centred)[0][:, 0]) ** 2
         scores[rows] = raw / max(float(raw.mean()), 1e-12)
         k = min(budget, len(rows) // 2)
         if k > 0:
@@ -168,11 +169,16 @@ def activation_clustering(
     return _ranked("ac", scores, chosen)
 
 
-def _top_right_singular_vectors(centred: np.ndarray, k: int) -> np.ndarray:
-    """The top ``k`` right singular vectors of ``centred`` as columns, ``(d, k)`` (by torch,
-    which keeps to its own thread count; NumPy's BLAS threads can stall on shared cores)."""
-    _, _, vh = torch.linalg.svd(torch.from_numpy(centred), full_matrices=False)
-    return vh[:k].T.numpy()
+def _principal_axes(centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The right singular vectors of ``centred`` ``(n, d)`` as columns ``(d, r)`` with their
+    singular values ``(r,)``, largest first: the eigenvectors of the ``d x d`` Gram matrix, in
+    float64 (far cheaper than an SVD of the tall matrix when ``n >> d``), on one BLAS thread: on
+    matrices this small more threads only wait for each other, for seconds on shared cores."""
+    with threadpool_limits(limits=1):
+        gram = centred.T @ centred
+        values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(-values, kind="stable")
+    return vectors[:, order], np.sqrt(np.clip(values[order], 0.0, None))
 
 
 def two_means(
@@ -214,15 +220,13 @@ def _reduce(features: np.ndarray, dims: int, reduce: str, seed: int) -> np.ndarr
     from sklearn.exceptions import ConvergenceWarning
 
     centred = features - features.mean(axis=0, keepdims=True)
-    u_t, s_t, _ = torch.linalg.svd(torch.from_numpy(centred), full_matrices=False)
-    u, s = u_t.numpy(), s_t.numpy()
+    axes, s = _principal_axes(centred)
     rank = int((s > 1e-6 * max(float(s[0]), 1e-30)).sum()) if len(s) else 0
     k = max(1, min(dims, rank))
-    low = u[:, :k] * s[:k]
+    with threadpool_limits(limits=1):
+        low = centred @ axes[:, :k]
     if reduce == "pca" or k < 2:
         return low
-    from threadpoolctl import threadpool_limits
-
     # one BLAS thread: on a class's small matrix, more threads only wait for each other
     with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         warnings.simplefilter("ignore", ConvergenceWarning)
