@@ -213,3 +213,12 @@ def test_detection_counts_and_two_means():
     assignment, _ = two_means(points)
     assert len(set(assignment[:40])) == 1 and len(set(assignment[40:])) == 1
     assert assignment[0] != assignment[-1]
+
+
+def test_weight_cache_is_keyed_by_the_training_rows(data, tmp_path):
+    models = MatrixModels(data, "digits-cnn", MatrixSettings(epochs=1), tmp_path, print)
+    same = models._path("badnets/ac", data.train)
+    assert same == models._path("badnets/ac", data.train)
+    fewer = remove(data.train, np.array([0]))
+    assert models._path("badnets/ac", fewer) != same
+    assert models._path("badnets/spectral", data.train) != same

@@ -175,7 +175,7 @@ class MatrixModels:
     def train(self, split: Split, key: str) -> nn.Module:
         """A model trained on ``split``; ``key`` names it in the weight cache."""
         model = self.fresh()
-        path = self._path(key)
+        path = self._path(key, split)
         if path is not None and path.is_file():
             model.load_state_dict(torch.load(path, weights_only=True))
             self.log(f"{key}: weights read from {path}")
@@ -207,9 +207,15 @@ class MatrixModels:
             torch.save(trained.state_dict(), path)
         return trained
 
-    def _path(self, key: str) -> Path | None:
+    def _path(self, key: str, split: Split) -> Path | None:
+        """The cache file of a model: named by ``key`` and a digest of the recipe and of the
+        training rows themselves (so a defence that removes other rows trains again)."""
         if self.weights_dir is None:
             return None
+        rows = hashlib.sha256()
+        for part in (split.x, split.y):
+            assert isinstance(part, Tensor)
+            rows.update(part.contiguous().numpy().tobytes())
         s = self.settings
         recipe = json.dumps(
             [
@@ -222,6 +228,7 @@ class MatrixModels:
                 s.seed,
                 s.val_rows,
                 key,
+                rows.hexdigest(),
             ],
         )
         digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
