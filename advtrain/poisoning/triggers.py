@@ -2,8 +2,8 @@
 training rows and to trigger test inputs when the attack success rate is measured.
 
 * :class:`PatchTrigger`: a small square in the bottom-right corner (BadNets, Gu, Dolan-Gavitt &
-  Garg 2017, "BadNets: identifying vulnerabilities in the machine learning model supply chain";
-  BackdoorBench's BadNets stamps a 3x3 white square there). ``pattern="checkerboard"``
+  Garg 2017, "BadNets: identifying vulnerabilities in the machine learning model supply
+  chain"). ``pattern="checkerboard"``
   alternates the two bounds, the trigger of Turner, Tsipras & Madry 2019's clean-label attack.
 * :class:`BlendTrigger`: a full-image pattern mixed in at a ratio,
   ``x' = (1 - alpha) x + alpha * pattern`` (Chen, Liu, Li, Lu & Song 2017, "Targeted backdoor
