@@ -7,7 +7,8 @@ advtrain's ``mnist-small``, torch on one thread per request, and for the detecto
 Mahalanobis detector fitted on 5,000 training images (threshold at 5% FPR on the validation
 split). The client is this process: ``--clients`` threads, each with its own ``requests``
 session, sending ``--requests`` POST /predict in all (one MNIST test image each, as JSON,
-serialised beforehand), then it stops.
+serialised beforehand), then it stops. Each server first answers ``--warmup`` requests that are
+not counted (the first passes of a fresh process are slower).
 
 Phases: (1) no detector, (2) with the detector, (3) with the detector and ``--bad`` of the
 requests malformed (broken JSON, NaN, a wrong shape, pixels in 0-255, a batch over the limit, a
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per phase (2000)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
+    parser.add_argument("--warmup", type=int, default=200, help="uncounted requests first")
     parser.add_argument("--bad", type=float, default=0.1, help="malformed share in phase 3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -256,12 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     server = Server(with_detector=False)
     try:
+        load(server.url, args.warmup, args.clients, bodies, 0.0, args.seed)  # not counted
         results["plain"] = load(server.url, args.requests, args.clients, bodies, 0.0, args.seed)
     finally:
         server.stop()
     say("no detector", results["plain"])
     server = Server(with_detector=True)
     try:
+        load(server.url, args.warmup, args.clients, bodies, 0.0, args.seed)  # not counted
         results["detector"] = load(server.url, args.requests, args.clients, bodies, 0.0, args.seed)
         say("mahalanobis detector", results["detector"])
         results["mixed"] = load(
