@@ -153,9 +153,8 @@ def backdoor(
 @click.option(
     "--split",
     type=click.Choice(["train", "val", "test"]),
-    default="train",
-    show_default=True,
-    help="Which split of the data to scan.",
+    help="Which split of the data to scan (default: train; a new table given to a table run is "
+    "read whole, as its test split, and scanned whole).",
 )
 @click.option("--defences", default="spectral,ac", show_default=True, help="spectral, ac.")
 @click.option(
@@ -178,7 +177,7 @@ def scan(
     schema: str | None,
     dataset: str | None,
     data_dir: str | None,
-    split: str,
+    split: str | None,
     defences: str,
     rate: float,
     top: int,
@@ -196,6 +195,9 @@ def scan(
         check_output_paths({"--json": Path(json_path)})
     names = tuple(d.strip() for d in defences.split(",") if d.strip())
     loaded = load_model_and_data(run_dir, None, None, None, dataset, data_dir, seed, table, schema)
+    if split is None:
+        read_whole = table is not None and bool(loaded.run.get("data")) and loaded.run.get("schema")
+        split = "test" if read_whole else "train"
     rows = getattr(loaded.data, split)
     result = run_scan(loaded.model, rows, defences=names, expected_rate=rate, seed=loaded.seed)
     for name, suspects in result.suspects.items():
