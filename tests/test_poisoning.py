@@ -22,9 +22,9 @@ from advtrain.poisoning import (
     detection,
     feature_trigger,
     fit_strip,
-    head_layer,
     make_backdoor,
     penultimate_features,
+    readout_layer,
     remove,
     spectral_signatures,
     triggered,
@@ -153,13 +153,13 @@ def test_table_trigger_stays_feasible_under_the_schema():
 
 def test_penultimate_layer_is_found_for_advtrain_models(data):
     model = _untrained(data)
-    assert head_layer(model, data.test.x[:2]) is model[-1]
+    assert readout_layer(model, data.test.x[:2]) is model[-1]
     assert penultimate_features(model, data.test.x[:5]).shape == (5, 128)
     mnist = build_model("mnist-small", in_shape=(1, 28, 28), n_classes=10)
     assert penultimate_features(mnist, torch.zeros(3, 1, 28, 28)).shape == (3, 100)
     mlp = build_model("mlp", in_shape=(7,), n_classes=2)
     assert penultimate_features(mlp, torch.zeros(3, 7)).shape == (3, 64)
-    with pytest.raises(AdvtrainError, match=r"no nn\.Linear"):
+    with pytest.raises(AdvtrainError, match=r"no torch\.nn\.Linear readout"):
         penultimate_features(torch.nn.Sequential(torch.nn.Flatten()), data.test.x[:2])
 
 

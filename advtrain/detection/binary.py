@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from ..attacks import PGD
 from ..errors import AdvtrainError
+from ..models.features import logits_and_features, readout_name
 from ..threat import ThreatModel
 from ..util import check_positive_int
 from .base import Detector
-from .features import logits_and_features, readout_name
 
 
 class BinaryDetector(Detector):

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
+from ..models.features import logits_and_features, readout_name
 from .base import Detector
-from .features import logits_and_features, readout_name
 
 RIDGE = 1e-6
 

@@ -6,11 +6,13 @@
 >>> matrix = run_matrix(data, "mnist-small", "badnets,blended", "none,spectral,ac,strip")
 
 Attacks (:mod:`.backdoors`): BadNets, Blended, clean-label, a table feature trigger. Defences:
-spectral signatures and activation clustering on the training rows (:mod:`.defences`, with
-the penultimate layer's features from :mod:`.features`), STRIP at inference (:mod:`.strip`).
+spectral signatures and activation clustering on the training rows (:mod:`.defences`, with the
+penultimate layer's features from :mod:`advtrain.models.features`), STRIP at inference
+(:mod:`.strip`).
 Neural Cleanse (Wang et al. 2019) is not implemented.
 """
 
+from ..models.features import penultimate_features, readout_layer
 from .backdoors import (
     BACKDOORS,
     Backdoor,
@@ -30,7 +32,6 @@ from .defences import (
     remove,
     spectral_signatures,
 )
-from .features import head_layer, penultimate_features
 from .matrix import DEFENCES, Cell, Matrix, MatrixSettings, run_matrix
 from .scan import ScanResult, scan
 from .strip import Strip, fit_strip
@@ -59,9 +60,9 @@ __all__ = [
     "detection",
     "feature_trigger",
     "fit_strip",
-    "head_layer",
     "make_backdoor",
     "penultimate_features",
+    "readout_layer",
     "remove",
     "run_matrix",
     "scan",

@@ -37,12 +37,12 @@ from torch import Tensor, nn
 from ..data import Dataset, Split
 from ..errors import AdvtrainError
 from ..models import build_model
+from ..models.features import penultimate_features
 from ..training import TrainConfig, Trainer
 from ..training.observers import BestEpoch
 from ..training.validation import logits_of
 from .backdoors import BACKDOORS, Backdoor, Poisoned, make_backdoor, triggered
 from .defences import activation_clustering, detection, remove, spectral_signatures
-from .features import penultimate_features
 from .pictures import trigger_picture
 from .strip import STRIP_FRR, STRIP_SAMPLES, fit_strip
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from ..data import Split
 from ..errors import AdvtrainError
+from ..models.features import penultimate_features
 from .defences import Suspects, activation_clustering, spectral_signatures
-from .features import penultimate_features
 
 #: The defences a scan may run.
 SCANNERS = ("spectral", "ac")
