@@ -7,11 +7,12 @@ them from each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,16 @@ def parse_key_values(items: Iterable[str], flag: str, example: str) -> dict[str,
             raise AdvtrainError(f"{flag} {key} is given twice")
         options[key] = parse_option_value(text)
     return options
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode under no_grad; each submodule's own mode is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode

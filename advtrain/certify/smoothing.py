@@ -46,9 +46,7 @@ model runs in eval mode under ``torch.no_grad()``; its modes are restored afterw
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +55,7 @@ from scipy import stats
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
-from ..util import check_finite, check_positive_int
+from ..util import check_finite, check_positive_int, evaluating
 
 __all__ = [
     "ABSTAIN",
@@ -186,19 +184,6 @@ def _binomial_p_values(top: np.ndarray, runner_up: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- the smoothed classifier
 
 
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode under no_grad; each submodule's own mode is restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
 def _model_device(model: nn.Module) -> torch.device | None:
     for parameter in model.parameters():
         return parameter.device
@@ -284,7 +269,7 @@ class Smoothed:
         n_points = int(x.shape[0])
         generator = self._generator(x.device)
         counts = torch.zeros(0, dtype=torch.int64, device=x.device)
-        with _evaluating(self.model):
+        with evaluating(self.model):
             for start in range(0, n_points * num, self.batch_size):
                 stop = min(start + self.batch_size, n_points * num)
                 owner = torch.arange(start, stop, device=x.device) // num

@@ -14,15 +14,14 @@ the features of a whole split, batch by batch, without gradients.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ..data.lazy import Inputs
 from ..errors import AdvtrainError
+from ..util import evaluating
 
 
 def readout_name(model: nn.Module, probe: Tensor) -> str:
@@ -40,7 +39,7 @@ def readout_name(model: nn.Module, probe: Tensor) -> str:
         if id(m) in linear
     ]
     try:
-        with _evaluating(model):
+        with evaluating(model):
             model(probe)
     finally:
         for handle in handles:
@@ -89,21 +88,8 @@ def penultimate_features(model: nn.Module, x: Inputs, batch_size: int = 512) -> 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     readout = readout_name(model, x[:2].to(device))
     parts: list[Tensor] = []
-    with _evaluating(model):
+    with evaluating(model):
         for i in range(0, len(x), batch_size):
             _, features = logits_and_features(model, readout, x[i : i + batch_size].to(device))
             parts.append(features.float().cpu())
     return torch.cat(parts)
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode under no_grad; each submodule's own mode is restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode

@@ -16,38 +16,20 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint
-from ..data import Dataset, load_dataset, load_images, load_table
+from ..data import Dataset
 from ..errors import AdvtrainError
 from ..models import build_model
 from ..models.weights import load_adapted_weights
 from ..training.config import TrainConfig, load_run_config
+from ..training.config_data import load_config_data
 
 
 def load_data(config: TrainConfig) -> Dataset:
     """The data a configuration names (a built-in set, a table with its schema, or images),
     split by its seed and fractions, as ``advtrain train`` reads them."""
-    val, test = config.val_fraction, config.test_fraction
     if config.num_classes is not None:
         raise AdvtrainError("num_classes is not supported in a sweep; leave it unset")
-    if config.data is not None and config.schema is None:
-        return load_images(
-            config.data,
-            image_size=config.image_size,
-            seed=config.seed,
-            val_fraction=val,
-            test_fraction=test,
-        )
-    if config.data is not None:
-        return load_table(
-            config.data, config.schema, seed=config.seed, val_fraction=val, test_fraction=test
-        )
-    return load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        seed=config.seed,
-        val_fraction=val,
-        test_fraction=test,
-    )
+    return load_config_data(config)
 
 
 def fresh_model(config: TrainConfig, data: Dataset) -> nn.Module:
