@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from advtrain.cli import run
 from advtrain.cli.loading import load_model_and_data
-from advtrain.detection import fit_detector, save_detector
+from advtrain.detection import fit_detector, load_detector, save_detector
 from advtrain.evaluation import predict
 from advtrain.serving import InputSpec, create_app
 
@@ -394,3 +394,23 @@ def test_evaluate_refuses_a_detector_with_the_pgd_suite(trained, tmp_path, capsy
     args = ["evaluate", str(run_dir), "--fit-detector", "mahalanobis", "--detector", str(target)]
     assert run(args) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_fits_saves_and_measures_a_detector(trained, tmp_path, capsys):
+    """``advtrain evaluate RUN --fit-detector KIND --detector PATH``: the detector is fitted,
+    saved where told, and measured against the suite's examples and the adaptive attack; the
+    JSON report carries both, with Tramèr's reduction, and the saved file loads back."""
+    run_dir, model, *_ = trained
+    saved, report = tmp_path / "d.safetensors", tmp_path / "report.json"
+    common = ["evaluate", str(run_dir), "--suite", "quick", "--n", "8", "--json", str(report)]
+    capsys.readouterr()
+    assert run([*common, "--fit-detector", "mahalanobis", "--detector", str(saved)]) == 0
+    assert "detector mahalanobis" in capsys.readouterr().out
+    assert saved.exists()
+    figures = json.loads(report.read_text())["detector"]
+    assert figures["kind"] == "mahalanobis" and figures["n"] == 8
+    for side in ("adaptive", "non_adaptive"):
+        assert set(figures[side]["tpr_at_fpr"]) >= {"1%", "5%"}
+        assert 0.0 <= figures[side]["pair_robust_accuracy"] <= 1.0
+    assert "Tramèr" in figures["reduction"] and "eps=0.1" in figures["reduction"]
+    assert load_detector(saved, model).threshold == figures["threshold"]
