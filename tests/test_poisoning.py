@@ -159,7 +159,7 @@ def test_penultimate_layer_is_found_for_advtrain_models(data):
     assert penultimate_features(mnist, torch.zeros(3, 1, 28, 28)).shape == (3, 100)
     mlp = build_model("mlp", in_shape=(7,), n_classes=2)
     assert penultimate_features(mlp, torch.zeros(3, 7)).shape == (3, 64)
-    with pytest.raises(AdvtrainError, match=r"no torch\.nn\.Linear readout"):
+    with pytest.raises(AdvtrainError, match=r"no torch\.nn\.Linear layer"):
         penultimate_features(torch.nn.Sequential(torch.nn.Flatten()), data.test.x[:2])
 
 

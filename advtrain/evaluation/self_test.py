@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdvtrainError
+from ..models.features import readout_name
 from ..threat import ThreatModel, lp_norm
 from .findings import VERDICT, WARNING, Check, CheckName
 
@@ -84,28 +85,13 @@ def readout_layer(
                 "torch.nn.Linear: name the linear layer whose input are the features"
             )
     else:
-        called: list[str] = []
-        linear = {id(m): n for n, m in modules.items() if isinstance(m, nn.Linear)}
-        if not linear:
-            raise AdvtrainError(
-                "self-test: the model has no torch.nn.Linear layer, so the features before its "
-                "readout cannot be read; pass self_test_features=NAME (the readout's module "
-                "name) for a model whose readout is a linear layer"
-            )
-        handles = [
-            m.register_forward_hook(lambda mod, _i, _o: called.append(linear[id(mod)]))
-            for m in modules.values()
-            if id(m) in linear
-        ]
         try:
-            with torch.no_grad():
-                model(probe)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if not called:
-            raise AdvtrainError("self-test: no linear layer of the model ran in a forward pass")
-        chosen = called[-1]
+            chosen = readout_name(model, probe)
+        except AdvtrainError as exc:
+            raise AdvtrainError(
+                f"self-test: {exc}; pass self_test_features=NAME (the readout's module name) "
+                "for a model whose readout is a linear layer"
+            ) from None
     layer = modules[chosen]
     assert isinstance(layer, nn.Linear)
     seen: list[Tensor] = []

@@ -29,8 +29,8 @@ def readout_name(model: nn.Module, probe: Tensor) -> str:
     linear = {id(m): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if not linear:
         raise AdvtrainError(
-            f"{type(model).__name__} has no torch.nn.Linear readout, so its penultimate "
-            "features cannot be read"
+            "the model has no torch.nn.Linear layer, so the features before its readout cannot "
+            "be read"
         )
     called: list[str] = []
     handles = [
@@ -45,9 +45,7 @@ def readout_name(model: nn.Module, probe: Tensor) -> str:
         for handle in handles:
             handle.remove()
     if not called:
-        raise AdvtrainError(
-            f"{type(model).__name__} called none of its torch.nn.Linear layers on a probe input"
-        )
+        raise AdvtrainError("the model ran none of its torch.nn.Linear layers in a forward pass")
     return called[-1]
 
 
