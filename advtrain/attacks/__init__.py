@@ -8,6 +8,7 @@ from .deepfool import DeepFool
 from .fab import FAB, FABT
 from .feature_search import FeatureSearch
 from .fgsm import FGSM
+from .give_up import GiveUp
 from .hop_skip_jump import HopSkipJump
 from .pgd import PGD
 from .registry import ATTACKS, attack_options, make_attack, register
@@ -31,6 +32,7 @@ __all__ = [
     "DeepFool",
     "FeatureSearch",
     "FullQueries",
+    "GiveUp",
     "HopSkipJump",
     "MinNormAttack",
     "MinNormResult",

@@ -34,6 +34,9 @@ in between). How a query runs the model is a strategy (``forward``,
 :mod:`~advtrain.attacks.square_forward`): by default, for linf on the CPU, when the model is a
 convolutional ``nn.Sequential``, a query recomputes only the feature-map patches its window
 reaches, where that saves a third of the work.
+With ``give_up`` (:class:`~advtrain.attacks.give_up.GiveUp`) an untargeted run stops spending
+queries on points whose margin, at a few checkpoints, is further from zero than its progress can
+plausibly cover (A3's budget allocation, Liu et al. 2022); the default spends every query.
 Inputs ``(N, D)`` and ``(N, C, L)`` are searched with 1-D windows (a run of ``round(p * D)``
 contiguous features); immutable features (the threat model's mask) and per-feature bounds are
 honoured exactly.
@@ -56,6 +59,7 @@ from ..losses import is_adversarial
 from ..threat import ThreatModel
 from .base import Outcome, compaction_interval, put_rows
 from .fast_grad import suspended
+from .give_up import GiveUp, ProgressWatch
 from .random_search import RANDOM_SEARCH_LOSSES, RandomSearch
 from .registry import register
 from .square_forward import QueryForward, QueryPass, Window, WindowQueries
@@ -148,6 +152,9 @@ class Square(RandomSearch):
             :class:`~advtrain.attacks.square_forward.WindowQueries`, the window pass where the
             model allows it; :class:`~advtrain.attacks.square_forward.FullQueries`: always the
             model's own forward pass). The result is the same either way.
+        give_up: drop points judged hopeless at a few checkpoints of an untargeted run
+            (:class:`~advtrain.attacks.give_up.GiveUp`, after A3, Liu et al. 2022; margin loss
+            only); ``None`` (default) spends every query, as the paper does.
         restarts, batch_size, seed: see :class:`~advtrain.attacks.base.Attack`.
 
     The queries each point used are on :meth:`outcome`'s result (``.queries``, int64, summed over
@@ -162,6 +169,7 @@ class Square(RandomSearch):
         p_init: float = 0.8,
         loss: str = "margin",
         forward: QueryForward | None = None,
+        give_up: GiveUp | None = None,
         **options: Unpack[AttackOptions],
     ) -> None:
         super().__init__(threat, n_queries=n_queries, p_init=p_init, loss=loss, **options)
@@ -169,7 +177,15 @@ class Square(RandomSearch):
             raise AdvtrainError(
                 f"forward must be a QueryForward (WindowQueries, FullQueries), got {forward!r}"
             )
+        if give_up is not None and not isinstance(give_up, GiveUp):
+            raise AdvtrainError(f"give_up must be a GiveUp or None, got {give_up!r}")
+        if give_up is not None and loss != "margin":
+            raise AdvtrainError(f"give_up judges the margin loss; got loss={loss!r}")
         self.forward: QueryForward = WindowQueries() if forward is None else forward
+        self.give_up = give_up
+
+    def _hyperparameters(self) -> dict[str, object]:
+        return {**super()._hyperparameters(), "give_up": self.give_up}
 
     # ------------------------------------------------------------------ the search
     def run(
@@ -257,6 +273,9 @@ class Square(RandomSearch):
         first = (
             self._start_linf(state, generator) if linf else self._start_l2(state, box, generator)
         )
+        watch: ProgressWatch | None = None
+        if self.give_up is not None and target is None:
+            watch = self.give_up.watch(self.n_queries, len(best.x_adv), x.device)
         for i in range(-1, self.n_queries - 2):
             if len(state.index) == 0:
                 break
@@ -270,6 +289,10 @@ class Square(RandomSearch):
             if constrained:  # a table's constraints: every query is a feasible row
                 candidate, changed, window = self._repaired(state, candidate, shape)
             self._query(forward, state, candidate, changed, window, best, dense)
+            if watch is not None:  # every point has now used i + 3 queries at most
+                hopeless = watch.after(i + 3, state.index, state.loss, state.active)
+                if hopeless is not None:
+                    self._drop(state, hopeless, best)
             if (i + 2) % every == 0:
                 state = state.keep(state.active)
         index, active = state.index, state.active
@@ -280,6 +303,14 @@ class Square(RandomSearch):
             )
             queried = active & (state.loss > float("-inf"))  # else never moved: keep its loss
             best.loss[index] = torch.where(queried, state.loss, best.loss[index])
+
+    @staticmethod
+    def _drop(state: SearchState, rows: Tensor, best: Outcome) -> None:
+        """Give up on the flagged rows: their current points and losses are their results."""
+        points = state.cur.reshape(len(state.cur), *best.x_adv.shape[1:])
+        put_rows(best.x_adv, state.index, rows, points)
+        put_rows(best.loss, state.index, rows, state.loss)
+        state.active = state.active & ~rows
 
     def _repaired(
         self, state: SearchState, candidate: Tensor, shape: torch.Size

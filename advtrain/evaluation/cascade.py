@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import APGD, APGDT, EOT, FAB, FABT, PGD, Attack, HopSkipJump, Square
+from ..attacks import APGD, APGDT, EOT, FAB, FABT, PGD, Attack, GiveUp, HopSkipJump, Square
 from ..attacks.base import MinNormAttack
 from ..attacks.counting import CountedModel
 from ..errors import AdvtrainError
@@ -112,6 +112,9 @@ def suite_attacks(
       1)``, FAB-T at ``min(3, n_classes - 1)``. The closest classes are the ones a targeted
       attack breaks and hold the smallest margins (MALT, Melamed et al. 2024, makes the same bet
       with another ranking). FAB-T runs unbounded: its norms are the robust margins.
+    - In both, Square gives up on points whose margin its progress will not bring to zero
+      (:class:`~advtrain.attacks.GiveUp`, after A3, Liu et al. 2022); the escalations' and the
+      thorough suite's Square runs spend every query.
     - ``thorough``: standard with FAB-T over ``min(9, n_classes - 1)`` targets, then APGD-CE and
       APGD-DLR with 5 restarts, APGD-T over every other class, and Square with 10,000 queries and
       2 restarts.
@@ -159,7 +162,8 @@ def suite_attacks(
                 Step("fab-t", FABT(unbounded, n_targets=fab_targets, batch_size=batch_size), True)
             )
         queries = 1000 if suite == "quick" else 5000
-        steps.append(Step("square", Square(threat, n_queries=queries, batch_size=batch_size)))
+        square = Square(threat, n_queries=queries, give_up=GiveUp(), batch_size=batch_size)
+        steps.append(Step("square", square))
     if suite == "thorough" and threat.norm != "l1":
         others = max(n_classes - 1, 1)
         steps.append(Step("apgd-ce x5", APGD(threat, restarts=5, batch_size=batch_size)))
