@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from advtrain import ThreatModel
-from advtrain.attacks import GiveUp, Square
+from advtrain.attacks import APGD, APGDT, GiveUp, Square
+from advtrain.attacks.give_up import APGD_FACTOR, hopeless_descent
 from advtrain.device_sync import compact_every
 from advtrain.errors import AdvtrainError
 from advtrain.evaluation import predict
@@ -167,3 +168,68 @@ def test_the_suites_give_up_only_in_their_own_square():
     escalation_squares = [a for a in built if isinstance(a, Square)]
     assert len(escalation_squares) == 2
     assert all(a.give_up is None for a in escalation_squares)
+
+
+# ---------------------------------------------------------------------- APGD's rule
+def test_hopeless_descent_judges_the_gain_since_the_start():
+    best = torch.tensor([-0.9, -0.3, -0.9, 0.1])
+    start = torch.tensor([-0.91, -0.7, -1.0, -0.5])
+    # after 20 of 100 iterations the gain to come is 4x the gain so far
+    hopeless = hopeless_descent(best, start, done=20, steps=100, factor=8.0)
+    # flat and far: given up; moving: kept (0.4 * 4 * 8 > 0.3); far with a fair gain: kept
+    # (0.1 * 4 * 8 > 0.9); already past zero: never
+    assert hopeless.tolist() == [True, False, False, False]
+
+
+class _Passes(nn.Module):
+    """Counts the images a model sees with autograd on."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.images = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x) if torch.is_grad_enabled() else 0
+        return self.inner(x)
+
+
+def test_apgd_t_gives_up_without_losing_what_it_breaks(digits_model, digits):
+    x, y = digits.test.x[:60], digits.test.y[:60]
+    threat = ThreatModel("linf", 0.05)
+    runs = {}
+    for give_up in (None, APGD_FACTOR):
+        model = _Passes(digits_model)
+        x_adv = APGDT(threat, n_targets=3, give_up=give_up, seed=0)(model, x, y)
+        assert bool(threat.contains(x_adv, x).all())
+        runs[give_up] = (predict(digits_model, x_adv) != y, model.images)
+    (full, full_images), (kept, kept_images) = runs[None], runs[APGD_FACTOR]
+    assert bool(full.any()) and bool((~full).any())
+    assert torch.equal(full, kept)
+    assert kept_images < 0.8 * full_images
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"give_up": 0.0}, "positive and finite"),
+        ({"give_up": float("inf")}, "positive and finite"),
+        ({"give_up": "8"}, "positive number or None"),
+        ({"give_up": 8.0, "loss": "ce"}, "zero is the boundary"),
+    ],
+)
+def test_apgd_refuses_a_bad_give_up(kwargs, message):
+    with pytest.raises(AdvtrainError, match=message):
+        APGD(eps=0.1, **kwargs)
+
+
+def test_the_suites_apgd_t_gives_up_and_the_escalations_do_not():
+    threat = ThreatModel("linf", 0.3)
+    for suite in ("quick", "standard", "thorough"):
+        steps = {s.name: s.attack for s in suite_attacks(suite, threat, 10, seed=0)}
+        assert steps["apgd-t"].give_up == APGD_FACTOR  # type: ignore[attr-defined]
+        assert steps["apgd-ce"].give_up is None  # type: ignore[attr-defined]
+        if suite == "thorough":
+            assert steps["apgd-t all"].give_up is None  # type: ignore[attr-defined]
+    ctx = SimpleNamespace(threat=threat, batch_size=None, n_classes=10)
+    built = [planned.build(ctx).attack for rule in RULES for planned in rule.steps]  # type: ignore[arg-type]
+    assert all(getattr(a, "give_up", None) is None for a in built)

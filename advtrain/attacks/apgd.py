@@ -29,6 +29,7 @@ from ..losses import attack_objective, check_loss, is_adversarial
 from ..threat import ThreatModel, lp_norm
 from ..util import check_positive_int
 from .base import Attack, Outcome, compaction_interval, rerun_unbroken
+from .give_up import check_factor, hopeless_descent
 from .gradient import input_gradient
 from .registry import register
 from .targeting import check_target_order, ranked_targets
@@ -66,6 +67,11 @@ class APGD(Attack):
             leaves the run, returned at its best point (for a long run whose only question is
             which points it breaks: with cross-entropy a misclassified point's loss is at least
             ``ln 2``, so a point stalled well below that is not about to break).
+        give_up: ``None`` (the default, the paper's APGD), or a factor: at each checkpoint a
+            point whose best loss is further below zero than ``give_up`` times its gain since
+            the start, carried on at that average rate to the last iteration, leaves the run at
+            its best point (:func:`~advtrain.attacks.give_up.hopeless_descent`; after A3, Liu
+            et al. 2022). For the losses whose zero is the decision boundary (DLR, CW), not CE.
         restarts, batch_size, seed: see :class:`~advtrain.attacks.base.Attack`.
     """
 
@@ -80,6 +86,7 @@ class APGD(Attack):
         rho: float = RHO,
         momentum: float = MOMENTUM,
         settle_below: float | None = None,
+        give_up: float | None = None,
         **options: Unpack[AttackOptions],
     ) -> None:
         super().__init__(threat, **options)
@@ -91,6 +98,11 @@ class APGD(Attack):
             raise AdvtrainError(f"settle_below must be a number or None, got {settle_below!r}")
         self.steps, self.loss, self.rho, self.momentum = steps, check_loss(loss), rho, momentum
         self.settle_below = settle_below
+        if give_up is not None:
+            check_factor("give_up", give_up)
+            if self.loss == "ce":
+                raise AdvtrainError("give_up needs a loss whose zero is the boundary (dlr, cw)")
+        self.give_up = give_up
 
     def _hyperparameters(self) -> dict[str, object]:
         return {
@@ -100,6 +112,7 @@ class APGD(Attack):
             "rho": self.rho,
             "momentum": self.momentum,
             "settle_below": self.settle_below,
+            "give_up": self.give_up,
         }
 
     def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -166,6 +179,7 @@ class APGD(Attack):
             "step": torch.full((n,), 2.0 * threat.eps, device=x.device, dtype=x.dtype),
             "rises": torch.zeros(n, device=x.device),
             "loss_at_check": loss.clone(),
+            "loss_start": loss.clone(),
             "halved_at_check": torch.ones(n, dtype=torch.bool, device=x.device),
         }
         if target is not None:
@@ -203,6 +217,11 @@ class APGD(Attack):
                     settled = (s["loss_best"] < self.settle_below) & (
                         s["loss_best"] - s["loss_at_check"] < SETTLE_TOLERANCE
                     )
+                if self.give_up is not None:
+                    hopeless = hopeless_descent(
+                        s["loss_best"], s["loss_start"], i + 1, self.steps, self.give_up
+                    )
+                    settled = hopeless if settled is None else settled | hopeless
                 oscillating = s["rises"] <= interval * self.rho
                 stalled = ~s["halved_at_check"] & (s["loss_at_check"] >= s["loss_best"])
                 halve = oscillating | stalled
@@ -212,7 +231,7 @@ class APGD(Attack):
                 s["halved_at_check"], s["loss_at_check"] = halve, s["loss_best"].clone()
                 s["rises"] = torch.zeros_like(s["rises"])
                 interval, since_check = max(interval - decrease, smallest), 0
-            if settled is not None:  # settled points leave at the checkpoint
+            if settled is not None:  # settled (or given-up) points leave at the checkpoint
                 state = _keep(s, ~success & ~settled)
             elif (i + 1) % every == 0:  # (every step on the CPU)
                 state = _keep(s, ~success)
@@ -269,9 +288,18 @@ class APGDT(APGD):
         loss: str = "dlr",
         rho: float = RHO,
         momentum: float = MOMENTUM,
+        give_up: float | None = None,
         **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(threat, steps=steps, loss=loss, rho=rho, momentum=momentum, **options)
+        super().__init__(
+            threat,
+            steps=steps,
+            loss=loss,
+            rho=rho,
+            momentum=momentum,
+            give_up=give_up,
+            **options,
+        )
         if n_targets is not None:
             check_positive_int("n_targets", n_targets)
         self.n_targets, self.target_order = n_targets, check_target_order(target_order)

@@ -14,6 +14,13 @@ progress, at a few checkpoints of the run:
 - a point whose margin is further below zero than ``factor`` times that extrapolated gain is
   given up: its best point and margin so far are its result, and it uses no more queries.
 
+APGD (Croce & Hein 2020) gives up by a simpler rule (:func:`hopeless_descent`), at its own
+checkpoints, for a loss whose zero is the decision boundary (DLR, targeted DLR, the CW margin):
+its gains come early (the step starts at ``2 eps`` and only halves), so the average gain per
+iteration since the start, carried on to the last iteration, over-estimates what is still to
+come; a point further below zero than ``factor`` times that leaves the run at its best point.
+The targeted steps of the quick and standard suites use it (:data:`APGD_FACTOR`).
+
 A given-up point is never called adversarial or robust on the strength of this rule: it keeps the
 best point the search had found, exactly as a point that used every query keeps its last one. What
 the rule can cost is a point the remaining queries would have broken; ``bench/square_give_up.py``
@@ -30,6 +37,9 @@ import torch
 from torch import Tensor
 
 from ..errors import AdvtrainError
+
+#: The suites' ``give_up`` factor for APGD-T (see :func:`hopeless_descent`).
+APGD_FACTOR = 8.0
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,7 @@ class GiveUp:
             )
         if not 0 < self.window < 1:
             raise AdvtrainError(f"give-up window must be in (0, 1), got {self.window!r}")
-        if not self.factor > 0 or math.isinf(self.factor):
-            raise AdvtrainError(f"give-up factor must be positive and finite, got {self.factor!r}")
+        check_factor("give-up factor", self.factor)
 
     def watch(self, n_queries: int, n_points: int, device: torch.device) -> ProgressWatch:
         """The watch over one search of ``n_points`` points with ``n_queries`` queries each."""
@@ -95,3 +104,21 @@ class ProgressWatch:
         gain = (margin - self.kept[q0][index]).clamp_min(0)
         still = math.log(self.n_queries / used) / math.log(used / q0)
         return active & (-margin > self.rule.factor * gain * still)
+
+
+def hopeless_descent(
+    loss_best: Tensor, loss_start: Tensor, done: int, steps: int, factor: float
+) -> Tensor:
+    """Which points of a descent to give up after ``done`` of ``steps`` iterations: those whose
+    best loss is further below zero than ``factor`` times the gain since the start
+    (``loss_start``) carried on at its average rate for the iterations left."""
+    to_come = (loss_best - loss_start).clamp_min(0) * ((steps - done) / done)
+    return (loss_best < 0) & (-loss_best > factor * to_come)
+
+
+def check_factor(name: str, value: object) -> None:
+    """A give-up factor: a positive, finite number (or None, checked by the caller)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdvtrainError(f"{name} must be a positive number or None, got {value!r}")
+    if not value > 0 or math.isinf(value):
+        raise AdvtrainError(f"{name} must be positive and finite, got {value!r}")

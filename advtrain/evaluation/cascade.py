@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..attacks import APGD, APGDT, EOT, FAB, FABT, PGD, Attack, GiveUp, HopSkipJump, Square
 from ..attacks.base import MinNormAttack
 from ..attacks.counting import CountedModel
+from ..attacks.give_up import APGD_FACTOR
 from ..errors import AdvtrainError
 from ..threat import ThreatModel, lp_norm
 from .cascade_units import SCALAR_FIELDS, replay, row_state, unit_of
@@ -112,9 +113,9 @@ def suite_attacks(
       1)``, FAB-T at ``min(3, n_classes - 1)``. The closest classes are the ones a targeted
       attack breaks and hold the smallest margins (MALT, Melamed et al. 2024, makes the same bet
       with another ranking). FAB-T runs unbounded: its norms are the robust margins.
-    - In both, Square gives up on points whose margin its progress will not bring to zero
-      (:class:`~advtrain.attacks.GiveUp`, after A3, Liu et al. 2022); the escalations' and the
-      thorough suite's Square runs spend every query.
+    - In both, APGD-T and Square give up on points whose loss their progress will not bring to
+      zero (:mod:`~advtrain.attacks.give_up`, after A3, Liu et al. 2022); the escalations' and
+      the thorough suite's own runs spend every iteration and query.
     - ``thorough``: standard with FAB-T over ``min(9, n_classes - 1)`` targets, then APGD-CE and
       APGD-DLR with 5 restarts, APGD-T over every other class, and Square with 10,000 queries and
       2 restarts.
@@ -150,6 +151,7 @@ def suite_attacks(
                 APGDT(
                     threat,
                     n_targets=min(3 if suite == "quick" else 4, targets),
+                    give_up=APGD_FACTOR,
                     batch_size=batch_size,
                 ),
             )
