@@ -1,10 +1,10 @@
 """APGD-T and Square with and without giving up on hopeless points (``advtrain.attacks.give_up``).
 
-The quick and standard suites let APGD-T drop a point, at its checkpoints, whose targeted DLR loss
-is further below zero than 8 times the gain since the start carried on to the last iteration, and
-let Square drop one whose margin is further below zero than 16 times the gain its progress
-extrapolates to by the last query. This measures what that costs and saves where they run in the
-suite, per model and norm:
+The quick and standard suites let APGD-T (linf only) drop a point, at its checkpoints, whose
+targeted DLR loss is further below zero than 8 times the gain since the start carried on to the
+last iteration, and let Square drop one whose margin is further below zero than 16 times the
+gain its progress extrapolates to by the last query. This measures what that costs and saves
+where they run in the suite, per model and norm:
 
 - APGD-T (4 targets, the standard suite's) on the points APGD-CE leaves standing, with every
   iteration and with ``give_up=APGD_FACTOR``, same seed: the points each breaks, those the full
@@ -16,10 +16,12 @@ suite, per model and norm:
 
 Models: the released fast-adversarial MNIST checkpoints (first ``--n`` test images; linf 0.3 and,
 with ``--l2``, l2 2.0) and ``preact-resnet18`` (``bench/rgb_digits.py``, first ``--resnet-n``
-coloured test images, linf 8/255; its second full Square run is skipped unless
-``--resnet-twice``).
+coloured test images, linf 8/255, or ``--resnet-eps``, where more points break; its second full
+Square run is skipped unless ``--resnet-twice``). APGD-T gives up in l2 here too, to show why the
+suites do not let it there.
 
     .venv/bin/python bench/give_up.py [--n 1000] [--resnet-n 10] [--l2] [--threads 2]
+    .venv/bin/python bench/give_up.py --models preact-resnet18 --resnet-n 20 --resnet-eps 0.0627
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--resnet-n", type=int, default=10)
     parser.add_argument("--l2", action="store_true", help="also l2 eps 2.0 on the MNIST models")
     parser.add_argument("--resnet-twice", action="store_true")
+    parser.add_argument("--resnet-eps", type=float, default=None, help="default 8/255")
     parser.add_argument("--models", default=",".join((*MNIST_MODELS, RESNET)))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -149,7 +152,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
         if name == RESNET:
-            compare(name, "linf", None, args.resnet_n, args.seed, args.resnet_twice)
+            compare(name, "linf", args.resnet_eps, args.resnet_n, args.seed, args.resnet_twice)
             continue
         compare(name, "linf", None, args.n, args.seed, True)
         if args.l2:

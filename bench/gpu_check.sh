@@ -122,6 +122,10 @@ else
     step throughput 45 "$PY" bench/throughput.py --device cuda
     step eval-speed-resnet 240 "$PY" bench/eval_speed.py --device cuda \
         --model preact-resnet18 --train 10000 --n 500
+    # the official AutoAttack, where its copy travels too (carry bench/.cache/auto-attack)
+    [ -d bench/.cache/auto-attack/autoattack ] && step eval-speed-resnet-official 300 "$PY" \
+        bench/eval_speed.py --device cuda --model preact-resnet18 --train 10000 --n 500 \
+        --official bench/.cache/auto-attack
     step eval-speed-mnist 60 "$PY" bench/eval_speed.py --device cuda
 fi
 

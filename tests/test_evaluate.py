@@ -128,6 +128,7 @@ def test_report_contract(honest_report, points, tmp_path):
     assert isinstance(report, Report)
     assert 0.9 <= report.clean_accuracy <= 1.0 and report.robust_accuracy <= 0.05
     assert list(report.per_attack) == ["apgd-ce", "apgd-t", "square"]
+    assert report.settings["gives_up"] == ["apgd-t", "square"]  # the budget rules, named
     values = list(report.per_attack.values())
     assert all(a >= b for a, b in zip(values, values[1:]))  # survivors only ever fall
     assert report.robust_accuracy == pytest.approx(values[-1])

@@ -227,6 +227,8 @@ def test_the_suites_apgd_t_gives_up_and_the_escalations_do_not():
     for suite in ("quick", "standard", "thorough"):
         steps = {s.name: s.attack for s in suite_attacks(suite, threat, 10, seed=0)}
         assert steps["apgd-t"].give_up == APGD_FACTOR  # type: ignore[attr-defined]
+        l2 = {s.name: s.attack for s in suite_attacks(suite, threat.replace(norm="l2"), 10, 0)}
+        assert l2["apgd-t"].give_up is None  # type: ignore[attr-defined]
         assert steps["apgd-ce"].give_up is None  # type: ignore[attr-defined]
         if suite == "thorough":
             assert steps["apgd-t all"].give_up is None  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""Giving up on points a score-based search will not break with the queries it has left.
+"""Giving up on points an attack will not break with the work it has left.
 
 A3 (Liu et al., "Practical evaluation of adversarial robustness via adaptive auto attack", CVPR
 2022) spends an attack's budget where it can still pay off and drops the points it judges
@@ -19,12 +19,12 @@ checkpoints, for a loss whose zero is the decision boundary (DLR, targeted DLR, 
 its gains come early (the step starts at ``2 eps`` and only halves), so the average gain per
 iteration since the start, carried on to the last iteration, over-estimates what is still to
 come; a point further below zero than ``factor`` times that leaves the run at its best point.
-The targeted steps of the quick and standard suites use it (:data:`APGD_FACTOR`).
+The suites' APGD-T uses it for linf (:data:`APGD_FACTOR`).
 
 A given-up point is never called adversarial or robust on the strength of this rule: it keeps the
 best point the search had found, exactly as a point that used every query keeps its last one. What
-the rule can cost is a point the remaining queries would have broken; ``bench/square_give_up.py``
-counts those against the full search on the released models, and the README gives the figures
+the rule can cost is a point the remaining work would have broken; ``bench/give_up.py`` counts
+those against full runs on the released models and a ResNet, and the README gives the figures
 the defaults were chosen by.
 """
 

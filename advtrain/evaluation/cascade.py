@@ -113,9 +113,11 @@ def suite_attacks(
       1)``, FAB-T at ``min(3, n_classes - 1)``. The closest classes are the ones a targeted
       attack breaks and hold the smallest margins (MALT, Melamed et al. 2024, makes the same bet
       with another ranking). FAB-T runs unbounded: its norms are the robust margins.
-    - In both, APGD-T and Square give up on points whose loss their progress will not bring to
-      zero (:mod:`~advtrain.attacks.give_up`, after A3, Liu et al. 2022); the escalations' and
-      the thorough suite's own runs spend every iteration and query.
+    - In every suite, ``square`` and, for linf, ``apgd-t`` give up on points whose loss their
+      progress will not bring to zero (:mod:`~advtrain.attacks.give_up`, after A3, Liu et al.
+      2022); the escalations and the thorough suite's extra runs spend every iteration and
+      query. (In l2 a stalled APGD-T point can still break late, so there APGD-T spends every
+      iteration.)
     - ``thorough``: standard with FAB-T over ``min(9, n_classes - 1)`` targets, then APGD-CE and
       APGD-DLR with 5 restarts, APGD-T over every other class, and Square with 10,000 queries and
       2 restarts.
@@ -151,7 +153,7 @@ def suite_attacks(
                 APGDT(
                     threat,
                     n_targets=min(3 if suite == "quick" else 4, targets),
-                    give_up=APGD_FACTOR,
+                    give_up=APGD_FACTOR if threat.norm == "linf" else None,
                     batch_size=batch_size,
                 ),
             )
@@ -247,7 +249,8 @@ class Cascade:
     An attack output outside the threat model (``threat.contains``: the ball, the bounds, the
     mask, and the feature constraints where the threat model has them) is refused: never counted
     as adversarial. ``refused`` counts, per step, the refused outputs that the judge would have
-    counted as adversarial; ``losses`` names the loss each step ran with (:func:`step_loss`);
+    counted as adversarial; ``losses`` names the loss each step ran with (:func:`step_loss`),
+    ``gives_up`` the steps that give up on hopeless points (the report's settings list them);
     ``seconds`` the wall-clock time of each step; ``feasible`` per step, the adversarial points
     it kept and how many satisfy the feature constraints.
 
@@ -284,6 +287,8 @@ class Cascade:
     attackable: Tensor = None  # type: ignore[assignment]  # default: every point
     refused: dict[str, int] = field(default_factory=dict)
     losses: dict[str, str] = field(default_factory=dict)
+    #: The steps run that give up on hopeless points (:mod:`~advtrain.attacks.give_up`).
+    gives_up: set[str] = field(default_factory=set)
     score: Judge | None = None
     keep_points: bool = True
     examples: int = 8
@@ -376,6 +381,8 @@ class Cascade:
             self.silent[name] = prior_silent + silent
         self.per_attack[name] = self.robust_accuracy
         self.losses[name] = step_loss(step.attack)
+        if getattr(step.attack, "give_up", None) is not None:
+            self.gives_up.add(name)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         return broken
 

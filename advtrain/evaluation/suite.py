@@ -510,6 +510,7 @@ def _report(
             "processes": state.shards.world,
             "batch_size": settings.batch_size,
             "forward_passes": forwards,
+            "gives_up": sorted(set().union(*(c.gives_up for c in cascades))),
             "seconds": time.perf_counter() - ctx.started,
             "seconds_by_stage": stages,
         },
