@@ -160,6 +160,8 @@ def test_the_suites_give_up_only_in_their_own_square():
             if isinstance(s.attack, Square)
         }
         assert isinstance(squares["square"].give_up, GiveUp)
+        l2 = suite_attacks(suite, threat.replace(norm="l2", eps=1.0), 10, seed=0)
+        assert [s.attack.give_up for s in l2 if s.name == "square"] == [None]  # type: ignore[attr-defined]
         if suite == "thorough":
             assert squares["square 10k x2"].give_up is None
     # the escalations' Square runs (masking, second run) spend every query

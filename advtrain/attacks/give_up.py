@@ -19,7 +19,7 @@ checkpoints, for a loss whose zero is the decision boundary (DLR, targeted DLR, 
 its gains come early (the step starts at ``2 eps`` and only halves), so the average gain per
 iteration since the start, carried on to the last iteration, over-estimates what is still to
 come; a point further below zero than ``factor`` times that leaves the run at its best point.
-The suites' APGD-T uses it for linf (:data:`APGD_FACTOR`).
+The suites' APGD-T uses it for linf (:data:`APGD_FACTOR`), as their Square uses :class:`GiveUp`.
 
 A given-up point is never called adversarial or robust on the strength of this rule: it keeps the
 best point the search had found, exactly as a point that used every query keeps its last one. What

@@ -113,11 +113,11 @@ def suite_attacks(
       1)``, FAB-T at ``min(3, n_classes - 1)``. The closest classes are the ones a targeted
       attack breaks and hold the smallest margins (MALT, Melamed et al. 2024, makes the same bet
       with another ranking). FAB-T runs unbounded: its norms are the robust margins.
-    - In every suite, ``square`` and, for linf, ``apgd-t`` give up on points whose loss their
+    - In every suite, for linf, ``apgd-t`` and ``square`` give up on points whose loss their
       progress will not bring to zero (:mod:`~advtrain.attacks.give_up`, after A3, Liu et al.
       2022); the escalations and the thorough suite's extra runs spend every iteration and
-      query. (In l2 a stalled APGD-T point can still break late, so there APGD-T spends every
-      iteration.)
+      query. Under l2 neither does: a stalled APGD-T point can still break late there, and
+      Square saves little.
     - ``thorough``: standard with FAB-T over ``min(9, n_classes - 1)`` targets, then APGD-CE and
       APGD-DLR with 5 restarts, APGD-T over every other class, and Square with 10,000 queries and
       2 restarts.
@@ -153,7 +153,7 @@ def suite_attacks(
                 APGDT(
                     threat,
                     n_targets=min(3 if suite == "quick" else 4, targets),
-                    give_up=APGD_FACTOR if threat.norm == "linf" else None,
+                    give_up=APGD_FACTOR if threat.norm == "linf" else None,  # see above
                     batch_size=batch_size,
                 ),
             )
@@ -166,7 +166,10 @@ def suite_attacks(
                 Step("fab-t", FABT(unbounded, n_targets=fab_targets, batch_size=batch_size), True)
             )
         queries = 1000 if suite == "quick" else 5000
-        square = Square(threat, n_queries=queries, give_up=GiveUp(), batch_size=batch_size)
+        linf = threat.norm == "linf"
+        square = Square(
+            threat, n_queries=queries, give_up=GiveUp() if linf else None, batch_size=batch_size
+        )
         steps.append(Step("square", square))
     if suite == "thorough" and threat.norm != "l1":
         others = max(n_classes - 1, 1)
