@@ -19,10 +19,10 @@ import advtrain
 from advtrain.attacks import PGD
 from advtrain.errors import AdvtrainError
 from advtrain.evaluation import metrics, run_attack
-from advtrain.evaluation.cascade import DLR_SKIPPED, step_loss, suite_attacks
 from advtrain.evaluation.context import EvalContext, ShiftedLogit, SuiteSettings
 from advtrain.evaluation.escalation import RULES
 from advtrain.evaluation.html import render_html
+from advtrain.evaluation.steps import DLR_SKIPPED, step_loss, suite_attacks
 from advtrain.feasibility import FeatureConstraints
 from advtrain.threat import ThreatModel
 

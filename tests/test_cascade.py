@@ -7,11 +7,12 @@ import hashlib
 import torch
 
 from advtrain.attacks import FABT, PGD
-from advtrain.evaluation.cascade import Cascade, Step, suite_attacks
+from advtrain.evaluation.cascade import Cascade
 from advtrain.evaluation.context import argmax
 from advtrain.evaluation.escalation import RULES
 from advtrain.evaluation.findings import VERDICT, WARNING, Check, CheckName
 from advtrain.evaluation.shards import step_seed
+from advtrain.evaluation.steps import Step, suite_attacks
 from advtrain.threat import ThreatModel
 
 torch.set_num_threads(1)

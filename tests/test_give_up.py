@@ -17,8 +17,8 @@ from advtrain.attacks.give_up import APGD_FACTOR, hopeless_descent
 from advtrain.device_sync import compact_every
 from advtrain.errors import AdvtrainError
 from advtrain.evaluation import predict
-from advtrain.evaluation.cascade import suite_attacks
 from advtrain.evaluation.escalation import RULES
+from advtrain.evaluation.steps import suite_attacks
 from advtrain.losses import cw_margin
 
 torch.set_num_threads(1)

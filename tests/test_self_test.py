@@ -12,10 +12,10 @@ import advtrain
 from advtrain.attacks import PGD
 from advtrain.attacks.base import Attack, Outcome
 from advtrain.errors import AdvtrainError
-from advtrain.evaluation.cascade import Step
 from advtrain.evaluation.findings import VERDICT, CheckName
 from advtrain.evaluation.self_test import Binarized, readout_layer, spaced
 from advtrain.evaluation.self_test_run import binarization_test
+from advtrain.evaluation.steps import Step
 from advtrain.threat import ThreatModel
 
 torch.set_num_threads(1)

@@ -15,12 +15,13 @@ from advtrain.attacks import APGD, PGD, Attack
 from advtrain.attacks.base import Outcome
 from advtrain.device_sync import compact_every
 from advtrain.evaluation import iterate_watch
-from advtrain.evaluation.cascade import Cascade, Step
+from advtrain.evaluation.cascade import Cascade
 from advtrain.evaluation.context import argmax
 from advtrain.evaluation.findings import WARNING, CheckName
 from advtrain.evaluation.iterate_watch import IterateWatch, silent_success
 from advtrain.evaluation.journal import Journal
 from advtrain.evaluation.shards import Shards
+from advtrain.evaluation.steps import Step
 from advtrain.threat import ThreatModel, lp_norm
 
 from .test_host_syncs import SyncCounter

@@ -19,12 +19,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import advtrain
 from advtrain.errors import AdvtrainError
-from advtrain.evaluation.cascade import Cascade, Step, suite_attacks
+from advtrain.evaluation.cascade import Cascade
 from advtrain.evaluation.inputs import logits_only
 from advtrain.evaluation.journal import Journal
 from advtrain.evaluation.points import TensorPoints
 from advtrain.evaluation.progress import terminal_progress
 from advtrain.evaluation.shards import Shards
+from advtrain.evaluation.steps import Step, suite_attacks
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = ("seconds", "seconds_by_stage")

@@ -363,7 +363,7 @@ def _check_flags(
 ) -> None:
     """Refuse an unknown suite, a count below 1 and flags that do not go with the suite."""
     from ..distributed import env_world_size
-    from ..evaluation.cascade import SUITES
+    from ..evaluation.steps import SUITES
 
     if suite not in (*SUITES, "pgd"):
         raise AdvtrainError(

@@ -36,11 +36,12 @@ from ..errors import AdvtrainError
 from ..threat import ThreatModel
 from ..util import check_positive_int
 from . import metrics
-from .cascade import Cascade, Step, step_loss
+from .cascade import Cascade
 from .context import argmax, check_classes
 from .records import feasibility, per_sample_records
 from .report import Report, robustness_score
 from .shards import Shards
+from .steps import Step, step_loss
 
 #: What the figures of a black-box evaluation are, as its report says it.
 BLACK_BOX_NOTE = (
@@ -61,7 +62,7 @@ def black_box_steps(
 ) -> list[Step]:
     """The black-box cascade: feature search (``queries`` per point), HopSkipJump (``queries``
     per point), and transfer from ``surrogate`` (PGD-40 on it, every step taken) when given;
-    each attack seeded from its name (:meth:`.cascade.Step.seeded`)."""
+    each attack seeded from its name (:meth:`.steps.Step.seeded`)."""
     search, labels, transfer = BLACK_BOX_STEPS
     steps = [
         Step(search, FeatureSearch(threat, n_queries=queries, batch_size=batch_size)),

@@ -25,8 +25,8 @@ from ..attacks import APGD, FGSM, PGD
 from ..attacks.gradient import input_gradient
 from ..losses import cross_entropy, cw_margin
 from ..threat import ThreatModel
-from .cascade import gradient_step
 from .findings import VERDICT, WARNING, Check, CheckName
+from .steps import gradient_step
 
 Judge = Callable[[Tensor], Tensor]
 #: The cross-entropy under which a stalled point leaves the longer run of :func:`incomplete`:

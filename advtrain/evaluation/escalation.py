@@ -10,8 +10,8 @@ defence) and gradient-free attacks where the gradients are masked, margin and DL
 (Croce & Hein 2020) where the softmax saturates, longer runs where the optimisation had not
 converged.
 
-With two classes the DLR losses are constant (:data:`.cascade.DLR_SKIPPED`), so every rule that
-would ascend DLR ascends the CW margin instead (:func:`.cascade.signal_loss`): APGD-T through the
+With two classes the DLR losses are constant (:data:`.steps.DLR_SKIPPED`), so every rule that
+would ascend DLR ascends the CW margin instead (:func:`.steps.signal_loss`): APGD-T through the
 straight-through gradients becomes APGD-CW, and the DLR runs of the saturated-softmax and
 loss-still-improving rules become margin runs; the sentences say so.
 """
@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..attacks import APGDT, PGD, HopSkipJump, Square
-from .cascade import Cascade, Step, binary, gradient_step, signal_loss
+from .cascade import Cascade
 from .context import EvalContext
 from .findings import MASKING_CHECKS, VERDICT, Check, CheckName, Escalation
+from .steps import Step, binary, gradient_step, signal_loss
 
 #: A second Square run covers this share of the survivors (at least SECOND_SQUARE_LEAST of them),
 #: those closest to the boundary by their minimum-norm margin.

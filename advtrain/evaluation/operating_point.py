@@ -14,7 +14,7 @@ false-positive rate is measured by attacking the thresholded classifier itself:
 3. Attack the positives it flags, among the points an attacker moves (``attack_classes``): first
    with the adversarial points the argmax cascade found for them (named
    :data:`FROM_ARGMAX`; below a non-negative threshold every one of them also escapes the flag),
-   then with the suite's cascade (:func:`.cascade.suite_attacks`, each step seeded from its name
+   then with the suite's cascade (:func:`.steps.suite_attacks`, each step seeded from its name
    scoped by :data:`SCOPE`), on the thresholded classifier. The diagnostics and escalations run
    on the argmax cascade only.
 4. Recall at the operating point, clean and attacked: the share of positives the thresholded
@@ -35,12 +35,13 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .cascade import Cascade, suite_attacks
+from .cascade import Cascade
 from .context import EvalContext, cascade_for
+from .steps import suite_attacks
 
 #: The label of the argmax cascade's adversarial points tried first at the operating point.
 FROM_ARGMAX = "argmax cascade"
-#: The scope of the operating point's step seeds (:meth:`.cascade.Step.seeded`).
+#: The scope of the operating point's step seeds (:meth:`.steps.Step.seeded`).
 SCOPE = "operating point: "
 #: How the recall at a fixed false-positive rate is measured, as the report says it.
 METHOD = (

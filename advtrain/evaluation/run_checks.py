@@ -16,11 +16,12 @@ from torch import Tensor, nn
 
 from ..attacks import EOT
 from . import diagnostics as checks
-from .cascade import Cascade, Step
+from .cascade import Cascade
 from .context import EvalContext, diagnostics_subset
 from .findings import Check, CheckName
 from .journal import Unit
 from .shards import seeded
+from .steps import Step
 from .surrogate_check import surrogate_transfer
 
 

@@ -2,7 +2,7 @@
 
 :func:`binarization_test` plants an adversarial example around each of a few test points
 (:func:`.self_test.plan`), then attacks the binarized model with the steps given (by default the
-suite's cascade for two classes, :func:`.cascade.suite_attacks`) and the escalations that the
+suite's cascade for two classes, :func:`.steps.suite_attacks`) and the escalations that the
 evaluation's checks called for (:func:`.escalation.escalate`, fed the same checks), so it tests
 exactly the attacks the robust accuracy rests on. :func:`suite_self_test` is the evaluation's
 stage: it picks the test points (seeded, classified correctly, ``2 * eps`` apart) and returns
@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from ..errors import AdvtrainError
 from ..threat import ThreatModel
-from .cascade import Step, suite_attacks
 from .context import EvalContext, SuiteSettings, cascade_for
 from .escalation import escalate
 from .findings import Check
 from .journal import Journal
 from .points import TensorPoints
 from .self_test import SelfTestResult, not_run, plan, result_of, spaced
+from .steps import Step, suite_attacks
 
 #: The scope of the self-test's work in the evaluation's journal, and its seeds' prefix.
 SCOPE = "self-test"

@@ -28,7 +28,7 @@ The order of work:
    ones where no attack broke it), and the recall at a false-positive rate ``fpr``, measured by
    attacking the thresholded classifier (:mod:`.operating_point`).
 
-With two classes no step ascends the DLR losses, constant there (:data:`.cascade.DLR_SKIPPED`);
+With two classes no step ascends the DLR losses, constant there (:data:`.steps.DLR_SKIPPED`);
 the report's ``losses`` names the loss of every step run and what was skipped and why. With
 ``attack_classes`` only the points of those true classes are attacked (a fraud team attacks the
 fraud rows); the others keep their clean prediction in every attacked figure. With feature
@@ -57,15 +57,7 @@ from ..errors import AdvtrainError
 from ..threat import Norm, ThreatModel
 from ..util import check_positive_int
 from . import metrics
-from .cascade import (
-    DLR_SKIPPED,
-    Cascade,
-    Step,
-    binary,
-    gradient_step,
-    margin_attack,
-    suite_attacks,
-)
+from .cascade import Cascade
 from .context import EvalContext, SuiteSettings, cascade_for, check_classes
 from .escalation import escalate
 from .findings import VERDICT, Check, CheckName, Escalation
@@ -88,6 +80,7 @@ from .sandwich import (
 )
 from .self_test import readout_layer
 from .self_test_run import suite_self_test
+from .steps import DLR_SKIPPED, Step, binary, gradient_step, margin_attack, suite_attacks
 
 #: The name the robust-margin measurement after the escalations is seeded by.
 MARGINS = "robust margins"
